@@ -1,0 +1,208 @@
+"""The decode path: SD latents -> images with the consistency decoder, top to bottom.
+
+    z (B, h, w, 4) raw SD latents
+      -> normalize_latents: (z * 0.18215 - mean_c) / std_c
+      -> upsample_nearest: nearest x8 -> z_up (B, 8h, 8w, 4)
+      -> for t in timesteps (default 1008, 512):
+             x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps          (x0 = 0 at the start)
+             x0  = c_out[t] * F(concat[c_in[t] * x_t, z_up], t)[..., :3] + c_skip[t] * x_t
+             x0  = clip(x0, -1, 1)                                      (OpenAI; not diffusers)
+      -> images (B, 8h, 8w, 3) float32 in [-1, 1]
+
+``decode_latents`` is the pure function (params in, images out) that ``jax.jit`` compiles as one
+program for the whole multi-step decode; ``decode`` is the checked public entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmjax import schedule
+from cmjax.layers import upsample_nearest
+from cmjax.unet import ConsistencyUNet, UNetConfig
+
+# Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
+LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
+LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
+SCALING_FACTOR = 0.18215
+IMAGE_CHANNELS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything needed to rebuild a decoder besides its params; stored beside checkpoints."""
+
+    unet: UNetConfig = UNetConfig()
+    latent_channels: int = 4
+    upsample_factor: int = 8  # latent -> pixel resolution
+    scaling_factor: float = SCALING_FACTOR
+    latent_mean: tuple[float, ...] = LATENT_MEAN
+    latent_std: tuple[float, ...] = LATENT_STD
+    sigma_data: float = schedule.SIGMA_DATA
+
+    def __post_init__(self):
+        if isinstance(self.unet, dict):
+            object.__setattr__(self, "unet", UNetConfig(**self.unet))
+        object.__setattr__(self, "latent_mean", tuple(float(v) for v in self.latent_mean))
+        object.__setattr__(self, "latent_std", tuple(float(v) for v in self.latent_std))
+        if self.unet.in_channels != IMAGE_CHANNELS + self.latent_channels:
+            raise ValueError(f"UNet in_channels {self.unet.in_channels} != 3 image + {self.latent_channels} latent channels")
+        if self.unet.out_channels < IMAGE_CHANNELS:
+            raise ValueError(f"UNet out_channels {self.unet.out_channels} < 3")
+        if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
+            raise ValueError("latent_mean and latent_std need one value per latent channel")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
+        d = dict(d)
+        d["unet"] = UNetConfig(**d.get("unet", {}))
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """A consistency decoder: its config and its params pytree (``{"params": ...}``-free, plain dict)."""
+
+    config: DecoderConfig
+    params: Any
+
+    def network(self, dtype=jnp.float32) -> ConsistencyUNet:
+        return make_network(self.config, dtype)
+
+
+def make_network(config: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> ConsistencyUNet:
+    return ConsistencyUNet(config.unet, dtype=dtype, param_dtype=param_dtype)
+
+
+def init_params(config: DecoderConfig, key: jax.Array, param_dtype=jnp.float32) -> Any:
+    """Random params (Flax's default init) for ``config``; for training from scratch and tests."""
+    net = make_network(config, param_dtype=param_dtype)
+    size = 2 * config.unet.downsample_factor
+    x = jnp.zeros((1, size, size, config.unet.in_channels))
+    return net.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def abstract_params(config: DecoderConfig, param_dtype=jnp.float32) -> Any:
+    """The params' shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), nothing allocated."""
+    return jax.eval_shape(functools.partial(init_params, config, param_dtype=param_dtype), jax.random.key(0))
+
+
+def normalize_latents(latents: jax.Array, config: DecoderConfig) -> jax.Array:
+    """(z * scaling_factor - mean_c) / std_c over the last (channel) axis; float32."""
+    mean = jnp.asarray(config.latent_mean, jnp.float32)
+    std = jnp.asarray(config.latent_std, jnp.float32)
+    return (latents.astype(jnp.float32) * config.scaling_factor - mean) / std
+
+
+def denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t: int, config: DecoderConfig,
+            dtype=jnp.float32) -> jax.Array:
+    """The consistency function x0_hat = c_out[t] * F(concat[c_in[t] x_t, z_up], t)[..., :3] + c_skip[t] x_t.
+
+    x_t: (B, H, W, 3) float32, z_up: (B, H, W, latent_channels) normalised latents; t a grid timestep
+    (Python int or traced int scalar/(B,) array). Returns float32 (B, H, W, 3), not clipped.
+    """
+    tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
+    c_in, c_out, c_skip = (jnp.asarray(a)[t] for a in (tables.c_in, tables.c_out, tables.c_skip))
+    c_in, c_out, c_skip = (_per_example(c, x_t) for c in (c_in, c_out, c_skip))
+    net_in = jnp.concatenate([c_in * x_t, z_up], axis=-1)
+    t_batch = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_t.shape[0],))
+    out = make_network(config, dtype).apply({"params": params}, net_in, t_batch)
+    return c_out * out[..., :IMAGE_CHANNELS].astype(jnp.float32) + c_skip * x_t
+
+
+def _per_example(c: jax.Array, x: jax.Array) -> jax.Array:
+    """Broadcast a scalar or (B,) coefficient against an NHWC array."""
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) if c.ndim else c
+
+
+def decode_latents(params: Any, latents: jax.Array, noise: jax.Array, *, config: DecoderConfig,
+                   timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS, clip_denoised: bool = True,
+                   dtype=jnp.float32) -> jax.Array:
+    """Pure multi-step decode; jit it with ``config``, ``timesteps``, ``clip_denoised``, ``dtype`` static.
+
+    latents: (B, h, w, latent_channels) raw SD latents. noise: (len(timesteps), B, 8h, 8w, 3), one
+    standard normal draw per step. Returns (B, 8h, 8w, 3) float32 in [-1, 1] (when clipped).
+    clip_denoised=True clamps x0 after every step (OpenAI); False only at the end (diffusers output
+    before post-processing is unclamped, so this returns it unclamped too).
+    """
+    tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
+    z_up = upsample_nearest(normalize_latents(latents, config), config.upsample_factor)
+    x0 = jnp.zeros(noise.shape[1:], jnp.float32)
+    for i, t in enumerate(timesteps):
+        x_t = float(tables.sqrt_alphas_cumprod[t]) * x0 + float(tables.sqrt_one_minus_alphas_cumprod[t]) * noise[i]
+        x0 = denoise(params, x_t, z_up, t, config, dtype)
+        if clip_denoised:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+    return x0
+
+
+_decode_jit = jax.jit(decode_latents, static_argnames=("config", "timesteps", "clip_denoised", "dtype"))
+
+
+def noise_shape(latents_shape: Sequence[int], config: DecoderConfig) -> tuple[int, int, int, int]:
+    b, h, w, _ = latents_shape
+    return (b, h * config.upsample_factor, w * config.upsample_factor, IMAGE_CHANNELS)
+
+
+def decode(decoder: Decoder, latents, *, key: jax.Array | None = None, noise: Sequence[Any] | None = None,
+           timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS, clip_denoised: bool = True,
+           dtype=jnp.float32) -> jax.Array:
+    """Decode raw (unscaled) SD latents into images.
+
+    latents: (B, h, w, 4) NHWC, what ``AutoencoderKL.decode`` takes (before any 0.18215 scaling),
+    transposed to channels-last. Exactly one of ``key`` (a PRNG key; noise for step i is
+    ``normal(fold_in(key, i))``) or ``noise`` (one (B, 8h, 8w, 3) array per step) may be given;
+    with neither, key 0 is used. ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
+    ``dtype`` is the network's compute dtype (e.g. ``jnp.bfloat16``); params keep their own.
+
+    Returns (B, 8h, 8w, 3) float32 in [-1, 1].
+    """
+    cfg = decoder.config
+    timesteps = schedule.check_timesteps(timesteps, cfg.unet.num_train_timesteps)
+    latents = _check_latents(latents, cfg)
+    shape = noise_shape(latents.shape, cfg)
+    if noise is not None and key is not None:
+        raise ValueError("give either key or noise, not both")
+    if noise is None:
+        key = jax.random.key(0) if key is None else key
+        noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+                           for i in range(len(timesteps))])
+    else:
+        noise = _check_noise(noise, shape, len(timesteps))
+    return _decode_jit(decoder.params, latents, noise, config=cfg, timesteps=timesteps,
+                       clip_denoised=clip_denoised, dtype=dtype)
+
+
+def _check_latents(latents, config: DecoderConfig) -> jax.Array:
+    if not hasattr(latents, "shape"):
+        latents = np.asarray(latents)
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be (B, h, w, {config.latent_channels}) NHWC, got shape {tuple(latents.shape)}")
+    if latents.shape[-1] != config.latent_channels:
+        hint = " (NCHW? transpose to NHWC)" if latents.shape[1] == config.latent_channels else ""
+        raise ValueError(f"latents must have {config.latent_channels} channels in the last axis, "
+                         f"got shape {tuple(latents.shape)}{hint}")
+    if min(latents.shape) == 0:
+        raise ValueError(f"latents must not be empty, got shape {tuple(latents.shape)}")
+    if not jnp.issubdtype(latents.dtype, jnp.floating):
+        raise ValueError(f"latents must be floating point, got {latents.dtype}")
+    if not bool(jnp.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or inf")
+    return jnp.asarray(latents, jnp.float32)
+
+
+def _check_noise(noise: Sequence[Any], shape: tuple[int, ...], steps: int) -> jax.Array:
+    if len(noise) != steps:
+        raise ValueError(f"noise needs one array per step: {steps} steps, got {len(noise)} arrays")
+    stacked = jnp.stack([jnp.asarray(n, jnp.float32) for n in noise]) if not hasattr(noise, "ndim") else jnp.asarray(noise, jnp.float32)
+    if stacked.shape != (steps, *shape):
+        raise ValueError(f"each noise array must have shape {shape}, got {tuple(stacked.shape[1:])}")
+    return stacked

@@ -1,0 +1,122 @@
+"""Layers shared by the consistency-decoder UNet, the SD VAE and the small image UNets.
+
+Everything is NHWC. Parameter names mirror diffusers' module names (``norm1``, ``conv1``,
+``time_emb_proj``, ``conv_shortcut``, ...) so that weight conversion is a mechanical renaming.
+
+``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the parameters; normalisation
+statistics are always computed in float32 so that bf16 compute stays close to fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the channel axis (last), statistics in float32, like torch.nn.GroupNorm.
+
+    Params: ``scale`` (C,), ``bias`` (C,).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        # Two-pass variance (not E[x^2] - E[x]^2): it is what torch computes and it does not
+        # cancel catastrophically for activations with a large mean.
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, strides: int = 1,
+         padding: Any = "SAME") -> nn.Conv:
+    """A 2-D convolution with torch's default padding for odd kernels (k//2 each side)."""
+    if padding == "SAME":
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, name=name,
+                   dtype=dtype, param_dtype=param_dtype)
+
+
+def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, name=name, dtype=dtype, param_dtype=param_dtype)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2 (torch ``avg_pool2d(2, 2)``); H and W must be even."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"avg_pool_2x2 needs even spatial sizes, got {h}x{w}")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Nearest-neighbour upsampling by an integer factor (torch ``interpolate(mode='nearest')``)."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+    return x.reshape(b, h * factor, w * factor, c)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-norm residual block (diffusers ``ResnetBlock2D``), optionally resampling.
+
+    h = conv1(silu(norm1(x)))  [avg-pool / nearest x2 applied after silu(norm1) and on the skip]
+    temb: scale_shift -> norm2(h) * (1 + scale) + shift; default -> norm2(h + temb); None -> norm2(h)
+    h = conv2(dropout(silu(h))); out = shortcut(x) + h, shortcut a 1x1 conv iff C_in != C_out.
+
+    x: (B, H, W, C_in); temb: (B, T) or None. Returns (B, H', W', out_channels).
+    """
+
+    out_channels: int
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    time_scale_shift: bool = True
+    resample: str | None = None  # None, "down" or "up"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.num_groups, self.epsilon, name="norm1", **kw)(x)
+        h = nn.silu(h)
+        if self.resample == "down":
+            x, h = avg_pool_2x2(x), avg_pool_2x2(h)
+        elif self.resample == "up":
+            x, h = upsample_nearest(x), upsample_nearest(h)
+        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        if temb is not None:
+            proj_width = 2 * self.out_channels if self.time_scale_shift else self.out_channels
+            t = dense(proj_width, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+            if self.time_scale_shift:
+                scale, shift = jnp.split(t, 2, axis=-1)
+                h = GroupNorm(self.num_groups, self.epsilon, name="norm2", **kw)(h)
+                h = h * (1 + scale) + shift
+            else:
+                h = GroupNorm(self.num_groups, self.epsilon, name="norm2", **kw)(h + t)
+        else:
+            h = GroupNorm(self.num_groups, self.epsilon, name="norm2", **kw)(h)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
+        return x.astype(self.dtype) + h
