@@ -46,13 +46,51 @@ class GroupNorm(nn.Module):
         return out.astype(self.dtype)
 
 
-def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, strides: int = 1,
-         padding: Any = "SAME") -> nn.Conv:
-    """A 2-D convolution with torch's default padding for odd kernels (k//2 each side)."""
-    if padding == "SAME":
-        padding = ((kernel // 2, kernel // 2),) * 2
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, name=name,
-                   dtype=dtype, param_dtype=param_dtype)
+# On CPU, XLA's convolution is slow when the image is tiny and the channels many (the decoder's
+# deepest levels on small inputs); one matmul over 9 shifted copies ("im2col") is 2-5x faster there
+# (measured, benchmarks/bench_decoder.py and REFERENCE 4). Up to this many pixels (H*W) it is used.
+IM2COL_MAX_PIXELS = 128
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC, stride 1, torch's padding (k//2 each side). Params: ``kernel`` HWIO, ``bias``.
+
+    ``im2col``: None picks by backend and size (CPU and H*W <= IM2COL_MAX_PIXELS); True/False force.
+    """
+
+    features: int
+    kernel_size: int = 3
+    im2col: bool | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        b, h, w, c = x.shape
+        use_im2col = self.im2col
+        if use_im2col is None:
+            use_im2col = jax.default_backend() == "cpu" and h * w <= IM2COL_MAX_PIXELS
+        if k == 1:
+            y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        elif use_im2col:
+            p = k // 2
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            cols = jnp.concatenate([padded[:, dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)], -1)
+            y = cols @ kernel.reshape(k * k * c, self.features)  # (dy, dx, c) order = HWIO flattening
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((k // 2, k // 2),) * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(self.dtype)
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype) -> Conv:
+    """A stride-1 convolution with torch's default padding for odd kernels."""
+    return Conv(features, kernel, name=name, dtype=dtype, param_dtype=param_dtype)
 
 
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
