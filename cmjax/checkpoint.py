@@ -1,7 +1,10 @@
-"""The decoder checkpoint format: a directory with the params (orbax) and the config (JSON).
+"""The checkpoint formats: a directory with the params (orbax) and the config (JSON).
 
     DIR/cmjax.json   {"format": "cmjax-decoder", "version": 1, "config": {...}, "source": "..."}
     DIR/params/      orbax StandardCheckpointer tree of float arrays (Flax param names, HWIO kernels)
+
+The SD VAE uses the same layout with format "cmjax-vae" and one more field, "parts": the halves
+present (["encoder", "decoder"], or ["encoder"] for the encoder bundled with a consistency decoder).
 
 Writes go to a temporary sibling directory that is renamed onto DIR only when complete, so a failed
 or interrupted save never leaves a half-written checkpoint behind.
@@ -20,9 +23,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmjax import vae as vae_lib
 from cmjax.decoder import Decoder, DecoderConfig, abstract_params
 
 FORMAT = "cmjax-decoder"
+VAE_FORMAT = "cmjax-vae"
 VERSION = 1
 CONFIG_FILE = "cmjax.json"
 PARAMS_DIR = "params"
@@ -53,32 +58,51 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
-    """Write ``decoder`` to the checkpoint directory ``dst`` atomically. Returns the path."""
-    meta = {"format": FORMAT, "version": VERSION, "config": decoder.config.to_dict(), "source": source}
+def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool) -> Path:
     with atomic_directory(dst, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, decoder.params)
+            ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
     return Path(dst)
 
 
-def read_config(path: str | os.PathLike) -> DecoderConfig:
-    """The DecoderConfig recorded in checkpoint directory ``path``."""
+def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The checked cmjax.json of a checkpoint directory of format ``fmt``."""
     meta_path = Path(path) / CONFIG_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"{path}: not a cmjax decoder checkpoint (no {CONFIG_FILE}); "
+        raise CheckpointError(f"{path}: not a cmjax {what} checkpoint (no {CONFIG_FILE}); "
                               "convert PyTorch weights first with `python -m cmjax.convert SRC DST`")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {fmt!r}")
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{meta_path}: version {meta['version']} is newer than this cmjax reads ({VERSION})")
-    return DecoderConfig.from_dict(meta["config"])
+    return meta
+
+
+def _restore(path: Path, target: Any, sharding: Any) -> Any:
+    if sharding is not None:
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path / PARAMS_DIR, target)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise CheckpointError(f"{path}: params do not match the recorded config ({e})") from e
+
+
+def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
+    """Write ``decoder`` to the checkpoint directory ``dst`` atomically. Returns the path."""
+    meta = {"format": FORMAT, "version": VERSION, "config": decoder.config.to_dict(), "source": source}
+    return _save(meta, decoder.params, dst, overwrite)
+
+
+def read_config(path: str | os.PathLike) -> DecoderConfig:
+    """The DecoderConfig recorded in checkpoint directory ``path``."""
+    return DecoderConfig.from_dict(_read_meta(path, FORMAT, "decoder")["config"])
 
 
 def load_decoder(path: str | os.PathLike, *, sharding: Any = None) -> Decoder:
@@ -89,15 +113,33 @@ def load_decoder(path: str | os.PathLike, *, sharding: Any = None) -> Decoder:
     """
     path = Path(path).absolute()
     config = read_config(path)
-    target = abstract_params(config)
-    if sharding is not None:
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            params = ckptr.restore(path / PARAMS_DIR, target)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise CheckpointError(f"{path}: params do not match the recorded config ({e})") from e
-    return Decoder(config, params)
+    return Decoder(config, _restore(path, abstract_params(config), sharding))
+
+
+def save_vae(vae: vae_lib.VAE, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
+    """Write an SD VAE (whole or encoder-only) to the checkpoint directory ``dst`` atomically."""
+    meta = {"format": VAE_FORMAT, "version": VERSION, "config": vae.config.to_dict(), "parts": list(vae.parts),
+            "source": source}
+    return _save(meta, vae.params, dst, overwrite)
+
+
+def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[str, ...]]:
+    """(VAEConfig, the halves present) recorded in VAE checkpoint directory ``path``."""
+    meta = _read_meta(path, VAE_FORMAT, "VAE")
+    parts = tuple(meta.get("parts", vae_lib.PARTS))
+    if not parts or any(p not in vae_lib.PARTS for p in parts):
+        raise CheckpointError(f"{path}: bad parts {parts!r} (expected a subset of {vae_lib.PARTS})")
+    try:
+        return vae_lib.VAEConfig.from_dict(meta["config"]), parts
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad VAE config ({e})") from e
+
+
+def load_vae(path: str | os.PathLike, *, sharding: Any = None) -> vae_lib.VAE:
+    """Load an SD VAE from a checkpoint directory written by ``save_vae``; ``sharding`` as in load_decoder."""
+    path = Path(path).absolute()
+    config, parts = read_vae_config(path)
+    return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding))
 
 
 def params_to_numpy(params: Any) -> Any:
