@@ -43,7 +43,7 @@ __all__ = [
     "consistency_function", "edm_denoiser",
     "ct_num_scales", "ct_ema_decay", "ict_num_scales",
     "lognormal_pair_probs", "lognormal_pair_logits", "sample_pair_indices",
-    "pseudo_huber", "huber_c", "ict_weighting", "heun_step",
+    "GridFn", "pseudo_huber", "huber_c", "ict_weighting", "heun_step",
     "ict_loss", "ct_loss", "cd_loss", "edm_denoising_loss",
     "sample_onestep", "sample_multistep",
 ]
@@ -58,6 +58,8 @@ ConsistencyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> x0_ha
 DenoiserFn = Callable[[jax.Array, jax.Array], jax.Array]     # (x, sigma) -> D(x, sigma)
 
 IntLike = Union[int, np.integer, jax.Array]
+# (i, N) -> t_i: an increasing noise-level grid evaluated at (possibly traced) integer indices.
+GridFn = Callable[[jax.Array, IntLike], jax.Array]
 
 
 # --------------------------------------------------------------------------------------
@@ -312,16 +314,19 @@ def lognormal_pair_probs(sigmas, p_mean: float = -1.1, p_std: float = 2.0) -> ja
 
 def lognormal_pair_logits(num_scales, max_scales: int, p_mean: float = -1.1,
                           p_std: float = 2.0, sigma_min: float = SIGMA_MIN,
-                          sigma_max: float = SIGMA_MAX, rho: float = RHO) -> jax.Array:
+                          sigma_max: float = SIGMA_MAX, rho: float = RHO,
+                          grid_fn: Optional[GridFn] = None) -> jax.Array:
     """Log-probabilities of :func:`lognormal_pair_probs` for a **traced** ``N``.
 
     Returns a fixed-length ``(max_scales - 1,)`` float32 vector: entry ``n < N-1`` holds
     ``log p(n)`` on the N-point Karras grid (computed with :func:`karras_sigma_at`), entries
-    ``n >= N-1`` are ``-inf``.  ``max_scales`` must be static and ``>= N``.
+    ``n >= N-1`` are ``-inf``.  ``max_scales`` must be static and ``>= N``.  ``grid_fn(i, N)``,
+    if given, replaces the Karras grid (e.g. a discrete diffusion schedule's sigmas).
     """
+    grid = _grid(grid_fn, sigma_min, sigma_max, rho)
     n = jnp.arange(max_scales - 1)
-    t_lo = karras_sigma_at(n, num_scales, sigma_min, sigma_max, rho)
-    t_hi = karras_sigma_at(n + 1, num_scales, sigma_min, sigma_max, rho)
+    t_lo = grid(n, num_scales)
+    t_hi = grid(n + 1, num_scales)
     w = _lognormal_cdf_diffs(t_lo, t_hi, p_mean, p_std)
     valid = n < jnp.asarray(num_scales) - 1
     w = jnp.where(valid, jnp.maximum(w, 1e-30), 1.0)
@@ -333,7 +338,7 @@ def sample_pair_indices(key: jax.Array, sigmas_or_N, batch: int, *,
                         distribution: str = "lognormal", max_scales: Optional[int] = None,
                         p_mean: float = -1.1, p_std: float = 2.0,
                         sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                        rho: float = RHO) -> jax.Array:
+                        rho: float = RHO, grid_fn: Optional[GridFn] = None) -> jax.Array:
     """Draw ``batch`` pair indices ``n in [0, N-2]`` (pair ``(t_n, t_{n+1})``): ``(batch,)`` int32.
 
     Args:
@@ -345,6 +350,7 @@ def sample_pair_indices(key: jax.Array, sigmas_or_N, batch: int, *,
       max_scales: static upper bound on ``N``; required for lognormal sampling with a traced
         ``N`` (categorical over ``max_scales - 1`` entries, masked to ``N - 1``).  Defaults to
         ``N`` for a static ``N``.
+      grid_fn: ``(i, N) -> t_i`` replacing the implied Karras grid (when ``N`` is given).
     """
     arr = None if _is_static_int(sigmas_or_N) else jnp.asarray(sigmas_or_N)
     if arr is not None and arr.ndim == 1:                       # explicit grid
@@ -361,7 +367,8 @@ def sample_pair_indices(key: jax.Array, sigmas_or_N, batch: int, *,
         if not _is_static_int(N):
             raise ValueError("lognormal sampling with a traced N needs a static max_scales")
         max_scales = int(N)
-    logits = lognormal_pair_logits(N, max_scales, p_mean, p_std, sigma_min, sigma_max, rho)
+    logits = lognormal_pair_logits(N, max_scales, p_mean, p_std, sigma_min, sigma_max, rho,
+                                   grid_fn=grid_fn)
     return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
 
 
@@ -403,10 +410,18 @@ def _distance(metric: str, a: jax.Array, b: jax.Array, c: Optional[float]) -> ja
 # 4. Losses
 # --------------------------------------------------------------------------------------
 
-def _pair_points(key, x, n, num_scales, sigma_min, sigma_max, rho):
+def _grid(grid_fn: Optional[GridFn], sigma_min, sigma_max, rho) -> GridFn:
+    """``grid_fn`` itself, or the Karras grid with the given constants."""
+    if grid_fn is not None:
+        return grid_fn
+    return lambda i, n: karras_sigma_at(i, n, sigma_min, sigma_max, rho)
+
+
+def _pair_points(key, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn=None):
     """Shared noise for a batch of pairs: returns ``(z, t_lo, t_hi)``."""
-    t_lo = karras_sigma_at(n, num_scales, sigma_min, sigma_max, rho)
-    t_hi = karras_sigma_at(n + 1, num_scales, sigma_min, sigma_max, rho)
+    grid = _grid(grid_fn, sigma_min, sigma_max, rho)
+    t_lo = grid(n, num_scales)
+    t_hi = grid(n + 1, num_scales)
     z = jax.random.normal(key, x.shape, jnp.float32)
     return z, t_lo, t_hi
 
@@ -414,8 +429,8 @@ def _pair_points(key, x, n, num_scales, sigma_min, sigma_max, rho):
 def ict_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
              key: jax.Array, num_scales, *, max_scales: Optional[int] = None,
              sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-             p_mean: float = -1.1, p_std: float = 2.0, c: Optional[float] = None
-             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+             p_mean: float = -1.1, p_std: float = 2.0, c: Optional[float] = None,
+             grid_fn: Optional[GridFn] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Improved consistency training loss (iCT, Song & Dhariwal 2023; REFERENCE 2.2).
 
     ``L = mean_b lambda_b * d(f_theta(x + t_{n+1} z, t_{n+1}), sg(f_theta(x + t_n z, t_n)))``
@@ -433,14 +448,17 @@ def ict_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
       num_scales: ``N`` (Python int or traced int32 scalar, see :func:`ict_num_scales`).
       max_scales: static bound on ``N`` (e.g. ``s1 + 1 = 1281``); needed when ``N`` is traced.
         A jitted step with traced ``N`` and fixed ``max_scales`` compiles once for all ``N``.
+      grid_fn: optional ``(i, N) -> t_i`` replacing the Karras grid (pairs, lognormal
+        probabilities and weights then all use it); e.g. the consistency decoder's discrete
+        VP schedule expressed as EDM sigmas.
     Returns:
       ``(loss, metrics)``; the loss and the distance are computed in float32.
     """
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="lognormal",
                             max_scales=max_scales, p_mean=p_mean, p_std=p_std,
-                            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho)
+                            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, grid_fn=grid_fn)
+    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
     x32 = x.astype(jnp.float32)
     student = student_fn(x32 + _bcast(t_hi, x) * z, t_hi)
     target = jax.lax.stop_gradient(target_fn(x32 + _bcast(t_lo, x) * z, t_lo))
@@ -456,7 +474,8 @@ def ict_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
 def ct_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
             key: jax.Array, num_scales, *, metric: str = "l2",
             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-            c: Optional[float] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+            c: Optional[float] = None, grid_fn: Optional[GridFn] = None
+            ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Original consistency training loss (CM paper, Alg. 3; REFERENCE 2.2), ``lambda = 1``.
 
     ``L = mean_b d(f_theta(x + t_{n+1} z, t_{n+1}), sg(f_target(x + t_n z, t_n)))`` with
@@ -471,10 +490,11 @@ def ct_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
       metric: ``"l2"`` (mean over pixels of the squared difference, as openai's ``mean_flat``),
         ``"l1"`` (mean absolute difference) or ``"pseudo_huber"`` (whole image, constant ``c``,
         default ``huber_c(H*W*C)``).
+      grid_fn: optional ``(i, N) -> t_i`` replacing the Karras grid.
     """
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="uniform")
-    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho)
+    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
     x32 = x.astype(jnp.float32)
     student = student_fn(x32 + _bcast(t_hi, x) * z, t_hi)
     target = jax.lax.stop_gradient(target_fn(x32 + _bcast(t_lo, x) * z, t_lo))
@@ -502,7 +522,8 @@ def heun_step(denoiser_fn: DenoiserFn, x: jax.Array, t_from, t_to) -> jax.Array:
 def cd_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, denoiser_fn: DenoiserFn,
             x: jax.Array, key: jax.Array, num_scales, *, metric: str = "l2",
             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-            c: Optional[float] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+            c: Optional[float] = None, grid_fn: Optional[GridFn] = None
+            ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Consistency distillation loss (CM paper, Alg. 2; REFERENCE 2.2), ``lambda = 1``.
 
     ``x_hi = x + t_{n+1} z``; ``x_lo = heun_step(D, x_hi, t_{n+1}, t_n)`` with the teacher EDM
@@ -510,10 +531,11 @@ def cd_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, denoiser_fn: De
     ``mean_b d(f_theta(x_hi, t_{n+1}), sg(f_target(x_lo, t_n)))``, ``n ~ U{0..N-2}``.
     Key usage, grid and metrics exactly as :func:`ct_loss` (with an exact teacher for a
     point mass at ``x`` the two losses coincide).  The teacher output is stop-gradient'ed.
+    ``grid_fn``: optional ``(i, N) -> t_i`` replacing the Karras grid.
     """
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="uniform")
-    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho)
+    z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
     x_hi = x.astype(jnp.float32) + _bcast(t_hi, x) * z
     x_lo = jax.lax.stop_gradient(heun_step(denoiser_fn, x_hi, t_hi, t_lo))
     student = student_fn(x_hi, t_hi)
@@ -525,17 +547,24 @@ def cd_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, denoiser_fn: De
 
 def edm_denoising_loss(denoiser_fn: DenoiserFn, x: jax.Array, key: jax.Array,
                        p_mean: float = -1.2, p_std: float = 1.2,
-                       sigma_data: float = SIGMA_DATA) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                       sigma_data: float = SIGMA_DATA,
+                       sigma_sampler: Optional[Callable[[jax.Array, int], jax.Array]] = None
+                       ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """EDM training loss for a diffusion teacher (Karras et al. 2022).
 
     ``ln sigma ~ N(p_mean, p_std^2)``, ``y = x + sigma z``,
     ``L = mean_b w(sigma) * mean_pixels (D(y, sigma) - x)^2`` with
     ``w = (sigma^2 + sd^2) / (sigma sd)^2`` (EDM sums over pixels; the mean only rescales).
     ``denoiser_fn(x (B,H,W,C), sigma (B,)) -> D`` (e.g. :func:`edm_denoiser` over a network).
+    ``sigma_sampler(key, B) -> sigma (B,)``, if given, replaces the lognormal draw (e.g. for a
+    denoiser defined only on a discrete set of noise levels).
     """
     k_s, k_z = jax.random.split(key)
     b = x.shape[0]
-    sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_s, (b,), jnp.float32))
+    if sigma_sampler is None:
+        sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_s, (b,), jnp.float32))
+    else:
+        sigma = jnp.asarray(sigma_sampler(k_s, b), jnp.float32)
     z = jax.random.normal(k_z, x.shape, jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 + _bcast(sigma, x) * z

@@ -221,8 +221,14 @@ def test_architecture_inferred_without_config(tmp_path):
     assert dec.config.unet.layers_per_block == 1
     latents = np.random.default_rng(0).normal(size=(1, 2, 2, 4)).astype(np.float32)
     noise = [np.random.default_rng(i).normal(size=(1, 16, 16, 3)).astype(np.float32) for i in range(2)]
-    np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise)),
-                               reference_decode(vae, latents, noise), atol=ATOL, rtol=0)
+    got = np.asarray(cmjax.decode(dec, latents, noise=noise))
+    ref = reference_decode(vae, latents, noise)
+    truth = reference_decode(vae, latents, noise, dtype=torch.float64)
+    # Wider channels (96) give larger raw UNet outputs: here torch's own fp32 decode is 5.7e-6 from
+    # a float64 evaluation and cmjax's (im2col on the deep levels) 1.2e-5, so the two fp32
+    # implementations may differ by a little more than 1e-5; both must stay near the truth.
+    np.testing.assert_allclose(got, ref, atol=2 * ATOL, rtol=0)
+    assert np.abs(got - truth).max() <= 3 * np.abs(ref - truth).max() + 1e-6
 
 
 def _write_state(path, state):

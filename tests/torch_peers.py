@@ -5,6 +5,7 @@ that a swapped or transposed mapping cannot hide behind default initial values.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -55,20 +56,24 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 def reference_decode(vae, latents_nhwc: np.ndarray, noise_nhwc: list[np.ndarray], timesteps=(1008, 512),
-                     clip_denoised: bool = True) -> np.ndarray:
+                     clip_denoised: bool = True, dtype=torch.float32) -> np.ndarray:
     """The decode loop written with diffusers' UNet and scheduler, noise given explicitly.
 
     clip_denoised=False is exactly ``ConsistencyDecoderVAE.decode``; True adds OpenAI's clamp after
-    every step. Returns NHWC float32.
+    every step. ``dtype=torch.float64`` evaluates a float64 copy (the "truth" fp32 results are
+    judged against). Returns NHWC float32 (float64 for float64).
     """
+    if dtype != torch.float32:
+        vae = copy.deepcopy(vae).to(dtype)
     sched = vae.decoder_scheduler
-    z = nchw(latents_nhwc)
+    z = nchw(latents_nhwc).to(dtype)
+    nchw_ = lambda x: nchw(x).to(dtype)  # noqa: E731
     with torch.no_grad():
         z = (z * vae.config.scaling_factor - vae.means) / vae.stds
         z = torch.nn.functional.interpolate(z, mode="nearest", scale_factor=8)
-        x0 = torch.zeros(z.shape[0], 3, z.shape[2], z.shape[3])
+        x0 = torch.zeros(z.shape[0], 3, z.shape[2], z.shape[3], dtype=dtype)
         for t, eps in zip(timesteps, noise_nhwc):
-            x_t = sched.sqrt_alphas_cumprod[t] * x0 + sched.sqrt_one_minus_alphas_cumprod[t] * nchw(eps)
+            x_t = sched.sqrt_alphas_cumprod[t] * x0 + sched.sqrt_one_minus_alphas_cumprod[t] * nchw_(eps)
             out = vae.decoder_unet(torch.cat([sched.c_in[t] * x_t, z], dim=1), torch.tensor(t)).sample[:, :3]
             x0 = sched.c_out[t] * out + sched.c_skip[t] * x_t
             if clip_denoised:

@@ -1,28 +1,71 @@
-"""python -m cmjax.convert SRC DST: PyTorch consistency-decoder weights -> cmjax checkpoint."""
+"""python -m cmjax.convert SRC DST: PyTorch consistency-decoder (or SD VAE) weights -> cmjax checkpoint.
+
+SRC is recognised by its content, and what was recognised is printed:
+
+  openai                       download OpenAI's decoder.pt (SHA-256 verified, cached), convert it
+  openai/consistency-decoder   download the diffusers weights from the Hugging Face Hub, convert them
+  a folder or file             a diffusers ConsistencyDecoderVAE / UNet2DModel folder or its
+                               safetensors; OpenAI's decoder.pt (TorchScript); the extracted
+                               consistency_decoder.safetensors (+ embedding.safetensors beside it);
+                               a torch.save pickle with OpenAI or diffusers names; an SD VAE
+                               (diffusers AutoencoderKL folder, LDM .ckpt/.safetensors)
+
+Pickles are read without torch and without running their code. Nothing is written to DST unless
+the whole conversion succeeds.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax
 
-from cmjax.convert import convert
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cmjax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", metavar="SRC", help="a checkpoint file or folder, or a name: openai, "
+                        "openai/consistency-decoder")
+    parser.add_argument("dst", metavar="DST", help="the cmjax checkpoint directory to create")
+    parser.add_argument("--kind", choices=("decoder", "vae"), help="convert SRC as this instead of what it is "
+                        "recognised as (e.g. --kind vae takes the SD encoder out of a ConsistencyDecoderVAE)")
+    parser.add_argument("--keep-dtype", action="store_true", help="store fp16/bf16 weights as they are "
+                        "(default: upcast to float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmjax.convert", description=__doc__)
-    parser.add_argument("src", help="a diffusers ConsistencyDecoderVAE folder (config.json + "
-                        "diffusion_pytorch_model[.fp16].safetensors) or the safetensors file itself")
-    parser.add_argument("dst", help="the cmjax checkpoint directory to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    from cmjax.convert import ConversionError, convert
+    from cmjax.convert.download import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
+
+    def report(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
     try:
-        decoder = convert(args.src, args.dst, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
+        src = args.src
+        if not Path(src).exists() and src in (OPENAI, HUB_REPO):
+            if Path(args.dst).exists() and not args.overwrite:  # before a multi-GB download
+                raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
+            fetch = fetch_openai_decoder if src == OPENAI else fetch_hub_decoder
+            src = fetch(progress=not args.quiet, report=report)
+        model = convert(src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype, overwrite=args.overwrite,
+                        report=report)
+    except (ConversionError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(x.size for x in jax.tree.leaves(decoder.params))
-    print(f"wrote {args.dst}: consistency decoder, {n:,} params, channels {decoder.config.unet.block_out_channels}")
+    leaves = jax.tree.leaves(model.params)
+    n = sum(x.size for x in leaves)
+    dtypes = "/".join(sorted({str(x.dtype) for x in leaves}))
+    if hasattr(model.config, "unet"):
+        what = f"consistency decoder, channels {model.config.unet.block_out_channels}"
+    else:
+        what = f"SD VAE ({'+'.join(model.parts)}), channels {model.config.block_out_channels}"
+    print(f"wrote {args.dst}: {what}, {n:,} params ({dtypes})")
     return 0
 
 

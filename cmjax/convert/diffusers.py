@@ -31,17 +31,107 @@ def find_weights(folder: Path) -> Path:
     raise ConversionError(f"{folder}: no {' or '.join(WEIGHT_FILES)} in this folder")
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as NumPy arrays (bf16 as ml_dtypes.bfloat16)."""
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype codes -> NumPy (bf16 and fp8 from ml_dtypes, which ships with jax).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+              "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+_MAX_HEADER = 100 << 20  # as the safetensors library
 
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+
+def _np_dtype(code: str) -> np.dtype | None:
+    name = _ST_DTYPES.get(code)
+    if name is None:
+        return None
     try:
-        with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], int]:
+    """The tensors a safetensors file declares: ``{name: (dtype, shape, begin, end)}`` (byte offsets
+    into the data section) and where that section starts. Checks what the safetensors library
+    checks: a sane header size, valid JSON without duplicate names, known dtypes, sizes that match
+    the shapes, and data sections that tile the rest of the file exactly.
+    """
+    path = Path(path)
+    bad = f"{path}: not a readable safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(_MAX_HEADER, size - 8):
+                raise ConversionError(f"{bad} (header size {n} does not fit a {size}-byte file)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConversionError(f"{bad} ({e})") from e
+
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ConversionError(f"{bad} (duplicate tensor name {k!r} in the header)")
+            seen[k] = v
+        return seen
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{bad} (header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{bad} (header is not a JSON object)")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConversionError(f"{bad} (malformed entry for {name!r}: {e})") from None
+        dtype = _np_dtype(code)
+        if dtype is None:
+            raise ConversionError(f"{bad} (tensor {name!r} has unsupported dtype {code!r})")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+            raise ConversionError(f"{bad} (malformed shape or offsets for {name!r})")
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ConversionError(f"{bad} (tensor {name!r}: {end - begin} bytes for shape {list(shape)} {code})")
+        out[name] = (dtype, shape, begin, end)
+    position = 0
+    for name, (_, _, begin, end) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != position:
+            raise ConversionError(f"{bad} (data of {name!r} starts at {begin}, expected {position})")
+        position = end
+    if 8 + n + position != size:
+        raise ConversionError(f"{bad} (the tensors cover {position} bytes, the file holds {size - 8 - n}: "
+                              "truncated or padded)")
+    return out, 8 + n
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as NumPy arrays (bf16 as ml_dtypes.bfloat16).
+
+    Reads each tensor straight into its own array (no memory map: a mapped file would sit in the
+    process's memory beside the copies, doubling the peak for multi-GB checkpoints).
+    """
+    path = Path(path)
+    header, start = read_safetensors_header(path)
+    out: dict[str, np.ndarray] = {}
+    try:
+        with open(path, "rb") as f:
+            for name, (dtype, shape, begin, end) in header.items():
+                buf = np.empty(end - begin, np.uint8)
+                f.seek(start + begin)
+                if f.readinto(memoryview(buf)) != end - begin:
+                    raise ConversionError(f"{path}: not a readable safetensors file (truncated in {name!r})")
+                out[name] = buf.view(dtype).reshape(shape)
+    except OSError as e:
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+    return out
 
 
 def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -82,6 +172,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> DecoderConfig:
         norm_num_groups=cfg.get(f"{p}norm_num_groups", 32),
         norm_eps=cfg.get(f"{p}norm_eps", 1e-5),
         num_train_timesteps=cfg.get(f"{p}num_train_timesteps", 1024),
+        time_embed_dim=cfg.get("time_embedding_dim") if not p else None,
     )
     return DecoderConfig(unet=unet, latent_channels=cfg.get("latent_channels", unet.in_channels - 3),
                          upsample_factor=upsample, scaling_factor=cfg.get("scaling_factor", 0.18215))
@@ -90,18 +181,45 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> DecoderConfig:
 def infer_config(state: Mapping[str, np.ndarray]) -> DecoderConfig:
     """DecoderConfig from tensor shapes alone (GroupNorm groups cannot be seen: 32 is assumed)."""
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"down_blocks\.(\d+)\.", k))})
-    if not levels or "conv_in.weight" not in state or "conv_out.weight" not in state:
-        raise ConversionError("cannot infer the architecture: conv_in/conv_out/down_blocks missing")
+    needed = ["conv_in.weight", "conv_out.weight", "time_proj.weight", "time_embedding.linear_1.weight",
+              *(f"down_blocks.{i}.resnets.0.conv1.weight" for i in levels)]
+    missing = [k for k in needed if k not in state]
+    if not levels or missing:
+        raise ConversionError("cannot infer the architecture from the tensor shapes: "
+                              f"{', '.join(missing) if missing else 'no down_blocks.*'} missing")
     channels = tuple(int(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in levels)
     layers = len({k.split(".")[3] for k in state if k.startswith("down_blocks.0.resnets.")})
     if any(c % 32 for c in channels):
         raise ConversionError(f"cannot infer the GroupNorm group count for channels {channels} (not multiples "
                               "of 32, the released model's groups); put the model's config.json beside the file")
+    temb = int(state["time_embedding.linear_1.weight"].shape[0])
     unet = UNetConfig(in_channels=int(state["conv_in.weight"].shape[1]),
                       out_channels=int(state["conv_out.weight"].shape[0]),
                       block_out_channels=channels, layers_per_block=layers,
-                      num_train_timesteps=int(state["time_proj.weight"].shape[0]))
+                      num_train_timesteps=int(state["time_proj.weight"].shape[0]),
+                      time_embed_dim=None if temb == 4 * channels[0] else temb)
     return DecoderConfig(unet=unet, latent_channels=unet.in_channels - 3)
+
+
+def decoder_from_diffusers_state(tensors: Mapping[str, np.ndarray], *, source: str,
+                                 config_path: Path | None = None, dtype: Any = np.float32) -> Decoder:
+    """A Decoder from diffusers-named tensors (``decoder_unet.*`` or bare ``UNet2DModel`` names).
+
+    The architecture comes from ``config_path`` (a config.json) when given, else from the shapes.
+    """
+    state = unet_state(tensors, source)
+    if config_path is not None:
+        try:
+            config = config_from_diffusers(json.loads(Path(config_path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{config_path}: invalid JSON ({e})") from e
+    else:
+        try:
+            config = infer_config(state)
+        except ConversionError as e:
+            raise ConversionError(f"{source}: {e}") from None
+    params = torch_to_flax(state, abstract_params(config), dtype=dtype, source=source)
+    return Decoder(config, params)
 
 
 def load_diffusers_decoder(src: str | Path, *, dtype: Any = np.float32) -> Decoder:
@@ -118,13 +236,6 @@ def load_diffusers_decoder(src: str | Path, *, dtype: Any = np.float32) -> Decod
         config_path = src.parent / "config.json"
     else:
         raise ConversionError(f"{src}: no such file or folder")
-    state = unet_state(read_safetensors(weights), str(weights))
-    if config_path.is_file():
-        try:
-            config = config_from_diffusers(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{config_path}: invalid JSON ({e})") from e
-    else:
-        config = infer_config(state)
-    params = torch_to_flax(state, abstract_params(config), dtype=dtype, source=str(weights))
-    return Decoder(config, params)
+    return decoder_from_diffusers_state(read_safetensors(weights), source=str(weights),
+                                        config_path=config_path if config_path.is_file() else None,
+                                        dtype=dtype)

@@ -1,0 +1,309 @@
+"""python -m cmjax.export CKPT DST: a cmjax decoder checkpoint -> a diffusers model folder.
+
+What is written depends on whether SD encoder weights are available:
+
+* ``--encoder-from SRC``: a ``ConsistencyDecoderVAE`` folder (config.json +
+  diffusion_pytorch_model.safetensors with ``decoder_unet.*``, ``encoder.*``, ``quant_conv.*``),
+  loadable with ``diffusers.ConsistencyDecoderVAE.from_pretrained(DST)``. SRC gives the encoder:
+  a diffusers ``ConsistencyDecoderVAE`` folder (e.g. the one the decoder was converted from; its
+  encoder tensors are copied as they are), a cmjax VAE checkpoint, or any SD VAE source that
+  ``cmjax.convert.vae`` reads (diffusers ``AutoencoderKL`` folder, LDM checkpoint).
+* without it: the decoder UNet alone as a ``UNet2DModel`` folder, loadable with
+  ``diffusers.UNet2DModel.from_pretrained(DST)``.
+
+Why not always a ConsistencyDecoderVAE: a cmjax decoder checkpoint holds only the UNet (converting
+a ConsistencyDecoderVAE keeps ``decoder_unet.*`` and drops the bundled SD encoder), and inventing
+encoder weights would give a folder whose ``encode()`` silently returns garbage. So the full
+folder is written only from real encoder weights, and the UNet otherwise.
+
+Decode settings that diffusers does not store (it hard-codes the latent statistics and
+sigma_data; a UNet2DModel has no latent settings at all) must have their default values for a
+ConsistencyDecoderVAE export, and are reported when a UNet2DModel export leaves them out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from cmjax.checkpoint import CONFIG_FILE, atomic_directory
+from cmjax.convert.mapping import ConversionError, flax_to_torch
+from cmjax.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
+from cmjax.schedule import SIGMA_DATA
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Written into config.json; the first diffusers release with ConsistencyDecoderVAE.
+DIFFUSERS_VERSION = "0.24.0"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+Report = Callable[[str], None]
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be written in the requested diffusers form; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers configs
+
+
+def unet2d_config(config: DecoderConfig) -> dict[str, Any]:
+    """The ``UNet2DModel`` config.json of the decoder UNet."""
+    u = config.unet
+    levels = len(u.block_out_channels)
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "add_attention": False,
+        "block_out_channels": list(u.block_out_channels),
+        "center_input_sample": False,
+        "down_block_types": ["ResnetDownsampleBlock2D"] * levels,
+        "downsample_padding": 1,
+        "in_channels": u.in_channels,
+        "layers_per_block": u.layers_per_block,
+        "mid_block_scale_factor": 1,
+        "norm_eps": u.norm_eps,
+        "norm_num_groups": u.norm_num_groups,
+        "num_train_timesteps": u.num_train_timesteps,
+        "out_channels": u.out_channels,
+        "resnet_time_scale_shift": "scale_shift",
+        "time_embedding_dim": u.time_embed_dim,
+        "time_embedding_type": "learned",
+        "up_block_types": ["ResnetUpsampleBlock2D"] * levels,
+    }
+
+
+def consistency_vae_config(config: DecoderConfig, encoder: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ConsistencyDecoderVAE`` config.json: the decoder UNet's settings plus ``encoder``'s
+    (``encoder_*`` keys, ``latent_channels``, ``sample_size``)."""
+    u = config.unet
+    levels = len(u.block_out_channels)
+    return {
+        "_class_name": "ConsistencyDecoderVAE",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **encoder,
+        "scaling_factor": config.scaling_factor,
+        "latent_channels": config.latent_channels,
+        "decoder_add_attention": False,
+        "decoder_block_out_channels": list(u.block_out_channels),
+        "decoder_down_block_types": ["ResnetDownsampleBlock2D"] * levels,
+        "decoder_downsample_padding": 1,
+        "decoder_in_channels": u.in_channels,
+        "decoder_layers_per_block": u.layers_per_block,
+        "decoder_norm_eps": u.norm_eps,
+        "decoder_norm_num_groups": u.norm_num_groups,
+        "decoder_num_train_timesteps": u.num_train_timesteps,
+        "decoder_out_channels": u.out_channels,
+        "decoder_resnet_time_scale_shift": "scale_shift",
+        "decoder_time_embedding_type": "learned",
+        "decoder_up_block_types": ["ResnetUpsampleBlock2D"] * levels,
+    }
+
+
+def _unstored_settings(config: DecoderConfig) -> list[str]:
+    """Decode settings with non-default values, which no diffusers config records."""
+    out = []
+    if tuple(config.latent_mean) != LATENT_MEAN:
+        out.append(f"latent_mean {config.latent_mean}")
+    if tuple(config.latent_std) != LATENT_STD:
+        out.append(f"latent_std {config.latent_std}")
+    if config.sigma_data != SIGMA_DATA:
+        out.append(f"sigma_data {config.sigma_data}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder weights
+
+
+def _encoder_fields(block_out_channels, layers_per_block, norm_num_groups, in_channels, latent_channels,
+                    sample_size: int = 32) -> dict[str, Any]:
+    return {
+        "encoder_act_fn": "silu",
+        "encoder_block_out_channels": list(block_out_channels),
+        "encoder_double_z": True,
+        "encoder_down_block_types": ["DownEncoderBlock2D"] * len(block_out_channels),
+        "encoder_in_channels": in_channels,
+        "encoder_layers_per_block": layers_per_block,
+        "encoder_norm_num_groups": norm_num_groups,
+        "encoder_out_channels": latent_channels,
+        "sample_size": sample_size,
+    }
+
+
+def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int] | None:
+    """Encoder tensors, config fields and latent channels of a diffusers ConsistencyDecoderVAE
+    folder (or its weights file with config.json beside it); None if ``src`` is not one."""
+    from cmjax.convert.diffusers import find_weights, read_safetensors
+
+    folder = src if src.is_dir() else src.parent
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
+    if cfg.get("_class_name") != "ConsistencyDecoderVAE":
+        return None
+    weights = find_weights(folder) if src.is_dir() else src
+    tensors = read_safetensors(weights)
+    encoder = {k: v for k, v in tensors.items() if k.startswith(("encoder.", "quant_conv."))}
+    if not encoder:
+        raise ExportError(f"{weights}: a ConsistencyDecoderVAE file without encoder.* / quant_conv.* tensors")
+    fields = {k: v for k, v in cfg.items() if k.startswith("encoder_")}
+    fields["sample_size"] = cfg.get("sample_size", 32)
+    return encoder, fields, int(cfg.get("latent_channels", 4))
+
+
+def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], int, float | None]:
+    """SD encoder weights for a ConsistencyDecoderVAE, from ``src``.
+
+    Returns (tensors named ``encoder.*``/``quant_conv.*`` in torch layout, the ``encoder_*`` config
+    fields, latent channels, the source's scaling factor or None). ``src``: a diffusers
+    ConsistencyDecoderVAE folder/file (copied as is), a cmjax VAE checkpoint, or any SD VAE source
+    ``cmjax.convert.vae.load_pytorch_vae`` reads.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise ExportError(f"{src}: no such file or folder (--encoder-from)")
+    direct = _consistency_vae_encoder(src)
+    if direct is not None:
+        return (*direct, None)
+    try:
+        from cmjax import vae as vae_lib
+        from cmjax.checkpoint import load_vae
+        from cmjax.convert.vae import load_pytorch_vae
+    except ImportError as e:
+        raise ExportError(f"{src}: reading an SD VAE needs cmjax's VAE modules ({e}); give a diffusers "
+                          "ConsistencyDecoderVAE folder instead") from e
+    is_cmjax = src.is_dir() and (src / CONFIG_FILE).is_file()
+    vae = load_vae(src) if is_cmjax else load_pytorch_vae(src, dtype=None)
+    encoder_params, _ = vae_lib.split_params(vae.params)
+    if not encoder_params:
+        raise ExportError(f"{src}: this VAE has no encoder (parts: {list(vae.parts)})")
+    tensors = flax_to_torch(encoder_params)
+    c = vae.config
+    fields = _encoder_fields(c.block_out_channels, c.layers_per_block, c.norm_num_groups, c.in_channels,
+                             c.latent_channels)
+    return tensors, fields, c.latent_channels, c.scaling_factor
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def _write(dst: Path, config: dict, tensors: Mapping[str, np.ndarray], overwrite: bool) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_directory(dst, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+
+def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_from: str | os.PathLike | None = None,
+                   dtype: str = "float32", overwrite: bool = False, report: Report | None = None) -> Path:
+    """Write the decoder checkpoint ``ckpt`` as a diffusers folder ``dst`` (see the module docstring).
+
+    ``dtype``: "float32" or "float16", of every tensor written. Nothing is left at ``dst`` on failure.
+    Returns ``dst``.
+    """
+    from cmjax.checkpoint import load_decoder
+
+    say = report or (lambda _m: None)
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not (Path(ckpt) / CONFIG_FILE).is_file():
+        raise ExportError(f"{ckpt}: not a cmjax decoder checkpoint (no {CONFIG_FILE}); convert PyTorch weights "
+                          "with `python -m cmjax.convert SRC DST` first")
+    decoder = load_decoder(ckpt)
+    cfg = decoder.config
+    cast = DTYPES[dtype]
+    unet = {k: v.astype(cast, copy=False) for k, v in flax_to_torch(decoder.params).items()}
+    del decoder
+    if encoder_from is None:
+        unstored = _unstored_settings(cfg)
+        if cfg.upsample_factor != 8 or cfg.scaling_factor != SCALING_FACTOR:
+            unstored.append(f"upsample_factor {cfg.upsample_factor}, scaling_factor {cfg.scaling_factor}")
+        if unstored:
+            say("note: a UNet2DModel folder does not record these decode settings: " + "; ".join(unstored))
+        _write(dst, unet2d_config(cfg), unet, overwrite)
+        say(f"wrote {dst}: UNet2DModel (decoder UNet only; pass --encoder-from for a ConsistencyDecoderVAE)")
+        return dst
+
+    unstored = _unstored_settings(cfg)
+    if unstored:
+        raise ExportError(f"{ckpt}: diffusers' ConsistencyDecoderVAE hard-codes the decode settings, these differ: "
+                          f"{'; '.join(unstored)}; export without --encoder-from (a UNet2DModel) instead")
+    if cfg.unet.time_embed_dim not in (None, 4 * cfg.unet.block_out_channels[0]):
+        raise ExportError(f"{ckpt}: time_embed_dim {cfg.unet.time_embed_dim} cannot be expressed in a "
+                          "ConsistencyDecoderVAE config; export without --encoder-from (a UNet2DModel) instead")
+    encoder, fields, latent, scaling = read_encoder(encoder_from)
+    levels = len(fields["encoder_block_out_channels"])
+    if 2 ** (levels - 1) != cfg.upsample_factor:
+        raise ExportError(f"{encoder_from}: its encoder downsamples by {2 ** (levels - 1)} ({levels} levels), the "
+                          f"decoder upsamples latents by {cfg.upsample_factor}")
+    if latent != cfg.latent_channels:
+        raise ExportError(f"{encoder_from}: its encoder makes {latent}-channel latents, the decoder takes "
+                          f"{cfg.latent_channels}")
+    if scaling is not None and scaling != cfg.scaling_factor:
+        say(f"note: the encoder source's scaling_factor {scaling} differs from the decoder's "
+            f"{cfg.scaling_factor}; the decoder's is written")
+    tensors = {f"decoder_unet.{k}": v for k, v in unet.items()}
+    tensors.update({k: np.ascontiguousarray(v).astype(cast, copy=False) for k, v in encoder.items()})
+    _write(dst, consistency_vae_config(cfg, fields), tensors, overwrite)
+    say(f"wrote {dst}: ConsistencyDecoderVAE (decoder from {ckpt}, encoder from {encoder_from})")
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cmjax.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", metavar="CKPT", help="a cmjax decoder checkpoint directory")
+    parser.add_argument("dst", metavar="DST", help="the diffusers folder to create")
+    parser.add_argument("--encoder-from", metavar="SRC", help="SD encoder weights: a diffusers "
+                        "ConsistencyDecoderVAE folder, a cmjax VAE checkpoint or an SD VAE checkpoint; "
+                        "without it only the UNet is written (a UNet2DModel folder)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written "
+                        "weights (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+
+    def report(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
+                       overwrite=args.overwrite, report=report)
+    except (ConversionError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.encoder_from is None:
+        _hint_encoder(Path(args.ckpt))
+    return 0
+
+
+def _hint_encoder(ckpt: Path) -> None:
+    """If the checkpoint was converted from a ConsistencyDecoderVAE folder still on disk, say so."""
+    try:
+        source = Path(json.loads((ckpt / CONFIG_FILE).read_text()).get("source", ""))
+        folder = source if source.is_dir() else source.parent
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return
+    if cfg.get("_class_name") == "ConsistencyDecoderVAE":
+        print(f"hint: {folder} has the SD encoder: --encoder-from {folder} writes a full ConsistencyDecoderVAE",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

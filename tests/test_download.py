@@ -1,0 +1,236 @@
+"""Named checkpoints: verified downloads from a loopback HTTP server, conversion on first use, the cache.
+
+The server (http.server on 127.0.0.1, in a thread) plays both OpenAI's file host and enough of
+the Hugging Face Hub for huggingface_hub.hf_hub_download (HEAD/GET on /<repo>/resolve/<rev>/<file>
+with X-Repo-Commit and ETag headers).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cmjax  # noqa: E402
+from cmjax.convert import convert  # noqa: E402
+from cmjax.convert.__main__ import main as convert_main  # noqa: E402
+from cmjax.convert.download import DownloadError, resolve_checkpoint  # noqa: E402
+from tests import openai_peer  # noqa: E402
+from tests.torch_peers import save_vae, tiny_consistency_vae  # noqa: E402
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB = "/openai/consistency-decoder/resolve/main/"
+
+
+class Server:
+    """Serves ``routes`` (path -> bytes); records the (method, path) of every file request."""
+
+    def __init__(self):
+        self.routes: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _headers(self):
+                body = server.routes.get(self.path)
+                if self.path in server.routes or self.path.startswith(HUB):
+                    server.requests.append((self.command, self.path))
+                self.send_response(200 if body is not None else 404)
+                self.send_header("X-Repo-Commit", COMMIT)
+                if body is None:
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                else:
+                    self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return body
+
+            def do_HEAD(self):  # noqa: N802
+                self._headers()
+
+            def do_GET(self):  # noqa: N802
+                body = self._headers()
+                if body is not None:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def gets(self, path_part: str) -> int:
+        return sum(m == "GET" and path_part in p for m, p in self.requests)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def decoder_pt(tmp_path_factory, server):
+    """A tiny OpenAI-format TorchScript decoder.pt served at /<sha256>/decoder.pt (and a corrupted
+    copy served at a URL naming the same hash)."""
+    path = openai_peer.save_torchscript(openai_peer.make(seed=3), tmp_path_factory.mktemp("pt") / "decoder.pt")
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    server.routes[f"/diff-vae/{sha}/decoder.pt"] = data
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    server.routes[f"/corrupt/{sha}/decoder.pt"] = bytes(bad)
+    return path, sha
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def assert_same_params(a, b):
+    assert a.config == b.config
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_openai_download_is_verified_converted_and_cached(server, decoder_pt, cache, monkeypatch, tmp_path):
+    path, sha = decoder_pt
+    monkeypatch.setenv("CMJAX_OPENAI_URL", f"{server.url}/diff-vae/{sha}/decoder.pt")
+    before = server.gets(sha)
+    ckpt = resolve_checkpoint("openai", progress=False)
+    assert ckpt == cache / "checkpoints" / f"openai-{sha[:16]}"
+    assert server.gets(sha) == before + 1
+    assert sorted(p.name for p in (cache / "downloads" / sha).iterdir()) == ["decoder.pt"]  # no partial files
+    direct = convert(path, tmp_path / "direct")
+    assert_same_params(cmjax.load_decoder(ckpt), direct)
+    # converted before: nothing is fetched or converted again
+    stamp = (ckpt / "cmjax.json").stat().st_mtime_ns
+    assert resolve_checkpoint("openai", progress=False) == ckpt
+    assert server.gets(sha) == before + 1 and (ckpt / "cmjax.json").stat().st_mtime_ns == stamp
+    # the conversion gone: the verified download is reused, not fetched again
+    import shutil
+
+    shutil.rmtree(ckpt)
+    lines: list[str] = []
+    assert resolve_checkpoint("openai", progress=False, report=lines.append) == ckpt
+    assert server.gets(sha) == before + 1 and any("using the verified cached" in m for m in lines)
+    # a cached file that no longer verifies is fetched again
+    shutil.rmtree(ckpt)
+    (cache / "downloads" / sha / "decoder.pt").write_bytes(b"tampered")
+    resolve_checkpoint("openai", progress=False)
+    assert server.gets(sha) == before + 2
+    assert hashlib.sha256((cache / "downloads" / sha / "decoder.pt").read_bytes()).hexdigest() == sha
+
+
+def test_corrupt_download_is_refused_and_deleted(server, decoder_pt, cache, monkeypatch):
+    _, sha = decoder_pt
+    url = f"{server.url}/corrupt/{sha}/decoder.pt"
+    monkeypatch.setenv("CMJAX_OPENAI_URL", url)
+    with pytest.raises(DownloadError) as e:
+        resolve_checkpoint("openai", progress=False)
+    assert "SHA-256 mismatch" in str(e.value) and url in str(e.value) and "deleted" in str(e.value)
+    assert list((cache / "downloads" / sha).iterdir()) == []
+    assert not (cache / "checkpoints").exists()
+
+
+def test_bad_urls(server, cache, monkeypatch):
+    monkeypatch.setenv("CMJAX_OPENAI_URL", f"{server.url}/files/decoder.pt")
+    with pytest.raises(DownloadError, match="second-to-last path segment must be"):
+        resolve_checkpoint("openai", progress=False)
+    url = f"{server.url}/{'0' * 64}/decoder.pt"
+    monkeypatch.setenv("CMJAX_OPENAI_URL", url)
+    with pytest.raises(DownloadError) as e:
+        resolve_checkpoint("openai", progress=False)
+    assert url in str(e.value) and "Not Found" in str(e.value)
+    assert not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_cli_downloads_openai(server, decoder_pt, tmp_path):
+    """`python -m cmjax.convert openai DST` in a fresh process, with a progress bar."""
+    import os
+    import subprocess
+    import sys
+
+    path, sha = decoder_pt
+    env = {**os.environ, "CMJAX_OPENAI_URL": f"{server.url}/diff-vae/{sha}/decoder.pt",
+           "CMJAX_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "cmjax.convert", "openai", str(tmp_path / "dst")], env=env,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "downloading" in res.stderr and "100%" in res.stderr  # tqdm's bar
+    assert "OpenAI TorchScript archive" in res.stderr and "wrote" in res.stdout
+    assert_same_params(cmjax.load_decoder(tmp_path / "dst"), convert(path, tmp_path / "direct"))
+
+
+@pytest.fixture
+def hub(server, tmp_path, monkeypatch):
+    """The Hub repo as the real one is: a diffusers ConsistencyDecoderVAE in fp16 (here only the
+    .fp16 variant file, so the fallback to it is exercised)."""
+    import huggingface_hub.constants
+
+    vae = tiny_consistency_vae(seed=5)
+    folder = save_vae(vae.half(), tmp_path / "hubrepo", fp16=True)
+    server.routes[HUB + "config.json"] = (folder / "config.json").read_bytes()
+    server.routes[HUB + "diffusion_pytorch_model.fp16.safetensors"] = (
+        folder / "diffusion_pytorch_model.fp16.safetensors").read_bytes()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    yield folder
+    for name in ("config.json", "diffusion_pytorch_model.fp16.safetensors"):
+        server.routes.pop(HUB + name)
+
+
+def test_hub_repo_is_fetched_converted_and_cached(server, hub, cache, tmp_path):
+    ckpt = resolve_checkpoint("openai/consistency-decoder", progress=False)
+    assert ckpt == cache / "checkpoints" / "hf-openai--consistency-decoder"
+    assert server.gets(HUB + "config.json") == 1 and server.gets(HUB + "diffusion_pytorch_model.fp16") == 1
+    dec = cmjax.load_decoder(ckpt)
+    assert {x.dtype for x in jax.tree.leaves(dec.params)} == {np.dtype(np.float32)}  # fp16 upcast
+    assert_same_params(dec, convert(hub, tmp_path / "direct"))
+    n = len(server.requests)
+    assert resolve_checkpoint("openai/consistency-decoder", progress=False) == ckpt
+    assert len(server.requests) == n  # converted before: the Hub is not asked again
+    # the CLI names the same repo
+    assert convert_main(["-q", "openai/consistency-decoder", str(tmp_path / "cli")]) == 0
+    assert_same_params(cmjax.load_decoder(tmp_path / "cli"), dec)
+
+
+def test_hub_failure_is_reported(server, cache, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # serves no repo files: every file is missing
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(DownloadError, match="openai/consistency-decoder"):
+        resolve_checkpoint("openai/consistency-decoder", progress=False)
+    assert not (cache / "checkpoints").exists()
+
+
+def test_paths_and_unknown_names(decoder_pt, cache, tmp_path):
+    path, _ = decoder_pt
+    # a cmjax checkpoint is itself
+    convert(path, tmp_path / "ckpt")
+    assert resolve_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt"
+    # a PyTorch file is converted once into the cache
+    local = resolve_checkpoint(str(path))
+    assert local.parent == cache / "checkpoints" and local.name.startswith("local-decoder.pt-")
+    stamp = (local / "cmjax.json").stat().st_mtime_ns
+    assert resolve_checkpoint(path) == local and (local / "cmjax.json").stat().st_mtime_ns == stamp
+    assert_same_params(cmjax.load_decoder(local), cmjax.load_decoder(tmp_path / "ckpt"))
+    # a folder with nothing to convert is left for load_decoder to reject
+    (tmp_path / "empty").mkdir()
+    assert resolve_checkpoint(tmp_path / "empty") == tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match="'openai', 'openai/consistency-decoder'"):
+        resolve_checkpoint("openai/other-model")
