@@ -81,3 +81,16 @@ def local_rows(x: jax.Array) -> np.ndarray:
             seen.add(start)
             rows.append(np.asarray(s.data))
     return np.concatenate(rows, axis=0)
+
+
+def process_rows(mesh: Mesh, num_rows: int, axis: str = DATA_AXIS) -> np.ndarray:
+    """Indices of the rows of a (num_rows, ...) array split over ``axis`` that this process holds.
+
+    In the order ``global_batch`` takes them: this host's share of a global batch is
+    ``batch[process_rows(mesh, len(batch))]``. ``num_rows`` must divide evenly over the axis.
+    """
+    if num_rows % mesh.shape[axis]:
+        raise ValueError(f"{num_rows} rows do not split evenly over {mesh.shape[axis]} devices")
+    index_map = data_sharding(mesh, axis).addressable_devices_indices_map((num_rows,))
+    spans = sorted({(s[0].start or 0, num_rows if s[0].stop is None else s[0].stop) for s in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in spans])

@@ -1,0 +1,385 @@
+"""decode.py and cmjax.batch_decode: inputs, layouts, sharding, multi-host, failures, resuming, images.
+
+Every run uses a tiny random-weight decoder. Runs on several devices or processes are subprocesses
+(XLA's device count is fixed at start-up); they share a persistent compilation cache, so a program
+compiled by one run is reused by the next.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cmjax
+from cmjax import batch_decode as bd
+from tests.random_decoder import random_decoder, random_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    cmjax.save_decoder(random_decoder(0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PLATFORMS="cpu")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def cli_args(ckpt: Path, out: Path, *args) -> list[str]:
+    return [sys.executable, str(REPO / "decode.py"), "--checkpoint", str(ckpt), "--output", str(out),
+            "--no-progress", *map(str, args)]
+
+
+def decode_cli(ckpt, out, *args, env, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(cli_args(ckpt, out, *args), env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden temporary files included) by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_latents(folder: Path) -> dict[str, np.ndarray]:
+    """5 latents of one shape (2x3) in 3 files and 3 layouts; returns NHWC latents by item identity."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    b = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+    c = rng.normal(size=(1, 2, 3, 4)).astype(np.float32)
+    np.save(folder / "a.npy", a.transpose(2, 0, 1))  # CHW
+    np.save(folder / "b.npy", b)  # NHWC batch
+    np.savez(folder / "c.npz", x=c.transpose(0, 3, 1, 2))  # NCHW batch of 1
+    return {"a.npy": a, "b.npy:0": b[0], "b.npy:1": b[1], "b.npy:2": b[2], "c.npz:x:0": c[0]}
+
+
+EXPECTED = {"a.png", "b_000.png", "b_001.png", "b_002.png", "c_x_000.png"}
+
+
+def with_npy(names):
+    return set(names) | {n[:-4] + ".npy" for n in names}
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("in") / "latents"
+    return folder, write_latents(folder)
+
+
+@pytest.fixture(scope="module")
+def single_device_run(ckpt, env, latents, tmp_path_factory):
+    """The reference: 1 device, global batch 2 (5 inputs: batches of 2, 2, 1 + padding)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    res = decode_cli(ckpt, out, "--batch-size", 2, "--save-npy", latents[0], env=env)
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: layouts, names, identities (no model)
+
+
+def test_layout_detection():
+    assert bd.detect_layout((4, 2, 3)) is True  # CHW
+    assert bd.detect_layout((2, 3, 4)) is False  # HWC
+    assert bd.detect_layout((7, 4, 2, 3)) is True  # NCHW
+    assert bd.detect_layout((7, 2, 3, 4)) is False  # NHWC
+    assert bd.detect_layout((4, 4, 2, 3)) is True  # N=4 does not confuse a 4-D batch
+    with pytest.raises(bd.InputError, match=r"ambiguous.*--layout"):
+        bd.detect_layout((4, 4, 4))
+    with pytest.raises(bd.InputError, match="ambiguous"):
+        bd.detect_layout((2, 4, 3, 4))
+    assert bd.detect_layout((4, 4, 4), "nhwc") is False
+    assert bd.detect_layout((2, 4, 3, 4), "nchw") is True
+    with pytest.raises(bd.InputError, match="--layout nchw puts 2 channels where 4"):
+        bd.detect_layout((2, 3, 4), "nchw")
+    with pytest.raises(bd.InputError, match="no axis of 4 latent channels"):
+        bd.detect_layout((2, 3, 5))
+    with pytest.raises(bd.InputError, match="3-D.*not 2-D"):
+        bd.detect_layout((2, 4))
+    with pytest.raises(bd.InputError, match="not 5-D"):
+        bd.detect_layout((1, 1, 4, 2, 3))
+
+
+def test_scan_names_and_layouts(tmp_path):
+    from safetensors.numpy import save_file
+
+    truth = write_latents(tmp_path / "in")
+    (tmp_path / "in" / "sub").mkdir()
+    save_file({"z/0": np.zeros((4, 5, 6), np.float32), "batch": np.zeros((2, 5, 6, 4), np.float32)},
+              str(tmp_path / "in" / "sub" / "d.safetensors"))
+    np.lib.format.open_memmap(tmp_path / "in" / "big.npy", "w+", np.float16, (1001, 1, 2, 4)).flush()
+    sources, errors = bd.discover([str(tmp_path / "in")], bd.LATENT_SUFFIXES)
+    assert errors == []
+    assert [s.rel for s in sources] == ["a.npy", "b.npy", "big.npy", "c.npz", "sub/d.safetensors"]
+    items = [i for s in sources for i in bd.scan_latents(s, None, 4)[0]]
+    by_id = {i.identity: i for i in items}
+    assert set(truth) <= set(by_id)
+    assert by_id["a.npy"].stem == "a" and by_id["a.npy"].channels_first and by_id["a.npy"].shape == (2, 3)
+    assert by_id["b.npy:2"].stem == "b_002" and not by_id["b.npy:2"].channels_first
+    assert by_id["c.npz:x:0"].stem == "c_x_000" and by_id["c.npz:x:0"].channels_first
+    assert by_id["sub/d.safetensors:z/0"].stem == "sub/d_z_0" and by_id["sub/d.safetensors:z/0"].shape == (5, 6)
+    assert by_id["sub/d.safetensors:batch:1"].stem == "sub/d_batch_001"
+    assert by_id["big.npy:1000"].stem == "big_1000" and by_id["big.npy:7"].stem == "big_0007"
+    reader = bd.Reader()
+    for identity, latent in truth.items():  # every layout is read back as the NHWC latent
+        np.testing.assert_array_equal(reader.latent(by_id[identity]), latent)
+    # a glob and a file name give the same names (and so the same noise) as the folder
+    sources, _ = bd.discover([str(tmp_path / "in" / "*.np?"), str(tmp_path / "in" / "b.npy")], bd.LATENT_SUFFIXES)
+    assert [s.rel for s in sources] == ["a.npy", "b.npy", "big.npy", "c.npz"]
+    _, errors = bd.discover([str(tmp_path / "nothing"), str(tmp_path / "in" / "*.png")], bd.LATENT_SUFFIXES)
+    assert len(errors) == 2 and "no such file" in errors[0] and "matches no" in errors[1]
+
+
+def test_noise_identity_is_stable():
+    """sha256-based, so the same on every run, host and Python (``hash()`` is salted per process)."""
+    np.testing.assert_array_equal(bd.identity_key_data("a.npy"), [0x521DA39C, 0x0DFF0259])
+    assert not np.array_equal(bd.identity_key_data("b.npy:0"), bd.identity_key_data("b.npy:1"))
+    n1 = bd.noise_for(3, "x.npy", 2, (8, 16))
+    assert n1.shape == (2, 1, 8, 16, 3)
+    np.testing.assert_array_equal(n1, bd.noise_for(3, "x.npy", 2, (8, 16)))
+    assert not np.allclose(n1, bd.noise_for(4, "x.npy", 2, (8, 16)))  # the seed matters
+    assert abs(n1.std() - 1) < 0.2 and not np.allclose(n1[0], n1[1])  # fresh noise per step
+
+
+def test_to_uint8_rounds():
+    x = np.array([-1.5, -1.0, -0.999, 0.0, 0.0039, 1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(bd.to_uint8(x), [0, 0, 0, 128, 128, 255, 255])  # 127.5 rounds to even, 128
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding and multi-host: same seed, same input -> same image
+
+
+def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tmp_path):
+    """4 devices, global batch 3 -> 4 (5 inputs: one full batch, one with 3 padding rows) = 1 device, batch 2.
+
+    Each device decodes one image at a time (--micro-batch 1), so the pixels are the same bit for bit."""
+    ref_out, ref = single_device_run
+    out = tmp_path / "out"
+    res = decode_cli(ckpt, out, "--batch-size", 3, "--save-npy", latents[0], env=env, devices=4)
+    assert res.returncode == 0, res.stderr
+    assert "4 device(s) on 1 host(s)" in res.stderr
+    for r in (res, ref):
+        assert "decoded 5 images (0 skipped, 0 failed)" in r.stdout and "1 compiled program" in r.stdout, r.stdout
+    got, want = outputs(out), outputs(ref_out)
+    assert set(got) == set(want) == with_npy(EXPECTED)
+    for name in want:  # bit for bit: the float images and the PNGs
+        assert got[name] == want[name], f"{name} differs"
+    # The documented noise recipe: decoding one input with noise_for(seed, identity) gives its image.
+    dec = cmjax.load_decoder(ckpt)
+    for identity, stem in [("a.npy", "a"), ("b.npy:1", "b_001")]:
+        noise = bd.noise_for(0, identity, 2, (16, 24))
+        image = np.asarray(cmjax.decode(dec, latents[1][identity][None], noise=noise))[0]
+        np.testing.assert_allclose(np.load(ref_out / f"{stem}.npy"), image, atol=1e-5, rtol=0)
+
+
+def test_two_processes_match_one(ckpt, env, latents, single_device_run, tmp_path):
+    ref_out, _ = single_device_run
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen(cli_args(ckpt, out, "--batch-size", 3, "--save-npy", "--coordinator",
+                                       f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i, latents[0]),
+                              env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+    assert "2 device(s) on 2 host(s)" in results[0][1]
+    assert "decoded 5 images (0 skipped, 0 failed)" in results[0][0]  # the summary counts both hosts
+    assert "decoded" not in results[1][0]  # and only process 0 prints it
+    got, want = outputs(out), outputs(ref_out)
+    assert set(got) == set(want)
+    for name in want:  # bit for bit: the float images and the PNGs
+        assert got[name] == want[name], f"{name} differs"
+
+
+# ------------------------------------------------------------------------------------------------
+# Robustness: bad inputs, interruption
+
+
+def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(folder / "good.npy", rng.normal(size=(2, 3, 4)).astype(np.float32))
+    np.save(folder / "nchw.npy", rng.normal(size=(1, 4, 2, 3)).astype(np.float32))
+    batch = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+    batch[1, 0, 0, 0] = np.inf
+    np.save(folder / "batch_with_inf.npy", batch)
+    nan = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    nan[1, 1, 1] = np.nan
+    np.save(folder / "has_nan.npy", nan)
+    (folder / "garbage.npy").write_bytes(b"this is not numpy")
+    np.save(folder / "five_channels.npy", np.zeros((2, 3, 5), np.float32))
+    np.save(folder / "ambiguous.npy", np.zeros((4, 4, 4), np.float32))
+    np.save(folder / "integers.npy", np.zeros((2, 3, 4), np.int32))
+    np.save(folder / "flat.npy", np.zeros((24,), np.float32))
+    np.savez(folder / "truncated.npz", x=np.zeros((2, 3, 4), np.float32))
+    data = (folder / "truncated.npz").read_bytes()
+    (folder / "truncated.npz").write_bytes(data[:len(data) // 2])
+    (folder / "empty.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+    res = decode_cli(ckpt, out, "--steps", 1, "--batch-size", 1, folder, env=env)
+    assert res.returncode == 1, res.stderr
+    bad = ["batch_with_inf.npy[1]", "has_nan.npy", "garbage.npy", "five_channels.npy", "ambiguous.npy",
+           "integers.npy", "flat.npy", "truncated.npz", "empty.safetensors"]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    for name in bad:
+        assert any(name in line for line in errors), (name, res.stderr)
+    assert len(errors) == len(bad), res.stderr
+    assert "NaN or inf" in res.stderr and "ambiguous" in res.stderr and "no axis of 4" in res.stderr
+    assert "decoded 4 images (0 skipped, 9 failed)" in res.stdout, res.stdout
+    assert set(outputs(out)) == {"good.png", "nchw_000.png", "batch_with_inf_000.png", "batch_with_inf_002.png"}
+    for name in outputs(out):
+        with Image.open(out / name) as img:
+            img.verify()
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    """decode.py's main in this process: (exit status, stderr)."""
+    import decode
+
+    status = bd.main(decode.parse_args([*map(str, argv), "--no-progress"]))
+    return status, capsys.readouterr().err
+
+
+def test_usage_errors(ckpt, tmp_path, capsys):
+    base = ["--checkpoint", ckpt, "--output", tmp_path / "o", tmp_path]
+    assert run_main(capsys, *base, "--compare")[1].endswith("error: --compare needs --images\n")
+    status, err = run_main(capsys, *base, "--timesteps", "1008,500")
+    assert status == 2 and "not on the distilled grid" in err
+    status, err = run_main(capsys, *base, "--tile-overlap", "2")
+    assert status == 2 and "--tile-overlap needs --tile" in err
+    status, err = run_main(capsys, "--checkpoint", tmp_path / "no_ckpt", "--output", tmp_path / "o", tmp_path)
+    assert status == 2 and "no_ckpt" in err
+    status, err = run_main(capsys, *base, "--images", "--compare")
+    assert status == 2 and "--compare needs --vae" in err
+    status, err = run_main(capsys, *base, "--images", "--vae", tmp_path / "no_vae")
+    assert status == 2 and "no_vae" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_run_resumes(ckpt, env, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "many.npy", np.random.default_rng(2).normal(size=(100, 2, 3, 4)).astype(np.float32))
+    out = tmp_path / "out"
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cli_args(ckpt, out, "--steps", 1, "--batch-size", 1, folder), env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(out.glob("*.png"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in out.glob("*.png"))
+    assert 3 <= len(done) < 100, "the run was not interrupted midway"
+    for name in done:  # whatever exists under a final name is a whole PNG
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size == (24, 16)
+    res = decode_cli(ckpt, out, "--steps", 1, "--batch-size", 1, "--skip-existing", folder, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"decoded {100 - len(done)} images ({len(done)} skipped, 0 failed)" in res.stdout, res.stdout
+    clean = tmp_path / "clean"
+    res = decode_cli(ckpt, clean, "--steps", 1, "--batch-size", 1, folder, env=env)
+    assert res.returncode == 0, res.stderr
+    resumed, want = outputs(out), outputs(clean)
+    assert set(resumed) == set(want) == {f"many_{i:03d}.png" for i in range(100)}  # no temporary files left
+    assert resumed == want
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process API: programs per shape, output name clashes
+
+
+def test_run_compiles_once_per_shape(ckpt, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    np.save(folder / "x.npy", rng.normal(size=(3, 1, 2, 4)).astype(np.float32))
+    np.save(folder / "y.npy", rng.normal(size=(2, 4, 1, 1)).astype(np.float32))  # NCHW 1x1
+    np.save(folder / "z.npy", rng.normal(size=(1, 2, 4)).astype(np.float32))
+    zipfile.ZipFile(folder / "z.npz", "w").close()  # an empty archive
+    options = bd.DecodeOptions(output=tmp_path / "out", timesteps=(1008,), batch_size=2, progress=False)
+    messages = []
+    summary = bd.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
+    assert (summary.decoded, summary.failed, summary.programs) == (6, 1, 2)
+    assert messages == [f"error: {folder / 'z.npz'}: cannot read: no arrays in this .npz file"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "x_000.png", "x_001.png", "x_002.png", "y_000.png", "y_001.png", "z.png"]
+    with Image.open(tmp_path / "out" / "y_000.png") as img:
+        assert img.size == (8, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# --images / --compare with a tiny SD VAE
+
+
+@pytest.fixture(scope="module")
+def vae_ckpts(tmp_path_factory) -> Path:
+    from cmjax import checkpoint
+    from cmjax import vae as vae_lib
+
+    cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    full = vae_lib.VAE(cfg, random_params(vae_lib.abstract_params(cfg), seed=1))
+    root = tmp_path_factory.mktemp("vae")
+    checkpoint.save_vae(full, root / "full")
+    checkpoint.save_vae(vae_lib.VAE(cfg, vae_lib.split_params(full.params)[0]), root / "encoder_only")
+    return root
+
+
+def test_images_compare(ckpt, vae_ckpts, env, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    cat = rng.integers(0, 256, (16, 24, 3), np.uint8)
+    Image.fromarray(cat).save(folder / "cat.png")
+    Image.fromarray(rng.integers(0, 256, (16, 24), np.uint8), "L").save(folder / "gray.png")  # grayscale
+    dog = rng.integers(0, 256, (18, 27, 3), np.uint8)  # center-cropped to 16x24 (multiples of 8)
+    Image.fromarray(dog).save(folder / "sub" / "dog.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    res = decode_cli(ckpt, out, "--images", "--compare", "--vae", vae_ckpts / "full", "--steps", 1, folder, env=env)
+    assert res.returncode == 1, res.stderr  # broken.jpg
+    assert "broken.jpg: cannot read image" in res.stderr
+    assert "decoded 3 images (0 skipped, 1 failed)" in res.stdout and "1 compiled program" in res.stdout, res.stdout
+    assert set(outputs(out)) == {"cat.png", "cat_compare.png", "gray.png", "gray_compare.png", "sub/dog.png",
+                                 "sub/dog_compare.png"}
+    psnr_lines = [line for line in res.stdout.splitlines() if "PSNR SD GAN decoder" in line]
+    assert len(psnr_lines) == 3 and all("consistency decoder" in line and "dB" in line for line in psnr_lines)
+    assert "mean PSNR" in res.stdout
+    with Image.open(out / "sub" / "dog.png") as img:
+        assert img.size == (24, 16)
+    with Image.open(out / "cat_compare.png") as img:
+        panel = np.asarray(img)
+    assert panel.shape == (16, 72, 3)
+    np.testing.assert_array_equal(panel[:, :24], cat)  # input | GAN | consistency
+    np.testing.assert_array_equal(panel[:, 48:], np.asarray(Image.open(out / "cat.png")))
+    with Image.open(out / "sub" / "dog_compare.png") as img:
+        np.testing.assert_array_equal(np.asarray(img)[:, :24], dog[1:17, 1:25])  # center crop
+
+
+def test_compare_needs_the_gan_decoder(ckpt, vae_ckpts, tmp_path, capsys):
+    status, err = run_main(capsys, "--checkpoint", ckpt, "--output", tmp_path / "o", "--images", "--compare",
+                           "--vae", vae_ckpts / "encoder_only", tmp_path)
+    assert status == 2 and "holds only the encoder" in err
