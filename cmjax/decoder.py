@@ -134,13 +134,18 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array, *, config:
     before post-processing is unclamped, so this returns it unclamped too).
     """
     tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
+    sqrt_abar, sqrt_one_minus_abar = jnp.asarray(tables.sqrt_alphas_cumprod), jnp.asarray(tables.sqrt_one_minus_alphas_cumprod)
     z_up = upsample_nearest(normalize_latents(latents, config), config.upsample_factor)
-    x0 = jnp.zeros(noise.shape[1:], jnp.float32)
-    for i, t in enumerate(timesteps):
-        x_t = float(tables.sqrt_alphas_cumprod[t]) * x0 + float(tables.sqrt_one_minus_alphas_cumprod[t]) * noise[i]
+
+    def step(x0, t_and_noise):
+        t, eps = t_and_noise
+        x_t = sqrt_abar[t] * x0 + sqrt_one_minus_abar[t] * eps
         x0 = denoise(params, x_t, z_up, t, config, dtype)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
+        return (jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0), None
+
+    # A scan, not a Python loop: one UNet in the compiled program whatever the number of steps.
+    x0, _ = jax.lax.scan(step, jnp.zeros(noise.shape[1:], jnp.float32),
+                         (jnp.asarray(timesteps, jnp.int32), noise))
     return x0
 
 
