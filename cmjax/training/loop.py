@@ -1,0 +1,252 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+    mesh (all devices, axis "data") -> family (model + parameterisation) -> optimizer
+    -> state created sharded (jit with out_shardings), or restored from WORKDIR's latest checkpoint
+    -> for each step: host batch -> global batch -> jitted step (state donated)
+         every step      : metrics of the previous step fetched; NaN/inf stops the run
+         log_every       : mean metrics, steps/s, examples/s -> stdout, metrics.jsonl, TensorBoard
+         sample_every    : 1- and 2-step sample grids (EMA params); decoder: reconstruction PSNR
+         checkpoint_every: async orbax save (state, iterator, config); SIGTERM: save and return
+
+A run is resumed by running the same command again: the latest complete checkpoint is restored
+(params, EMA, optimizer, step, RNG and the data iterator), so the steps that follow are the ones
+an uninterrupted run would have taken.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmjax import data as data_lib
+from cmjax import parallel
+from cmjax.training import checkpointing, input_pipeline, reporting
+from cmjax.training.families import Family, make_family
+from cmjax.training.optim import make_optimizer
+from cmjax.training.state import TrainState, create_train_state, prng_impl, train_state_layout
+from cmjax.training.step import ALGORITHMS, make_train_step
+
+
+_LAST_VALUE = ("num_scales", "lr", "target_ema")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the run stopped before checkpointing that state."""
+
+
+def validate_config(config, family: Optional[Family] = None) -> None:
+    """Fail early, with a message naming the field, on settings that cannot work."""
+    if config.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={config.algorithm!r}: expected one of {ALGORITHMS}")
+    if config.family not in ("image", "decoder"):
+        raise ValueError(f"family={config.family!r}: expected 'image' or 'decoder'")
+    if config.optim.grad_accum_steps < 1:
+        raise ValueError("optim.grad_accum_steps must be >= 1")
+    if config.batch_size % jax.device_count():
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by {jax.device_count()} devices")
+    if family is not None and family.max_scales is not None:
+        cap = family.max_scales - 1
+        s1 = {"ict": config.ict.s1, "ct": config.ct.s1, "cd": config.cd.num_scales - 1}.get(config.algorithm)
+        if s1 is not None and s1 > cap:
+            raise ValueError(f"the decoder grid (spacing {config.model.spacing}, t_max {config.model.t_max}) "
+                             f"has {cap} intervals; the curriculum asks for {s1} (set ict.s1 / ct.s1 / "
+                             f"cd.num_scales accordingly)")
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption); the loop then saves and returns cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, metrics: dict, manager) -> None:
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"non-finite metrics at step {step}: {bad}. Stopping without saving this state; the last "
+            f"good checkpoint (step {manager.latest_step()}) in {manager.directory} is intact. "
+            "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then rerun to resume.")
+
+
+def make_evaluator(config, family: Family, mesh, frozen, eval_host_batch):
+    """Returns ``evaluate(params, step, workdir) -> metrics``: sample grids (+ decoder PSNR)."""
+    rep = parallel.replicated(mesh)
+    num = int(config.num_eval_images)
+    if family.name == "image":
+        fns = {s: jax.jit(lambda p, k, s=s: family.sample(p, k, num, s), out_shardings=rep)
+               for s in (1, 2)}
+        inputs = None
+    else:
+        batch = jax.device_put({k: jnp.asarray(v) for k, v in eval_host_batch.items()}, rep)
+        latents = jax.jit(family.latents_of, out_shardings=rep)(batch, frozen)
+        inputs = np.asarray(batch["image"])
+        fns = {s: jax.jit(lambda p, k, s=s: family.sample(p, k, latents, s), out_shardings=rep)
+               for s in (1, 2)}
+    upscale = max(1, 64 // family.image_shape[0])
+
+    def evaluate(params, step: int, workdir: str) -> dict:
+        metrics, rows = {}, []
+        for s, fn in fns.items():
+            out = np.asarray(fn(params, jax.random.key(config.seed + 17, impl=prng_impl(config))))
+            if inputs is not None:
+                metrics[f"psnr_{s}step"] = reporting.psnr(out, inputs)
+                rows.append(out)
+            elif jax.process_index() == 0:
+                reporting.save_grid(os.path.join(workdir, "samples", f"{step:08d}_{s}step.png"), out,
+                                    upscale=upscale)
+        if inputs is not None and jax.process_index() == 0:
+            grid = np.concatenate([inputs] + rows, axis=0)  # rows: inputs, 1-step, 2-step
+            reporting.save_grid(os.path.join(workdir, "samples", f"{step:08d}_recon.png"), grid,
+                                ncols=len(inputs), upscale=upscale)
+        return metrics
+
+    return evaluate
+
+
+def _load_init_params(config, family: Family) -> Any:
+    """Fine-tuning starting points: a converted decoder checkpoint, or the CD teacher."""
+    if family.name == "decoder" and config.model.get("init_checkpoint"):
+        from cmjax.checkpoint import load_decoder
+        return load_decoder(config.model.init_checkpoint).params
+    return None
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Train (or resume) the run described by ``config`` in ``workdir``; returns the final state."""
+    parallel.initialize_distributed(config.get("coordinator_address") or None,
+                                    config.get("num_processes") or None, config.get("process_id"))
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh()
+    family = make_family(config)
+    validate_config(config, family)
+    tx, schedule = make_optimizer(config)
+
+    frozen, frozen_sh = {}, {}
+    if config.algorithm == "cd":
+        frozen["teacher"], frozen_sh["teacher"] = checkpointing.load_teacher(config, family, mesh, config.fsdp)
+    if family.name == "decoder":
+        enc, enc_sh = checkpointing.load_encoder(config, family, mesh)
+        if enc is not None:
+            frozen["encoder"], frozen_sh["encoder"] = enc, enc_sh
+
+    source = input_pipeline.make_source(config)
+    iterator = iter(input_pipeline.make_loader(config, source))
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
+    latest = manager.latest_step()
+    if latest is None:
+        init_params = _load_init_params(config, family)
+        if init_params is None and config.algorithm == "cd" and config.cd.init_from_teacher:
+            init_params = frozen["teacher"]
+        state, shardings = create_train_state(family.init_params, tx, config, mesh, init_params)
+    else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
+        abstract, shardings = train_state_layout(family.init_params, tx, config, mesh)
+        state = checkpointing.restore(manager, latest, abstract, shardings, iterator)
+        print(f"resumed from {manager.directory}/{latest}", flush=True)
+
+    data_sh = parallel.data_sharding(mesh)
+    step_fn = jax.jit(make_train_step(family, config, tx, schedule),
+                      in_shardings=(shardings, data_sh, frozen_sh),
+                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    evaluate = None
+    if config.sample_every > 0:
+        eval_batch = input_pipeline.eval_batch(config, source) if family.name == "decoder" else None
+        evaluate = make_evaluator(config, family, mesh, frozen, eval_batch)
+    writer = reporting.MetricWriter(workdir, config.tensorboard)
+
+    step = int(jax.device_get(state.step))
+    total = int(config.total_steps)
+    if evaluate is not None and step == 0 and config.sample_at_start:
+        eval_metrics = evaluate(state.ema_params, 0, workdir)
+        if eval_metrics:
+            writer.write(0, eval_metrics)
+    window, pending, t_start, n_timed = [], None, None, 0
+
+    def collect(item):
+        s, m = item
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        _check_finite(s, m, manager)
+        window.append(m)
+
+    try:
+        with _StopFlag() as stop:
+            while step < total:
+                batch = data_lib.to_global_batch(next(iterator), data_sh)
+                state, metrics = step_fn(state, batch, frozen)
+                step += 1
+                if pending is not None:
+                    collect(pending)
+                pending = (step, metrics)
+                stopping = stop.requested  # read once: the step that is saved is the one we stop at
+                log_now = step % config.log_every == 0 or step == total
+                save_now = step % config.checkpoint_every == 0 or step == total or stopping
+                sample_now = evaluate is not None and (step % config.sample_every == 0 or step == total)
+                if log_now or save_now or sample_now:
+                    collect(pending)
+                    pending = None
+                if t_start is None:  # time from the end of the first (compiling) step
+                    jax.block_until_ready(metrics)
+                    t_start, n_timed = time.perf_counter(), 0
+                else:
+                    n_timed += 1
+                if log_now and window:
+                    # Means over the window; schedules (N, lr, target EMA) at the logged step.
+                    mean = {k: (window[-1][k] if k in _LAST_VALUE else float(np.mean([m[k] for m in window])))
+                            for k in window[-1]}
+                    if n_timed:
+                        jax.block_until_ready(state.step)
+                        dt = time.perf_counter() - t_start
+                        mean["steps_per_sec"] = n_timed / dt
+                        mean["examples_per_sec"] = n_timed * config.batch_size / dt
+                        t_start, n_timed = time.perf_counter(), 0
+                    writer.write(step, mean)
+                    window = []
+                t_pause = time.perf_counter()
+                if sample_now:
+                    eval_metrics = evaluate(state.ema_params, step, workdir)
+                    if eval_metrics:
+                        writer.write(step, eval_metrics)
+                if save_now:
+                    checkpointing.save(manager, step, state, iterator, config)
+                if t_start is not None:  # evaluation and saving do not count as training time
+                    t_start += time.perf_counter() - t_pause
+                if stopping:
+                    print(f"SIGTERM: saved step {step} to {manager.directory}; exiting", flush=True)
+                    break
+    finally:
+        manager.wait_until_finished()
+        writer.close()
+    if family.name == "decoder" and config.export_decoder and step >= total and jax.process_count() == 1:
+        _export_decoder(family, state, os.path.join(workdir, "decoder_ema"))
+    manager.close()
+    return state
+
+
+def _export_decoder(family: Family, state: TrainState, path: str) -> None:
+    """The EMA params as a cmjax decoder checkpoint (what decode.py / cmjax.load_decoder read)."""
+    from cmjax.checkpoint import save_decoder
+    from cmjax.decoder import Decoder
+
+    params = jax.device_get(state.ema_params)
+    save_decoder(Decoder(family.config, params), path, source="cmjax training run", overwrite=True)

@@ -1,0 +1,107 @@
+"""What a run reports: metrics to stdout, a JSONL file and TensorBoard; PNG grids; PSNR.
+
+    WORKDIR/metrics.jsonl          one JSON object per logged step {"step": k, "loss": ..., ...}
+    WORKDIR/tensorboard/           TensorBoard event files (tensorboardX, if installed)
+    WORKDIR/samples/STEP_*.png     sample / reconstruction grids
+
+Only process 0 writes.  TensorBoard needs the optional ``tensorboardX`` package (no TensorFlow);
+without it the run logs to stdout and JSONL only and says so once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Mapping
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+class MetricWriter:
+    """Writes scalar metrics to stdout, ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.primary = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not self.primary:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                print("tensorboardX is not installed: logging to stdout and metrics.jsonl only",
+                      file=sys.stderr)
+
+    def write(self, step: int, metrics: Mapping[str, float], echo: bool = True) -> None:
+        if not self.primary:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+            self._tb.flush()
+        if echo:
+            print(format_metrics(step, metrics), flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_metrics(step: int, metrics: Mapping[str, float]) -> str:
+    order = ["loss", "grad_norm", "lr", "num_scales", "steps_per_sec", "examples_per_sec"]
+    keys = [k for k in order if k in metrics] + sorted(k for k in metrics if k not in order)
+    parts = []
+    for k in keys:
+        v = float(metrics[k])
+        parts.append(f"{k} {int(v)}" if k == "num_scales" else f"{k} {v:.5g}")
+    return f"step {step:7d} | " + " | ".join(parts)
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """(B, H, W, C) float in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) grid."""
+    images = np.asarray(images, np.float32)
+    b, h, w, c = images.shape
+    if c == 1:
+        images = np.repeat(images, 3, axis=-1)
+    ncols = ncols or int(math.ceil(math.sqrt(b)))
+    nrows = int(math.ceil(b / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    for i in range(b):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = u8[i]
+    return grid
+
+
+def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> None:
+    """Write an image grid as PNG (nearest-neighbour upscaled by ``upscale`` for tiny images)."""
+    grid = image_grid(images, ncols)
+    img = Image.fromarray(grid)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+    return float(np.mean(10.0 * np.log10(4.0 / np.maximum(mse, 1e-12))))
+
+
+def nearest_neighbour_distance(samples: np.ndarray, data: np.ndarray) -> float:
+    """Mean over samples of the L2 distance (over all pixels) to the nearest data image."""
+    s = np.asarray(samples, np.float64).reshape(len(samples), -1)
+    d = np.asarray(data, np.float64).reshape(len(data), -1)
+    d2 = (s ** 2).sum(1)[:, None] - 2 * s @ d.T + (d ** 2).sum(1)[None, :]
+    return float(np.mean(np.sqrt(np.maximum(d2.min(axis=1), 0.0))))
