@@ -144,7 +144,8 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array, *, config:
         return (jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0), None
 
     # A scan, not a Python loop: one UNet in the compiled program whatever the number of steps.
-    x0, _ = jax.lax.scan(step, jnp.zeros(noise.shape[1:], jnp.float32),
+    # (zeros_like(noise[0]) rather than zeros: inside shard_map it carries the same varying axes.)
+    x0, _ = jax.lax.scan(step, jnp.zeros_like(noise[0], jnp.float32),
                          (jnp.asarray(timesteps, jnp.int32), noise))
     return x0
 
