@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmjax.convert.mapping import unflatten
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 BN_EPS = 1e-3
@@ -393,13 +395,7 @@ def params_from_state(state: dict[str, np.ndarray], source: str = "weights") -> 
         raise ValueError(f"{source}: not the FID Inception network: missing {sorted(missing)[:10]} "
                          f"({len(missing)}), unexpected {sorted(unexpected)[:10]} ({len(unexpected)}), "
                          f"wrong shape {mismatched[:10]} ({len(mismatched)})")
-    tree: dict = {}
-    for path, value in out.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
+    return unflatten(out)
 
 
 def convert_torchscript(path: str | os.PathLike) -> dict:

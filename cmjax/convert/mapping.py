@@ -105,8 +105,13 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract: Any, *, dtype: Any 
             problems.append(f"  {title} ({len(items)}):\n    {shown}")
     if problems:
         raise ConversionError(f"{source}: weights do not match the model:\n" + "\n".join(problems))
+    return unflatten(out)
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """{(a, b, c): v} -> {a: {b: {c: v}}}: a params tree from path-keyed leaves."""
     tree: dict = {}
-    for path, value in out.items():
+    for path, value in flat.items():
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
