@@ -161,8 +161,3 @@ def load_vae(path: str | os.PathLike, *, sharding: Any = None) -> vae_lib.VAE:
     path = Path(path).absolute()
     config, parts = read_vae_config(path)
     return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding))
-
-
-def params_to_numpy(params: Any) -> Any:
-    """Host copies of a params tree (e.g. before export)."""
-    return jax.tree.map(np.asarray, params)
