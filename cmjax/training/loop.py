@@ -105,9 +105,21 @@ def make_evaluator(config, family: Family, mesh, frozen, eval_host_batch):
         fns = {s: jax.jit(lambda p, k, s=s: family.sample(p, k, latents, s), out_shardings=rep)
                for s in (1, 2)}
     upscale = max(1, 64 // family.image_shape[0])
+    fid_cb = None
+    if family.name == "image" and config.get("fid_every", 0) > 0:
+        from cmjax import fid as fid_lib  # lazy: Inception is only built when FID is asked for
+
+        ref = fid_lib.reference_statistics(config.fid_reference, resolution=family.image_shape[0],
+                                           max_images=config.fid_max_ref_images or None,
+                                           data_dir=config.data.get("data_dir") or None, progress=False)
+        fid_cb = fid_lib.fid_callback(lambda p, k, n: family.sample(p, k, n, 1), ref,
+                                      num_samples=int(config.fid_num_samples),
+                                      batch_size=min(250, int(config.fid_num_samples)), name="fid_1step")
 
     def evaluate(params, step: int, workdir: str) -> dict:
         metrics, rows = {}, []
+        if fid_cb is not None and step % config.fid_every == 0:
+            metrics.update(fid_cb(params, step))
         for s, fn in fns.items():
             out = np.asarray(fn(params, jax.random.key(config.seed + 17, impl=prng_impl(config))))
             if inputs is not None:
