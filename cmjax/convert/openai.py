@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from cmjax.convert.diffusers import infer_config, read_safetensors
-from cmjax.convert.mapping import ConversionError, torch_to_flax
+from cmjax.convert.diffusers import decoder_from_diffusers_state, read_safetensors
+from cmjax.convert.mapping import ConversionError
 from cmjax.convert.torch_pickle import load_torch_file
-from cmjax.decoder import Decoder, abstract_params
+from cmjax.decoder import Decoder
 
 __all__ = ["openai_to_diffusers_name", "openai_state_to_diffusers", "diffusers_to_openai_name", "looks_like_openai",
            "count_levels", "find_timestep_table", "decoder_from_openai_state", "load_openai_decoder",
@@ -271,12 +271,7 @@ def decoder_from_openai_state(state: Mapping[str, np.ndarray], *, source: str, d
     if missing:
         raise ConversionError(f"{source}: cannot infer the architecture from the tensor shapes: "
                               f"{', '.join(missing)} missing")
-    try:
-        config = infer_config(renamed)
-    except ConversionError as e:
-        raise ConversionError(f"{source}: {e}") from None
-    params = torch_to_flax(renamed, abstract_params(config), dtype=dtype, source=source)
-    return Decoder(config, params)
+    return decoder_from_diffusers_state(renamed, source=source, dtype=dtype)
 
 
 def load_openai_decoder(path: str | Path, *, dtype: Any = np.float32,
