@@ -157,7 +157,16 @@ def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[s
 
 
 def load_vae(path: str | os.PathLike, *, sharding: Any = None) -> vae_lib.VAE:
-    """Load an SD VAE from a checkpoint directory written by ``save_vae``; ``sharding`` as in load_decoder."""
+    """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by ``save_vae``
+    (``cmjax.load_vae``); ``sharding`` as in load_decoder. A PyTorch VAE (a diffusers ``AutoencoderKL``
+    folder, an LDM/single-file checkpoint) is converted in memory, as ``python -m cmjax.convert`` would."""
     path = Path(path).absolute()
+    if path.is_file() or (path.is_dir() and not (path / CONFIG_FILE).is_file()
+                          and (path / "config.json").is_file()):  # a PyTorch file or diffusers folder
+        from cmjax.convert.vae import load_pytorch_vae  # cmjax.convert imports this module
+
+        vae = load_pytorch_vae(path)
+        params = vae.params if sharding is None else jax.device_put(vae.params, sharding)
+        return vae_lib.VAE(vae.config, params)
     config, parts = read_vae_config(path)
     return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding))

@@ -1,8 +1,8 @@
 """The decode path: SD latents -> images with the consistency decoder, top to bottom.
 
-    z (B, h, w, 4) raw SD latents
-      -> normalize_latents: (z * 0.18215 - mean_c) / std_c
-      -> upsample_nearest: nearest x8 -> z_up (B, 8h, 8w, 4)
+    z (B, h, w, C) raw VAE latents (C = 4 for OpenAI's SD 1.x decoder; 16 for SD3/FLUX decoders)
+      -> normalize_latents: ((z - shift) * scaling - mean_c) / std_c  (SD 1.x: shift 0, scaling 0.18215)
+      -> upsample_nearest: nearest x8 -> z_up (B, 8h, 8w, C)
       -> for t in timesteps (default 1008, 512):
              x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps          (x0 = 0 at the start)
              x0  = c_out[t] * F(concat[c_in[t] * x_t, z_up], t)[..., :3] + c_skip[t] * x_t
@@ -31,11 +31,19 @@ LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
 LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
 SCALING_FACTOR = 0.18215
 IMAGE_CHANNELS = 3
+LATENT_CHANNELS = (4, 16)  # SD 1.x/2.x/SDXL; SD3/FLUX
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Everything needed to rebuild a decoder besides its params; stored beside checkpoints."""
+    """Everything needed to rebuild a decoder besides its params; stored beside checkpoints.
+
+    The latent space: ``latent_channels`` raw latents are normalised to
+    ``((z - shift_factor) * scaling_factor - latent_mean) / latent_std`` per channel. The defaults
+    are OpenAI's SD 1.x decoder's; a decoder for another VAE stores that VAE's scaling/shift and the
+    per-channel statistics of its scaled latents (``python -m cmjax.eval latent-stats``). cmjax.json
+    files written before ``shift_factor`` existed load with shift 0, i.e. unchanged.
+    """
 
     unet: UNetConfig = UNetConfig()
     latent_channels: int = 4
@@ -44,18 +52,23 @@ class DecoderConfig:
     latent_mean: tuple[float, ...] = LATENT_MEAN
     latent_std: tuple[float, ...] = LATENT_STD
     sigma_data: float = schedule.SIGMA_DATA
+    shift_factor: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
             object.__setattr__(self, "unet", UNetConfig(**self.unet))
         object.__setattr__(self, "latent_mean", tuple(float(v) for v in self.latent_mean))
         object.__setattr__(self, "latent_std", tuple(float(v) for v in self.latent_std))
+        object.__setattr__(self, "scaling_factor", float(self.scaling_factor))
+        object.__setattr__(self, "shift_factor", float(self.shift_factor))
         if self.unet.in_channels != IMAGE_CHANNELS + self.latent_channels:
             raise ValueError(f"UNet in_channels {self.unet.in_channels} != 3 image + {self.latent_channels} latent channels")
         if self.unet.out_channels < IMAGE_CHANNELS:
             raise ValueError(f"UNet out_channels {self.unet.out_channels} < 3")
         if len(self.latent_mean) != self.latent_channels or len(self.latent_std) != self.latent_channels:
             raise ValueError("latent_mean and latent_std need one value per latent channel")
+        if not all(s > 0 for s in self.latent_std) or not self.scaling_factor:
+            raise ValueError("latent_std must be positive and scaling_factor non-zero")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,10 +109,10 @@ def abstract_params(config: DecoderConfig, param_dtype=jnp.float32) -> Any:
 
 
 def normalize_latents(latents: jax.Array, config: DecoderConfig) -> jax.Array:
-    """(z * scaling_factor - mean_c) / std_c over the last (channel) axis; float32."""
+    """((z - shift_factor) * scaling_factor - mean_c) / std_c over the last (channel) axis; float32."""
     mean = jnp.asarray(config.latent_mean, jnp.float32)
     std = jnp.asarray(config.latent_std, jnp.float32)
-    return (latents.astype(jnp.float32) * config.scaling_factor - mean) / std
+    return ((latents.astype(jnp.float32) - config.shift_factor) * config.scaling_factor - mean) / std
 
 
 def denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t: int, config: DecoderConfig,
@@ -161,10 +174,10 @@ def noise_shape(latents_shape: Sequence[int], config: DecoderConfig) -> tuple[in
 def decode(decoder: Decoder, latents, *, key: jax.Array | None = None, noise: Sequence[Any] | None = None,
            timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS, clip_denoised: bool = True,
            dtype=jnp.float32) -> jax.Array:
-    """Decode raw (unscaled) SD latents into images.
+    """Decode raw (unscaled) VAE latents into images.
 
-    latents: (B, h, w, 4) NHWC, what ``AutoencoderKL.decode`` takes (before any 0.18215 scaling),
-    transposed to channels-last. Exactly one of ``key`` (a PRNG key; noise for step i is
+    latents: (B, h, w, config.latent_channels) NHWC (4 for OpenAI's SD 1.x decoder), what
+    ``AutoencoderKL.decode`` takes (before any scaling or shift), transposed to channels-last. Exactly one of ``key`` (a PRNG key; noise for step i is
     ``normal(fold_in(key, i))``) or ``noise`` (one (B, 8h, 8w, 3) array per step) may be given;
     with neither, key 0 is used. ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
     ``dtype`` is the network's compute dtype (e.g. ``jnp.bfloat16``); params keep their own.
@@ -193,9 +206,13 @@ def _check_latents(latents, config: DecoderConfig) -> jax.Array:
     if latents.ndim != 4:
         raise ValueError(f"latents must be (B, h, w, {config.latent_channels}) NHWC, got shape {tuple(latents.shape)}")
     if latents.shape[-1] != config.latent_channels:
-        hint = " (NCHW? transpose to NHWC)" if latents.shape[1] == config.latent_channels else ""
-        raise ValueError(f"latents must have {config.latent_channels} channels in the last axis, "
-                         f"got shape {tuple(latents.shape)}{hint}")
+        c = config.latent_channels
+        if latents.shape[1] == c:
+            hint = " (NCHW? transpose to NHWC)"
+        else:
+            hint = (f": this decoder reads the {c}-channel latents of the VAE it was trained for "
+                    f"(4: SD 1.x/2.x/SDXL, 16: SD3/FLUX); decode these with a decoder for their VAE")
+        raise ValueError(f"latents must have {c} channels in the last axis, got shape {tuple(latents.shape)}{hint}")
     if min(latents.shape) == 0:
         raise ValueError(f"latents must not be empty, got shape {tuple(latents.shape)}")
     if not jnp.issubdtype(latents.dtype, jnp.floating):

@@ -1,15 +1,26 @@
-"""The Stable Diffusion 1.x VAE (diffusers ``AutoencoderKL``, LDM ``first_stage_model``), NHWC.
+"""The Stable Diffusion VAEs (diffusers ``AutoencoderKL``, LDM ``first_stage_model``), NHWC:
+SD 1.x/2.x and SDXL (4 latent channels, quant convs) and SD3/FLUX (16 latent channels, no quant convs).
 
     images (B, H, W, 3) in [-1, 1]
       -> Encoder: conv_in -> [per level: layers_per_block resnets, then a stride-2 conv with
          asymmetric (0, 1) padding except on the last level] -> mid (resnet, self-attention, resnet)
-         -> GroupNorm -> SiLU -> conv_out (2 * latent channels) -> quant_conv (1x1)
-      -> moments (B, H/8, W/8, 8): mean = first 4 channels, logvar = last 4 clamped to [-30, 20]
-    latents (B, h, w, 4) raw (unscaled: multiply by ``scaling_factor`` for the diffusion model)
-      -> GANDecoder: post_quant_conv (1x1) -> conv_in -> mid -> [per level, deepest first:
+         -> GroupNorm -> SiLU -> conv_out (2 * latent channels) -> quant_conv (1x1, if use_quant_conv)
+      -> moments (B, H/8, W/8, 2C): mean = first C channels, logvar = last C clamped to [-30, 20]
+    latents (B, h, w, C) raw (the diffusion model sees ``(z - shift_factor) * scaling_factor``)
+      -> GANDecoder: post_quant_conv (1x1, if use_post_quant_conv) -> conv_in -> mid -> [per level, deepest first:
          layers_per_block + 1 resnets, then nearest x2 + conv except on the last level]
          -> GroupNorm -> SiLU -> conv_out
       -> images (B, 8h, 8w, 3), roughly in [-1, 1] (not clamped)
+
+The latent spaces differ only in C, the quant convs and the two constants (diffusers configs of
+``stabilityai/sdxl-vae``, ``stabilityai/stable-diffusion-3-medium-diffusers`` ``vae/`` and
+``black-forest-labs/FLUX.1-dev`` ``vae/``; ``diffusers/pipelines/stable_diffusion_3/
+pipeline_stable_diffusion_3.py`` and ``pipelines/flux/pipeline_flux.py`` apply them):
+
+    SD 1.x/2.x  C=4   quant convs   scaling 0.18215  shift 0
+    SDXL        C=4   quant convs   scaling 0.13025  shift 0
+    SD3         C=16  none          scaling 1.5305   shift 0.0609
+    FLUX.1      C=16  none          scaling 0.3611   shift 0.1159
 
 All GroupNorms use eps 1e-6 (diffusers hard-codes it for the VAE); the resnets take no timestep.
 
@@ -53,10 +64,14 @@ class VAEConfig:
     norm_num_groups: int = 32
     latent_channels: int = 4
     scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         object.__setattr__(self, "scaling_factor", float(self.scaling_factor))
+        object.__setattr__(self, "shift_factor", float(self.shift_factor))
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
         for c in self.block_out_channels:
@@ -224,7 +239,7 @@ class Encoder(nn.Module):
                 h = Downsample(ch, name=f"encoder.down_blocks.{i}.downsamplers.0", **kw)(h)
         h = _mid_block(h, ENCODER, channels[-1], cfg.norm_num_groups, kw)
         h = ends.last(h)
-        return conv(2 * cfg.latent_channels, 1, "quant_conv", **kw)(h)
+        return conv(2 * cfg.latent_channels, 1, "quant_conv", **kw)(h) if cfg.use_quant_conv else h
 
 
 class GANDecoder(nn.Module):
@@ -241,7 +256,9 @@ class GANDecoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(num_groups=cfg.norm_num_groups, epsilon=NORM_EPS, **kw)
         channels = cfg.block_out_channels
-        z = conv(cfg.latent_channels, 1, "post_quant_conv", **kw)(latents.astype(self.dtype))
+        z = latents.astype(self.dtype)
+        if cfg.use_post_quant_conv:
+            z = conv(cfg.latent_channels, 1, "post_quant_conv", **kw)(z)
         ends = _Ends(channels[-1], cfg.out_channels, cfg.norm_num_groups, name=DECODER, **kw)
         h = ends.first(z)
         h = _mid_block(h, DECODER, channels[-1], cfg.norm_num_groups, kw)
@@ -341,6 +358,12 @@ def decode_latents_gan(params: Any, latents: jax.Array, *, config: VAEConfig, dt
     return GANDecoder(config, dtype=dtype).apply({"params": dec}, latents).astype(jnp.float32)
 
 
+def scale_latents(latents: jax.Array, config: VAEConfig) -> jax.Array:
+    """Raw latents -> what the diffusion model sees: ``(z - shift_factor) * scaling_factor``
+    (diffusers' SD3/FLUX pipelines; shift 0 for SD 1.x/SDXL). float32."""
+    return (jnp.asarray(latents, jnp.float32) - config.shift_factor) * config.scaling_factor
+
+
 _encode_jit = jax.jit(encode_latents, static_argnames=("config", "dtype"))
 _decode_jit = jax.jit(decode_latents_gan, static_argnames=("config", "dtype"))
 
@@ -348,7 +371,7 @@ _decode_jit = jax.jit(decode_latents_gan, static_argnames=("config", "dtype"))
 def encode(vae: VAE, images, *, key: jax.Array | None = None, noise=None, sample: bool | None = None,
            dtype=jnp.float32) -> jax.Array:
     """Encode images into raw (unscaled) latents, what ``AutoencoderKL.decode`` and the consistency
-    decoder take; multiply by ``config.scaling_factor`` for the diffusion model.
+    decoder take; ``scale_latents`` gives what the diffusion model sees. ``cmjax.encode_images``.
 
     images: (B, H, W, in_channels) NHWC in [-1, 1], H and W multiples of ``config.downsample_factor``
     (8 for SD). Returns (B, H/8, W/8, latent_channels) float32: the posterior mean by default, a

@@ -1,5 +1,7 @@
 """SD VAE weights (diffusers ``AutoencoderKL``, LDM ``first_stage_model``, the encoder bundled with a
-``ConsistencyDecoderVAE``) -> ``cmjax.vae.VAE``.
+``ConsistencyDecoderVAE``) -> ``cmjax.vae.VAE``: SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs (the last two
+have 16 latent channels and no quant_conv/post_quant_conv; FLUX's ``ae.safetensors`` uses the LDM
+names without a prefix, SD3's single file the ``first_stage_model.`` prefix).
 
 Every source is first renamed to diffusers ``AutoencoderKL`` names (torch layouts kept), then mapped
 onto the model's own abstract params by ``mapping.torch_to_flax``, which checks the exact key set
@@ -24,6 +26,7 @@ before the usual (out, in) -> (in, out) transpose.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -171,7 +174,8 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     """VAEConfig from an ``AutoencoderKL`` or ``ConsistencyDecoderVAE`` config.json dict.
 
     Raises ConversionError on settings this port does not implement (other block types or
-    activations, no mid-block attention, no quant convs)."""
+    activations, no mid-block attention). SD3/FLUX configs set ``use_quant_conv`` and
+    ``use_post_quant_conv`` false and give a ``shift_factor``."""
     if "encoder_block_out_channels" in cfg:  # ConsistencyDecoderVAE: the SD encoder's settings
         p = "encoder_"
         wanted = {"encoder_act_fn": "silu", "encoder_double_z": True}
@@ -179,8 +183,7 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
         out_channels = 3
     else:
         p = ""
-        wanted = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
-                  "use_post_quant_conv": True}
+        wanted = {"act_fn": "silu", "mid_block_add_attention": True}
         latent = cfg.get("latent_channels", 4)
         out_channels = cfg.get("out_channels", 3)
     for key, value in wanted.items():
@@ -199,14 +202,20 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
             norm_num_groups=cfg.get(f"{p}norm_num_groups", defaults.norm_num_groups),
             latent_channels=latent,
             scaling_factor=cfg.get("scaling_factor", defaults.scaling_factor),
+            shift_factor=cfg.get("shift_factor") or 0.0,  # SDXL's config has "shift_factor": null
+            use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+            use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
         )
     except (TypeError, ValueError) as e:
         raise ConversionError(f"invalid VAE config: {e}") from e
 
 
 def infer_config(state: Mapping[str, np.ndarray], source: str) -> VAEConfig:
-    """VAEConfig from the shapes of a diffusers-named state. GroupNorm groups cannot be seen in
-    shapes: 32 (SD's) is assumed; the scaling factor is SD 1.x's 0.18215."""
+    """VAEConfig from the shapes of a diffusers-named state. The quant convs are present or not
+    (SD3/FLUX have none); the latent channel count comes from them, else from the encoder's
+    conv_out / the decoder's conv_in. GroupNorm groups cannot be seen in shapes: 32 (SD's) is
+    assumed; nor can the scaling and shift: SD 1.x's 0.18215 and 0 (``load_pytorch_vae`` takes
+    others)."""
     def shape(key):
         return tuple(state[key].shape) if key in state else None
 
@@ -224,8 +233,14 @@ def infer_config(state: Mapping[str, np.ndarray], source: str) -> VAEConfig:
             layers = len({k.split(".")[4] for k in state if k.startswith("decoder.up_blocks.0.resnets.")}) - 1
         in_channels = shape("encoder.conv_in.weight")[1] if enc_levels else 3
         out_channels = shape("decoder.conv_out.weight")[0] if dec_levels else 3
-        latent = (shape("quant_conv.weight")[0] // 2 if "quant_conv.weight" in state
-                  else shape("post_quant_conv.weight")[0])
+        if "quant_conv.weight" in state:
+            latent = shape("quant_conv.weight")[0] // 2
+        elif "post_quant_conv.weight" in state:
+            latent = shape("post_quant_conv.weight")[0]
+        else:  # SD3 / FLUX: no quant convs
+            latent = shape("encoder.conv_out.weight")[0] // 2 if enc_levels else shape("decoder.conv_in.weight")[1]
+        quant = {"use_quant_conv": "quant_conv.weight" in state or not enc_levels,
+                 "use_post_quant_conv": "post_quant_conv.weight" in state or not dec_levels}
     except (TypeError, IndexError) as e:
         raise ConversionError(f"{source}: cannot infer the VAE architecture from the tensor shapes "
                               f"(conv_in/resnets/quant_conv missing or malformed: {e})") from None
@@ -234,7 +249,7 @@ def infer_config(state: Mapping[str, np.ndarray], source: str) -> VAEConfig:
                               "multiples of 32, SD's groups); put the model's config.json beside the file or "
                               "pass config=")
     return VAEConfig(in_channels=in_channels, out_channels=out_channels, block_out_channels=channels,
-                     layers_per_block=layers, latent_channels=latent)
+                     layers_per_block=layers, latent_channels=latent, **quant)
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -248,13 +263,17 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: unknown file type (expected .safetensors or one of {', '.join(TORCH_SUFFIXES)})")
 
 
-def load_pytorch_vae(src: str | Path, *, dtype: Any = np.float32, config: VAEConfig | None = None) -> VAE:
+def load_pytorch_vae(src: str | Path, *, dtype: Any = np.float32, config: VAEConfig | None = None,
+                     scaling_factor: float | None = None, shift_factor: float | None = None) -> VAE:
     """Read SD VAE weights of any supported format (see the module docstring) into a VAE with NumPy params.
 
     ``src``: a diffusers folder, or a weights file (.safetensors, .ckpt/.pt/.pth/.bin).
     ``config``: the architecture, if it should not come from a config.json (diffusers sources: in the
     folder or beside the file) or be inferred from the shapes (GroupNorm groups 32 assumed).
     ``dtype``: the params' dtype (fp16/bf16 sources are upcast to float32 by default); None keeps it.
+    ``scaling_factor``/``shift_factor``: override the latent constants; a single-file checkpoint
+    holds none (SDXL's ``sdxl_vae.safetensors``: 0.13025; SD3's: 1.5305, 0.0609; FLUX's
+    ``ae.safetensors``: 0.3611, 0.1159), so without them it gets SD 1.x's 0.18215 and 0.
     A ``ConsistencyDecoderVAE`` source gives an encoder-only VAE. Raises ConversionError naming the
     file on any problem (unknown format, missing/unexpected keys, wrong shapes, NaN/inf values).
     """
@@ -277,6 +296,8 @@ def load_pytorch_vae(src: str | Path, *, dtype: Any = np.float32, config: VAECon
             raise ConversionError(f"{config_path}: {e}") from e
     if config is None:
         config = infer_config(state, str(weights))
+    overrides = {k: v for k, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)) if v is not None}
+    config = dataclasses.replace(config, **overrides)
     parts = (ENCODER,) if fmt == CONSISTENCY else (ENCODER, DECODER)
     note = " (names shown in diffusers AutoencoderKL form)" if fmt == LDM else ""
     params = torch_to_flax(state, abstract_params(config, parts), dtype=dtype, source=f"{weights}{note}")

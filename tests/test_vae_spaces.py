@@ -1,0 +1,196 @@
+"""Other latent spaces (issue 12): SDXL-, SD3- and FLUX-shaped VAEs against diffusers, the public VAE
+API, decoder configs for a 16-channel space, and the latent-stats command.
+
+The three tiny VAEs carry each model's own settings from its diffusers config.json: SDXL is the SD
+architecture with scaling 0.13025; SD3 and FLUX.1 have 16 latent channels, no quant_conv /
+post_quant_conv, and a shift_factor (SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import cmjax
+from cmjax import checkpoint
+from cmjax import decoder as decoder_lib
+from cmjax import vae as vae_lib
+from cmjax.convert.vae import load_pytorch_vae
+from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
+from tests.torch_peers import nchw, nhwc
+
+SPACES = {
+    "sdxl": dict(latent_channels=4, scaling_factor=0.13025),
+    "sd3": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=1.5305, shift_factor=0.0609),
+    "flux": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                 scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SPACES))
+def space(request, tmp_path_factory):
+    """(name, torch AutoencoderKL, its diffusers folder, the cmjax VAE converted from the folder)."""
+    name = request.param
+    torch_vae = tiny_autoencoder(seed=7, **SPACES[name])
+    folder = tmp_path_factory.mktemp(name) / "vae"
+    torch_vae.save_pretrained(str(folder), safe_serialization=True)
+    return name, torch_vae, folder, load_pytorch_vae(folder)
+
+
+def test_converted_config_and_params(space):
+    name, torch_vae, folder, vae = space
+    settings = SPACES[name]
+    cfg = vae.config
+    assert cfg.latent_channels == settings["latent_channels"]
+    assert cfg.scaling_factor == settings["scaling_factor"]
+    assert cfg.shift_factor == settings.get("shift_factor", 0.0)
+    quant = settings.get("use_quant_conv", True)
+    assert cfg.use_quant_conv == cfg.use_post_quant_conv == quant
+    assert ("quant_conv" in vae.params) == ("post_quant_conv" in vae.params) == quant
+    n_torch = sum(p.numel() for p in torch_vae.parameters())
+    assert sum(x.size for x in jax.tree.leaves(vae.params)) == n_torch
+    if name == "sdxl":  # diffusers writes "shift_factor": null for SDXL-style configs
+        assert json.loads((folder / "config.json").read_text())["shift_factor"] is None
+
+
+def test_encode_and_gan_decode_parity(space):
+    """Posterior mean and logvar (latent_dist), and the GAN decoder, against diffusers in fp32."""
+    _, torch_vae, _, vae = space
+    x = images(3)
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        dist = torch_vae.encode(nchw(x)).latent_dist
+        z = (np.random.default_rng(1).normal(size=(2, 3, 4, c)) * 2).astype(np.float32)
+        ref_dec = nhwc(torch_vae.decode(nchw(z)).sample)
+    mean = cmjax.encode_images(vae, x)
+    assert mean.shape == (2, 3, 4, c)
+    assert_close(mean, nhwc(dist.mean))
+    _, logvar = jax.jit(vae_lib.encoder_moments, static_argnames=("config", "dtype"))(vae.params, jnp.asarray(x),
+                                                                                     config=vae.config)
+    assert_close(logvar, nhwc(dist.logvar))
+    # a key samples mean + std * normal(key): with the key's noise given explicitly it is the same
+    eps = jax.random.normal(jax.random.key(4), mean.shape)
+    sample = cmjax.encode_images(vae, x, key=jax.random.key(4))
+    assert_close(sample, nhwc(dist.mean + dist.std * nchw(np.asarray(eps))))
+    assert_close(cmjax.decode_gan(vae, z), ref_dec)
+
+
+def test_scale_latents_is_the_pipelines_formula(space):
+    """SD3/FLUX pipelines: latents = (z - shift_factor) * scaling_factor; SDXL: z * 0.13025."""
+    name, torch_vae, _, vae = space
+    z = np.array([[[[1.0] * vae.config.latent_channels]]], np.float32)
+    got = float(np.asarray(vae_lib.scale_latents(z, vae.config))[0, 0, 0, 0])
+    expected = {"sdxl": 0.13025, "sd3": (1 - 0.0609) * 1.5305, "flux": (1 - 0.1159) * 0.3611}[name]
+    assert got == pytest.approx(expected, rel=1e-6)
+    shift = torch_vae.config.shift_factor or 0.0
+    assert got == pytest.approx((1.0 - shift) * torch_vae.config.scaling_factor, rel=1e-6)
+
+
+def test_single_file_checkpoint(space, tmp_path):
+    """Original single-file names (FLUX's ae.safetensors: bare LDM names; SD3: first_stage_model.*):
+    same params as the diffusers folder; the constants, absent from such files, come as arguments."""
+    name, torch_vae, _, vae = space
+    ldm = to_ldm(state_of(torch_vae), levels=4, attention="new" if name == "flux" else "old")
+    if name == "sd3":
+        ldm = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    path = write_safetensors(tmp_path / "ae.safetensors", ldm)
+    settings = SPACES[name]
+    base = vae_lib.VAEConfig(block_out_channels=(8, 16, 16, 32), norm_num_groups=4, latent_channels=settings["latent_channels"],
+                             use_quant_conv=settings.get("use_quant_conv", True),
+                             use_post_quant_conv=settings.get("use_post_quant_conv", True))
+    got = load_pytorch_vae(path, config=base, scaling_factor=settings["scaling_factor"],
+                           shift_factor=settings.get("shift_factor"))
+    assert got.config == vae.config
+    assert_same_params(got.params, vae.params)
+
+
+def test_architecture_inferred_without_quant_convs(tmp_path):
+    """A lone 16-channel LDM file of a 32-group model: no quant convs, C read from conv_out/conv_in."""
+    torch_vae = tiny_autoencoder(seed=2, block_out_channels=(32, 32, 32, 64), layers_per_block=1, norm_num_groups=32,
+                                 **SPACES["flux"])
+    path = write_safetensors(tmp_path / "ae.safetensors", to_ldm(state_of(torch_vae), levels=4))
+    vae = load_pytorch_vae(path, scaling_factor=0.3611, shift_factor=0.1159)
+    assert vae.config == vae_lib.VAEConfig(block_out_channels=(32, 32, 32, 64), layers_per_block=1,
+                                           **SPACES["flux"])
+    x = images(5, (1, 16, 8, 3))
+    with torch.no_grad():
+        ref = nhwc(torch_vae.encode(nchw(x)).latent_dist.mean)
+    assert_close(cmjax.encode_images(vae, x), ref)
+
+
+def test_load_vae_checkpoint_and_pytorch_folder(space, tmp_path):
+    """cmjax.load_vae reads a cmjax checkpoint (the new fields round-trip) or converts a diffusers folder."""
+    _, _, folder, vae = space
+    checkpoint.save_vae(vae, tmp_path / "ck")
+    for src in (tmp_path / "ck", folder):
+        again = cmjax.load_vae(src)
+        assert again.config == vae.config
+        assert_same_params(jax.tree.map(np.asarray, again.params), vae.params)
+
+
+def test_old_vae_checkpoint_without_new_fields_loads(tmp_path):
+    """A cmjax.json written before shift_factor/use_quant_conv existed reads as an SD 1.x-style VAE."""
+    cfg = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
+    params = vae_lib.init_params(cfg, jax.random.key(0))
+    checkpoint.save_vae(vae_lib.VAE(cfg, params), tmp_path / "v")
+    meta_path = tmp_path / "v" / "cmjax.json"
+    meta = json.loads(meta_path.read_text())
+    for k in ("shift_factor", "use_quant_conv", "use_post_quant_conv"):
+        del meta["config"][k]
+    meta_path.write_text(json.dumps(meta))
+    assert cmjax.load_vae(tmp_path / "v").config == cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder's latent space
+
+
+def sixteen_channel_config(**kw) -> decoder_lib.DecoderConfig:
+    unet = cmjax.UNetConfig(in_channels=19, block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
+    return decoder_lib.DecoderConfig(unet=unet, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                     latent_mean=tuple(np.linspace(-0.5, 0.5, 16)), latent_std=(2.0,) * 16, **kw)
+
+
+def test_normalize_latents_hand_values():
+    """((z - shift) * scaling - mean_c) / std_c, channel by channel; SD 1.x: z * 0.18215 normalised."""
+    cfg = sixteen_channel_config()
+    z = np.full((1, 1, 1, 16), 2.0, np.float32)
+    expected = ((2.0 - 0.1159) * 0.3611 - np.linspace(-0.5, 0.5, 16)) / 2.0
+    np.testing.assert_allclose(np.asarray(decoder_lib.normalize_latents(z, cfg))[0, 0, 0], expected, rtol=1e-6)
+    sd1 = decoder_lib.DecoderConfig()
+    z4 = np.ones((1, 1, 1, 4), np.float32)
+    np.testing.assert_allclose(np.asarray(decoder_lib.normalize_latents(z4, sd1))[0, 0, 0],
+                               (0.18215 - np.array(decoder_lib.LATENT_MEAN)) / np.array(decoder_lib.LATENT_STD),
+                               rtol=1e-6)
+
+
+def test_decoder_config_round_trip_and_old_files(tmp_path):
+    """The latent fields are stored in cmjax.json; a file without shift_factor (older cmjax) loads
+    with shift 0 and decodes exactly as before."""
+    cfg = sixteen_channel_config()
+    dec = decoder_lib.Decoder(cfg, decoder_lib.init_params(cfg, jax.random.key(1)))
+    checkpoint.save_decoder(dec, tmp_path / "d16")
+    assert cmjax.load_decoder(tmp_path / "d16").config == cfg
+    sd1 = decoder_lib.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4))
+    checkpoint.save_decoder(decoder_lib.Decoder(sd1, decoder_lib.init_params(sd1, jax.random.key(2))), tmp_path / "d4")
+    meta_path = tmp_path / "d4" / "cmjax.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["shift_factor"]
+    meta_path.write_text(json.dumps(meta))
+    assert cmjax.load_decoder(tmp_path / "d4").config == sd1
+
+
+def test_decode_names_a_channel_mismatch():
+    cfg = sixteen_channel_config()
+    dec = decoder_lib.Decoder(cfg, decoder_lib.init_params(cfg, jax.random.key(1)))
+    out = cmjax.decode(dec, np.zeros((1, 2, 2, 16), np.float32), timesteps=(1008,))
+    assert out.shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="16-channel latents of the VAE it was trained for"):
+        cmjax.decode(dec, np.zeros((1, 2, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="one value per latent channel"):
+        decoder_lib.DecoderConfig(unet=cfg.unet, latent_channels=16)
