@@ -5,6 +5,7 @@
     python -m cmjax.eval sigma-search --ref tfds:cifar10 --checkpoint WORKDIR --lo 0.2 --hi 3 --iters 5
     python -m cmjax.eval stats --ref DIR --resolution 32 --out ref.npz
     python -m cmjax.eval recon --images DIR --decoder CKPT --vae CKPT [--size 256]
+    python -m cmjax.eval latent-stats --vae CKPT --images DIR_OR_TFDS [--resolution 256] --out stats.json
 
 ``--ref``/``--samples`` take an image folder, ``tfds:NAME[:SPLIT]``, ``digits`` or an ``.npz`` of
 FID statistics (see :mod:`cmjax.fid`); reference statistics are cached. ``--checkpoint`` is the
@@ -33,7 +34,7 @@ import numpy as np
 from cmjax import consistency as C
 
 __all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler", "image_grid",
-           "save_grid", "reconstruction_metrics", "main"]
+           "save_grid", "reconstruction_metrics", "latent_statistics", "main"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +259,66 @@ def _recon(args) -> int:
     return 0
 
 
+def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
+    """Per-channel mean and std (population, ddof 0) of the **scaled** latents
+    ``(z - shift_factor) * scaling_factor`` of the posterior means of ``batches`` (uint8 (b, H, W, C)
+    arrays; 1-channel images are repeated to RGB), over every image and latent position.
+
+    These are the ``latent_mean``/``latent_std`` a consistency decoder for this VAE normalises with
+    (OpenAI's for SD 1.x: ``cmjax.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
+    Returns {"latent_mean", "latent_std" (lists), "num_images", "num_positions"}.
+    """
+    from cmjax import vae as vae_lib
+
+    c = vae.config.latent_channels
+    total, total_sq = np.zeros(c, np.float64), np.zeros(c, np.float64)
+    images = positions = 0
+    for u8 in batches:
+        if u8.shape[-1] == 1 and vae.config.in_channels == 3:
+            u8 = np.repeat(u8, 3, axis=-1)
+        x = jnp.asarray(u8, jnp.float32) / 127.5 - 1.0
+        z = np.asarray(vae_lib.scale_latents(vae_lib.encode(vae, x, dtype=dtype), vae.config), np.float64)
+        z = z.reshape(-1, c)
+        total += z.sum(0)
+        total_sq += (z * z).sum(0)
+        images, positions = images + len(u8), positions + len(z)
+    if not positions:
+        raise ValueError("no images to measure")
+    mean = total / positions
+    std = np.sqrt(np.maximum(total_sq / positions - mean * mean, 0.0))
+    return {"latent_mean": mean.tolist(), "latent_std": std.tolist(), "num_images": images,
+            "num_positions": positions}
+
+
+def _latent_stats(args) -> int:
+    from cmjax import checkpoint, fid
+
+    vae = checkpoint.load_vae(args.vae)
+    if "encoder" not in vae.parts:
+        raise ValueError(f"{args.vae}: this VAE has no encoder; latent-stats needs one")
+    f = vae.config.downsample_factor
+    if args.resolution and args.resolution % f:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {f}")
+    source = fid.open_source(args.images, data_dir=args.data_dir)
+    batches = fid.source_batches(source, resolution=args.resolution, max_images=args.max_images,
+                                 batch_size=args.batch_size)
+    stats = latent_statistics(vae, batches)
+    out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
+           "latent_channels": vae.config.latent_channels, "scaling_factor": vae.config.scaling_factor,
+           "shift_factor": vae.config.shift_factor, **stats}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=2)
+    os.replace(tmp, args.out)
+    print(f"{stats['num_images']} images, {stats['num_positions']} latent positions; scaled latents "
+          f"(z - {vae.config.shift_factor}) * {vae.config.scaling_factor}:")
+    print("mean " + " ".join(f"{v:.4f}" for v in stats["latent_mean"]))
+    print("std  " + " ".join(f"{v:.4f}" for v in stats["latent_std"]))
+    print(f"-> {args.out}")
+    return 0
+
+
 def _u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
@@ -425,12 +486,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("latent-stats", help="per-channel mean/std of a VAE's scaled latents (for a decoder's config)")
+    p.add_argument("--vae", required=True, help="cmjax VAE checkpoint, diffusers AutoencoderKL folder or VAE file")
+    p.add_argument("--images", required=True, help="image folder, tfds:NAME[:SPLIT] or 'digits'")
+    p.add_argument("--data-dir", help="TFDS data_dir")
+    p.add_argument("--resolution", type=int, help="resize + center-crop to this square size (multiple of 8); "
+                   "without it every image must have the first one's size")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="latent_stats.json", help="output JSON (latent_mean, latent_std, ...)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    commands = {"fid": _fid, "sigma-search": _sigma_search, "stats": _stats, "recon": _recon}
+    commands = {"fid": _fid, "sigma-search": _sigma_search, "stats": _stats, "recon": _recon,
+                "latent-stats": _latent_stats}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:

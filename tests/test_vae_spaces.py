@@ -194,3 +194,50 @@ def test_decode_names_a_channel_mismatch():
         cmjax.decode(dec, np.zeros((1, 2, 2, 4), np.float32))
     with pytest.raises(ValueError, match="one value per latent channel"):
         decoder_lib.DecoderConfig(unet=cfg.unet, latent_channels=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m cmjax.eval latent-stats
+
+
+def test_latent_stats_command_matches_numpy(tmp_path, capsys):
+    """On 6 PNGs (two sizes, cropped to 16x16), a random 16-channel FLUX-style VAE: the written
+    per-channel mean/std equal numpy's over the scaled posterior means of the same crops."""
+    from PIL import Image
+
+    from cmjax import data, eval as eval_lib
+
+    cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, **SPACES["flux"])
+    vae = vae_lib.VAE(cfg, vae_lib.init_params(cfg, jax.random.key(3)))
+    checkpoint.save_vae(vae, tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        size = (16, 16) if i % 2 else (24, 20)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "stats.json"
+    rc = eval_lib.main(["latent-stats", "--vae", str(tmp_path / "vae"), "--images", str(folder),
+                        "--resolution", "16", "--batch-size", "4", "--out", str(out)])
+    assert rc == 0
+    stats = json.loads(out.read_text())
+    source = data.ImageFolderSource(folder)
+    crop = data.CenterCrop(16)
+    u8 = np.stack([crop.map({"image": source[i]["image"]})["image"] for i in range(len(source))])
+    z = np.asarray(cmjax.encode_images(vae, u8.astype(np.float32) / 127.5 - 1.0), np.float64)
+    scaled = (z - 0.1159) * 0.3611
+    np.testing.assert_allclose(stats["latent_mean"], scaled.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["latent_std"], scaled.std(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    assert stats["num_images"] == 6 and stats["num_positions"] == 6 * 2 * 2
+    assert (stats["latent_channels"], stats["scaling_factor"], stats["shift_factor"]) == (16, 0.3611, 0.1159)
+    assert "-> " + str(out) in capsys.readouterr().out
+    # the file feeds a decoder config directly
+    dcfg = decoder_lib.DecoderConfig(unet=sixteen_channel_config().unet, latent_channels=16,
+                                     latent_mean=stats["latent_mean"], latent_std=stats["latent_std"])
+    assert len(dcfg.latent_mean) == 16
+    # bad input: one line naming the problem, exit status 2, no output file
+    rc = eval_lib.main(["latent-stats", "--vae", str(tmp_path / "vae"), "--images", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "none" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.json").exists()
