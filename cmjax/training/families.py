@@ -69,7 +69,7 @@ class Family:
       sample: (params, key, cond_or_batch_size, num_steps) -> images float32 in [-1, 1].
       config: the family's own model config (ImageUNetConfig or DecoderConfig).
       grid: decoder only, its DecoderGrid.
-      latents_of: decoder only, (batch, frozen) -> raw latents (B, h, w, 4).
+      latents_of: decoder only, (batch, frozen) -> raw latents (B, h, w, latent_channels).
     """
 
     name: str
@@ -154,14 +154,96 @@ def image_family(config) -> Family:
 
 
 def decoder_model_config(config) -> DecoderConfig:
-    """The DecoderConfig: from the fine-tune checkpoint if one is named, else from config.model."""
+    """The DecoderConfig: from the fine-tune checkpoint if one is named (moved to the latent space of
+    ``data.vae_checkpoint`` when ``model.retarget_latents``), else from config.model."""
     if config.model.get("init_checkpoint"):
         from cmjax.checkpoint import read_config
-        return read_config(config.model.init_checkpoint)
-    u = config.model.unet
-    return DecoderConfig(unet=UNetConfig(block_out_channels=tuple(u.block_out_channels),
-                                         layers_per_block=u.layers_per_block,
-                                         norm_num_groups=u.norm_num_groups))
+        base = read_config(config.model.init_checkpoint)
+    else:
+        u = config.model.unet
+        base = DecoderConfig(unet=UNetConfig(block_out_channels=tuple(u.block_out_channels),
+                                             layers_per_block=u.layers_per_block,
+                                             norm_num_groups=u.norm_num_groups))
+    return newspace_decoder_config(config, base) if config.model.get("retarget_latents") else base
+
+
+# --------------------------------------------------------------------------------------------
+# A decoder for another VAE's latent space (SDXL, SD3, FLUX), initialised from the SD 1.x decoder.
+
+
+def retarget_decoder_config(base: DecoderConfig, vae_config, latent_mean=None, latent_std=None) -> DecoderConfig:
+    """``base`` (e.g. OpenAI's SD 1.x decoder) moved to the latent space of the VAE ``vae_config``:
+    its latent channel count, scaling and shift, and the per-channel statistics of its scaled latents
+    (``python -m cmjax.eval latent-stats``; without them mean 0 and std 1, i.e. the VAE's own scaling,
+    which its authors chose to give roughly unit variance). The UNet is unchanged except conv_in's
+    input width, 3 + latent channels."""
+    c = vae_config.latent_channels
+    mean = tuple(latent_mean) if latent_mean is not None else (0.0,) * c
+    std = tuple(latent_std) if latent_std is not None else (1.0,) * c
+    unet = dataclasses.replace(base.unet, in_channels=base.unet.in_channels - base.latent_channels + c)
+    return dataclasses.replace(base, unet=unet, latent_channels=c, scaling_factor=vae_config.scaling_factor,
+                               shift_factor=vae_config.shift_factor, latent_mean=mean, latent_std=std)
+
+
+def retarget_decoder_params(params: Any, base: DecoderConfig, new: DecoderConfig) -> Any:
+    """``base``'s params for ``new`` (from ``retarget_decoder_config``): every weight copied except the
+    latent part of ``conv_in``'s kernel (HWIO; input channels = [3 image, C latent]), which is zero.
+
+    Why zeros, not a least-squares map from the new latents to SD 1.x latents: the start is then
+    exactly the SD 1.x decoder fed its mean latent (normalised latents 0), a finite, well-behaved
+    denoiser that fine-tuning only has to teach to read the new channels; the loss gradient of the
+    zero weights is the correlation of the new latents with the output error, so they move from the
+    first step. A linear 16 -> 4 map would need SD 1.x latents of the same images (a second VAE at
+    initialisation), cannot carry the 12 extra channels' detail, and SD3/FLUX latents are not a
+    linear function of SD 1.x ones; it would only shorten the first phase of fine-tuning.
+    """
+    if base.unet.in_channels - base.latent_channels != new.unet.in_channels - new.latent_channels:
+        raise ValueError("the two decoders must have the same number of image input channels")
+    kernel = np.asarray(params["conv_in"]["kernel"])
+    image = kernel.shape[2] - base.latent_channels
+    latent = np.zeros(kernel.shape[:2] + (new.latent_channels, kernel.shape[3]), kernel.dtype)
+    out = dict(params)
+    out["conv_in"] = {**params["conv_in"], "kernel": np.concatenate([kernel[:, :, :image], latent], axis=2)}
+    return out
+
+
+def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
+    """``retarget_decoder_config`` for ``data.vae_checkpoint`` and the statistics in ``model.latent_stats``
+    (a JSON written by ``python -m cmjax.eval latent-stats`` with that VAE; empty: mean 0, std 1)."""
+    import json
+
+    from cmjax.checkpoint import read_vae_config
+
+    vae_config, _ = read_vae_config(config.data.vae_checkpoint)
+    mean = std = None
+    path = config.model.get("latent_stats")
+    if path:
+        try:
+            with open(path) as f:
+                stats = json.load(f)
+            mean, std = stats["latent_mean"], stats["latent_std"]
+            measured = (stats["latent_channels"], stats["scaling_factor"], stats["shift_factor"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a latent-stats JSON ({type(e).__name__}: {e})") from None
+        wanted = (vae_config.latent_channels, vae_config.scaling_factor, vae_config.shift_factor)
+        if tuple(measured) != wanted:
+            raise ValueError(f"{path}: measured with (channels, scaling, shift) = {tuple(measured)}, but "
+                             f"{config.data.vae_checkpoint} has {wanted}; rerun latent-stats with this VAE")
+    return retarget_decoder_config(base, vae_config, mean, std)
+
+
+def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
+    """The fine-tuning start of the decoder family: ``model.init_checkpoint``'s params, moved to
+    ``dcfg``'s latent space by ``retarget_decoder_params`` if the checkpoint reads another one;
+    None without an init checkpoint."""
+    if not config.model.get("init_checkpoint"):
+        return None
+    from cmjax.checkpoint import load_decoder
+
+    init = load_decoder(config.model.init_checkpoint)
+    if init.config.unet == dcfg.unet:
+        return init.params
+    return retarget_decoder_params(jax.device_get(init.params), init.config, dcfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +325,10 @@ def decoder_family(config) -> Family:
         if "encoder" not in parts or vae_cfg.downsample_factor != dcfg.upsample_factor:
             raise ValueError(f"{config.data.vae_checkpoint}: needs an encoder with downsample factor "
                              f"{dcfg.upsample_factor} (has parts {parts}, factor {vae_cfg.downsample_factor})")
+        if vae_cfg.latent_channels != dcfg.latent_channels:
+            raise ValueError(f"{config.data.vae_checkpoint}: {vae_cfg.latent_channels}-channel latents, but the "
+                             f"decoder reads {dcfg.latent_channels}; to train a decoder for this VAE from this "
+                             "one use configs/decoder_newspace.py (model.retarget_latents=True)")
 
     def init_params(key):
         net = ConsistencyUNet(dcfg.unet)

@@ -139,9 +139,9 @@ def make_evaluator(config, family: Family, mesh, frozen, eval_host_batch):
 
 def _load_init_params(config, family: Family) -> Any:
     """Fine-tuning starting points: a converted decoder checkpoint, or the CD teacher."""
-    if family.name == "decoder" and config.model.get("init_checkpoint"):
-        from cmjax.checkpoint import load_decoder
-        return load_decoder(config.model.init_checkpoint).params
+    if family.name == "decoder":
+        from cmjax.training.families import decoder_init_params
+        return decoder_init_params(config, family.config)
     return None
 
 
