@@ -234,14 +234,14 @@ def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
 
 def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
     """The fine-tuning start of the decoder family: ``model.init_checkpoint``'s params, moved to
-    ``dcfg``'s latent space by ``retarget_decoder_params`` if the checkpoint reads another one;
-    None without an init checkpoint."""
+    ``dcfg``'s latent space by ``retarget_decoder_params`` when ``model.retarget_latents`` (also for
+    a 4-channel space such as SDXL's: its channels are not SD 1.x's); None without an init checkpoint."""
     if not config.model.get("init_checkpoint"):
         return None
     from cmjax.checkpoint import load_decoder
 
     init = load_decoder(config.model.init_checkpoint)
-    if init.config.unet == dcfg.unet:
+    if not config.model.get("retarget_latents"):
         return init.params
     return retarget_decoder_params(jax.device_get(init.params), init.config, dcfg)
 
