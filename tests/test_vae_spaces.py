@@ -124,9 +124,12 @@ def test_architecture_inferred_without_quant_convs(tmp_path):
 
 
 def test_load_vae_checkpoint_and_pytorch_folder(space, tmp_path):
-    """cmjax.load_vae reads a cmjax checkpoint (the new fields round-trip) or converts a diffusers folder."""
+    """`python -m cmjax.convert FOLDER DST` writes a cmjax checkpoint (the new fields round-trip);
+    cmjax.load_vae reads it, or converts the diffusers folder itself."""
+    from cmjax.convert.__main__ import main as convert_main
+
     _, _, folder, vae = space
-    checkpoint.save_vae(vae, tmp_path / "ck")
+    assert convert_main([str(folder), str(tmp_path / "ck"), "-q"]) == 0
     for src in (tmp_path / "ck", folder):
         again = cmjax.load_vae(src)
         assert again.config == vae.config
@@ -241,3 +244,120 @@ def test_latent_stats_command_matches_numpy(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "none" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A decoder for a 16-channel space, from an SD 1.x-shaped decoder (configs/decoder_newspace.py)
+
+
+def test_retarget_params_copies_all_but_the_latent_inputs():
+    from cmjax.training import families
+
+    base = decoder_lib.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1,
+                                                           norm_num_groups=4))
+    params = jax.device_get(decoder_lib.init_params(base, jax.random.key(0)))
+    vcfg = vae_lib.VAEConfig(**SPACES["sd3"])
+    new = families.retarget_decoder_config(base, vcfg)
+    assert (new.latent_channels, new.unet.in_channels, new.scaling_factor, new.shift_factor) == (16, 19, 1.5305, 0.0609)
+    assert new.latent_mean == (0.0,) * 16 and new.latent_std == (1.0,) * 16 and new.unet.block_out_channels == (8,)
+    moved = families.retarget_decoder_params(params, base, new)
+    k_old, k_new = params["conv_in"]["kernel"], moved["conv_in"]["kernel"]
+    assert k_new.shape == (3, 3, 19, 8)
+    np.testing.assert_array_equal(k_new[:, :, :3], k_old[:, :, :3])
+    assert not k_new[:, :, 3:].any()
+    rest = lambda p: {k: v for k, v in p.items() if k != "conv_in"}  # noqa: E731
+    assert_same_params(rest(moved), rest(params))
+    np.testing.assert_array_equal(moved["conv_in"]["bias"], params["conv_in"]["bias"])
+    # the shapes are exactly the new config's
+    abstract = decoder_lib.abstract_params(new)
+    assert jax.tree.map(np.shape, moved) == jax.tree.map(lambda a: a.shape, abstract)
+    # with zero latent weights the decoder ignores the latents: SD 1.x's decoder at its mean latent
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 3)), jnp.float32)
+    z16 = jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, 8, 16)), jnp.float32)
+    out16 = decoder_lib.denoise(moved, x, z16, 512, new)
+    out4 = decoder_lib.denoise(params, x, jnp.zeros((1, 8, 8, 4)), 512, base)
+    np.testing.assert_allclose(np.asarray(out16), np.asarray(out4), atol=1e-5)
+
+
+def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
+    """model.retarget_latents: the VAE's channels/scaling/shift and the latent-stats JSON; a JSON
+    measured with another VAE, or not a latent-stats file, is refused naming the file."""
+    from cmjax.training import families
+    from configs import decoder_newspace
+
+    vcfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, **SPACES["sd3"])
+    checkpoint.save_vae(vae_lib.VAE(vcfg, vae_lib.init_params(vcfg, jax.random.key(0), parts=("encoder",))),
+                        tmp_path / "vae")
+    c = decoder_newspace.get_config()
+    c.data.vae_checkpoint = str(tmp_path / "vae")
+    base = decoder_lib.DecoderConfig()
+    stats = {"latent_mean": list(np.linspace(-1, 1, 16)), "latent_std": [0.5] * 16, "latent_channels": 16,
+             "scaling_factor": 1.5305, "shift_factor": 0.0609}
+    (tmp_path / "s.json").write_text(json.dumps(stats))
+    c.model.latent_stats = str(tmp_path / "s.json")
+    got = families.newspace_decoder_config(c, base)
+    assert got.latent_std == (0.5,) * 16 and got.latent_mean[0] == -1.0 and got.unet.in_channels == 19
+    assert got.unet.block_out_channels == base.unet.block_out_channels
+    (tmp_path / "s.json").write_text(json.dumps({**stats, "scaling_factor": 0.3611}))
+    with pytest.raises(ValueError, match=r"s\.json: measured with .* rerun latent-stats"):
+        families.newspace_decoder_config(c, base)
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"s\.json: not a latent-stats JSON"):
+        families.newspace_decoder_config(c, base)
+
+
+def test_newspace_decoder_psnr_rises(tmp_path):
+    """The recipe end to end on 16x16 digits: a tiny random 16-channel FLUX-style VAE (cmjax
+    checkpoint), its latent statistics (latent-stats), a tiny SD 1.x-shaped decoder checkpoint (4
+    latent channels), then train.py's loop with model.retarget_latents (configs/decoder_newspace.py)
+    for 400 iCT steps, latents encoded on the fly. The exported decoder reads 16-channel latents
+    with the VAE's constants and the measured statistics; its 1- and 2-step reconstruction PSNR of
+    a fixed batch rises by more than 2 dB over the initial (retargeted) model (measured: 7.48 ->
+    9.87 dB 1-step, 7.20 -> 9.81 dB 2-step), and it uses the latents: 64 digits decoded from their
+    own latents score 0.5 dB more than from another digit's (measured 10.52 vs 9.71 dB)."""
+    import os
+
+    from cmjax import data, eval as eval_lib
+    from cmjax.training import families, reporting, train_and_evaluate
+    from configs import decoder_newspace, decoder_tiny
+
+    # 16 wide: the latents of a random encoder this wide predict the digits linearly about as well as
+    # decoder_tiny's patch encoder (held-out least-squares PSNR 18.4 dB vs 17.6 dB; 8 wide: 14.6 dB,
+    # mean image alone 12.4 dB), so there is something to learn
+    vcfg = vae_lib.VAEConfig(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                             **SPACES["flux"])
+    vae = vae_lib.VAE(vcfg, vae_lib.init_params(vcfg, jax.random.key(12), parts=("encoder",)))
+    checkpoint.save_vae(vae, tmp_path / "vae")
+    digits = np.repeat(data.digits_images(16), 3, axis=-1)
+    stats = eval_lib.latent_statistics(vae, [digits[i:i + 256] for i in range(0, len(digits), 256)])
+    (tmp_path / "stats.json").write_text(json.dumps({**stats, "latent_channels": 16, "scaling_factor": 0.3611,
+                                                     "shift_factor": 0.1159}))
+
+    c = decoder_tiny.get_config()
+    sd1 = families.make_family(c)
+    assert sd1.config.latent_channels == 4
+    checkpoint.save_decoder(decoder_lib.Decoder(sd1.config, sd1.init_params(jax.random.key(3))), tmp_path / "sd1")
+    newspace = decoder_newspace.get_config()
+    c.model.retarget_latents, c.model.latent_stats = newspace.model.retarget_latents, str(tmp_path / "stats.json")
+    c.model.init_checkpoint = str(tmp_path / "sd1")
+    c.data.latents, c.data.vae_checkpoint = "vae", str(tmp_path / "vae")
+    c.ict.s0, c.ict.s1 = 10, 10
+    c.total_steps, c.log_every, c.sample_every, c.sample_at_start = 400, 100, 400, True
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(c, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "psnr_1step" in r]
+    assert [r["step"] for r in evals] == [0, 400]
+    print("newspace PSNR", evals)
+    for s in ("psnr_1step", "psnr_2step"):
+        assert evals[1][s] > evals[0][s] + 2.0, evals
+    dec = cmjax.load_decoder(os.path.join(workdir, "decoder_ema"))
+    assert (dec.config.latent_channels, dec.config.scaling_factor, dec.config.shift_factor) == (16, 0.3611, 0.1159)
+    np.testing.assert_allclose(dec.config.latent_mean, stats["latent_mean"], rtol=1e-6)
+    # it reads the new latents: each image's own latents reconstruct it better than another image's
+    x = digits[-64:].astype(np.float32) / 127.5 - 1.0
+    z = cmjax.encode_images(vae, x)
+    own = reporting.psnr(cmjax.decode(dec, z, key=jax.random.key(0)), x)
+    other = reporting.psnr(cmjax.decode(dec, jnp.roll(z, 1, axis=0), key=jax.random.key(0)), x)
+    print("own latents", own, "another image's latents", other)
+    assert own > other + 0.5, (own, other)
