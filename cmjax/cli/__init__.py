@@ -1,0 +1,1 @@
+"""Command-line entry points (the ``cmjax-*`` console scripts of pyproject.toml)."""
