@@ -73,11 +73,12 @@ def read_run_config(workdir: str, step: Optional[int] = None):
     import ml_collections
     import orbax.checkpoint as ocp
 
+    from cmjax.training.checkpointing import read_only_manager
+
     directory = _checkpoints_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: not a train.py workdir (no checkpoints/ folder)")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"config": ocp.JsonCheckpointHandler()}) as mngr:
+    with read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()}) as mngr:
         step = mngr.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
