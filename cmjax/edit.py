@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import editing
+from cmjax.cli import HelpFormatter
 from cmjax.eval import ImageCM, load_image_cm, save_grid
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
@@ -143,18 +144,18 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
     return [np.stack([col[i] for col in cols]) for i in range(len(y))], caption
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cmjax.edit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[4:13]))
-    p.add_argument("task", choices=TASKS)
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m cmjax.edit``."""
+    p = argparse.ArgumentParser(prog="python -m cmjax.edit", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("task", choices=TASKS, help="the edit (see above)")
     p.add_argument("--checkpoint", required=True, help="train.py workdir of an image CM")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
     p.add_argument("--images", help="inputs: image folder, tfds:NAME[:SPLIT] or 'digits' (not for interpolate)")
     p.add_argument("--data-dir", help="TFDS data_dir")
     p.add_argument("--num", type=int, default=8, help="number of examples (rows of the grid)")
-    p.add_argument("--steps", type=int, default=10, help="noise levels of the iterative tasks")
+    p.add_argument("--steps", type=int, default=10, help="noise levels of the iterative tasks (default 10; "
+                   "eval fid samples with 1 and decode.py with 2)")
     p.add_argument("--sigmas", help="explicit decreasing noise levels, e.g. 80,10,2,0.5")
     p.add_argument("--mask", choices=MASKS, default="center", help="inpaint: which region to generate")
     p.add_argument("--mask-file", help="inpaint: mask image, white = generate (overrides --mask)")
@@ -162,10 +163,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.5, help="denoise: noise level added to the inputs")
     p.add_argument("--sigma-start", type=float, default=5.0, help="stroke: noise level the strokes start from")
     p.add_argument("--alphas", type=int, default=8, help="interpolate: points from alpha=0 to 1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--upscale", type=int, help="nearest-neighbour upscaling of the grid (default: to >= 64 px)")
     p.add_argument("--out", default="edits", help="output folder; the grid is OUT/TASK.png")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from cmjax.cli import HelpFormatter
 import numpy as np
 
 from cmjax import consistency as C
@@ -377,16 +379,18 @@ def _add_model(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--checkpoint", required=required, help="train.py workdir of an image CM")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
-    p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--sample-batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
+    p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cmjax.eval", description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m cmjax.eval`` (one subcommand per task)."""
+    parser = argparse.ArgumentParser(prog="python -m cmjax.eval", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fid", help="FID of a sample folder or of a checkpoint's samples against a reference")
+    p = sub.add_parser("fid", formatter_class=HelpFormatter,
+                       help="FID of a sample folder or of a checkpoint's samples against a reference")
     _add_fid_common(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--samples", help="samples: image folder, tfds:NAME[:SPLIT], 'digits' or statistics .npz")
@@ -394,39 +398,47 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, help="use only the first N images of --samples")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
-    p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--sample-batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1, help="1: sigma_max; 2: sigma_max, --mid-sigma; more: Karras grid")
+    p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
+    p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, unlike decode.py's 2 and "
+                   "edit's 10): 1: sigma_max; 2: sigma_max, --mid-sigma; more: the Karras grid")
     p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
     p.add_argument("--sigmas", help="explicit decreasing sigmas, e.g. 80,1.2,0.3 (overrides --steps)")
     p.add_argument("--save-samples", help="also write the samples as PNGs to this folder")
 
-    p = sub.add_parser("sigma-search", help="ternary search of the 2-step intermediate sigma by FID")
+    p = sub.add_parser("sigma-search", formatter_class=HelpFormatter,
+                       help="ternary search of the 2-step intermediate sigma by FID")
     _add_fid_common(p)
     _add_model(p, required=True)
-    p.add_argument("--lo", type=float, default=0.1)
-    p.add_argument("--hi", type=float, default=5.0)
+    p.add_argument("--lo", type=float, default=0.1, help="lower end of the sigma interval searched")
+    p.add_argument("--hi", type=float, default=5.0, help="upper end of the sigma interval searched")
     p.add_argument("--iters", type=int, default=5, help="ternary iterations (2 FIDs each, memoised)")
     p.add_argument("--log-space", action="store_true", help="split the interval in log(sigma)")
 
-    p = sub.add_parser("stats", help="compute (and cache) reference statistics, and write them to --out")
+    p = sub.add_parser("stats", formatter_class=HelpFormatter,
+                       help="compute (and cache) reference statistics, and write them to --out")
     _add_fid_common(p)
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images)")
 
-    p = sub.add_parser("recon", help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
+    p = sub.add_parser("recon", formatter_class=HelpFormatter,
+                       help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--decoder", required=True, help="cmjax consistency-decoder checkpoint folder")
     p.add_argument("--vae", required=True, help="cmjax SD VAE checkpoint folder (encoder; GAN decoder if present)")
     p.add_argument("--size", type=int, default=256, help="resize + center-crop to this square size (multiple of 8)")
     p.add_argument("--timesteps", help="consistency decoder timesteps (default 1008,512)")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="images encoded and decoded per call")
     p.add_argument("--grid-images", type=int, default=8, help="rows in the grid image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="consistency decoder noise seed")
     p.add_argument("--out", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
-    p.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import ml_collections
 
+from cmjax.cli import HelpFormatter
+
 _PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -153,7 +155,7 @@ def help_epilog(config_path: str | None) -> str:
 
 def _parser(epilog: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE",
                    help="Python config file with get_config() (e.g. configs/digits_tiny.py); no default")
     p.add_argument("--workdir", required=True, metavar="DIR",

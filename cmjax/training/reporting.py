@@ -5,7 +5,9 @@
     WORKDIR/samples/STEP_*.png     sample / reconstruction grids
 
 On an interactive terminal a progress bar (steps, steps/s, ETA, loss) runs under the log lines;
-its rate starts after the first step, which compiles the train step. Only process 0 writes.  TensorBoard needs the optional ``tensorboardX`` package (no TensorFlow);
+its rate starts after the first step, which compiles the train step.
+
+Only process 0 writes.  TensorBoard needs the optional ``tensorboardX`` package (no TensorFlow);
 without it the run logs to stdout and JSONL only and says so once.
 """
 from __future__ import annotations
