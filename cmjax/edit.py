@@ -30,7 +30,8 @@ import numpy as np
 
 from cmjax import editing
 from cmjax.cli import HelpFormatter
-from cmjax.eval import ImageCM, load_image_cm, save_grid
+from cmjax.data import save_image_grid
+from cmjax.eval import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 MASKS = ("center", "left", "right", "top", "bottom", "random")
@@ -110,7 +111,7 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
         alphas = np.linspace(0.0, 1.0, args.alphas)
         out = run(lambda f, a, b: editing.interpolate(f, a, b, alphas, model.sigma_max),
                   jax.random.normal(k0, shape), jax.random.normal(k1, shape))
-        return list(np.asarray(out)), f"slerp between two noises, alpha = {', '.join(f'{a:.2f}' for a in alphas)}"
+        return list(np.asarray(out)), " | ".join(f"alpha {a:.2f}" for a in alphas)  # slerp between two noises
     y = jnp.asarray(images)
     if task == "inpaint":
         mask = read_mask(args.mask_file, h) if args.mask_file else make_mask(args.mask, h, len(y), args.seed)
@@ -182,7 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = load_images(args.images, model, args.num, args.data_dir) if args.task != "interpolate" else None
         rows, caption = run_task(args.task, model, images, args)
         upscale = args.upscale or max(1, 64 // model.image_shape[0])
-        path = save_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale)
+        path = save_image_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale,
+                               column_labels=caption.split(" | "))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,8 +34,8 @@ import numpy as np
 
 from cmjax import consistency as C
 
-__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler", "image_grid",
-           "save_grid", "reconstruction_metrics", "main"]
+__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler",
+           "reconstruction_metrics", "main"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,43 +148,6 @@ def cm_sampler(model: ImageCM, sigmas: Sequence[float], mesh=None) -> Callable[[
 
 
 # --------------------------------------------------------------------------------------------
-# Grids
-
-
-def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> np.ndarray:
-    """Rows of images -> one uint8 RGB picture. Each row: (n, H, W, C) float in [-1, 1] or uint8,
-    C in {1, 3}; all images the same size. Nearest-neighbour ``upscale`` for tiny images."""
-    rows = [np.asarray(r) for r in rows]
-    cells = []
-    for r in rows:
-        u8 = r if r.dtype == np.uint8 else np.clip(np.round((r.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-        if u8.shape[-1] == 1:
-            u8 = np.repeat(u8, 3, axis=-1)
-        if upscale > 1:
-            u8 = u8.repeat(upscale, axis=1).repeat(upscale, axis=2)
-        cells.append(u8)
-    h, w = cells[0].shape[1:3]
-    ncols = max(len(c) for c in cells)
-    grid = np.full((len(cells) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(cells):
-        for j, im in enumerate(row):
-            if im.shape[:2] != (h, w):
-                raise ValueError(f"grid cell ({i}, {j}) is {im.shape[:2]}, expected {(h, w)}")
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = im
-    return grid
-
-
-def save_grid(path: str, rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> str:
-    """Write :func:`image_grid` as a PNG (folders created). Returns the path."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image_grid(rows, pad, upscale)).save(path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # Reconstruction: consistency decoder vs the SD GAN decoder
 
 
@@ -249,20 +212,19 @@ def _recon(args) -> int:
         print(f"| {s['name']} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['num_images']} |")
     os.makedirs(args.out, exist_ok=True)
     g = args.grid_images
-    cols = [np.concatenate(inputs)[:g]] + [_u8(np.concatenate(outs[k])[:g]) for k in ("gan", "consistency")
-                                           if k in outs]
+    shown = [k for k in ("gan", "consistency") if k in outs]
+    cols = [np.concatenate(inputs)[:g]] + [data.to_uint8(np.concatenate(outs[k])[:g]) for k in shown]
     rows = [np.stack([c[i] for c in cols]) for i in range(len(cols[0]))]  # input | GAN | consistency
-    grid_path = save_grid(os.path.join(args.out, "recon_grid.png"), rows, upscale=max(1, 64 // args.size))
+    psnrs = [[""] + [f"{per[k]['psnr'][i]:.2f} dB" for k in shown] for i in range(len(rows))]
+    grid_path = data.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
+                                     upscale=max(1, 64 // args.size), cell_labels=psnrs,
+                                     column_labels=["input"] + [names[k] for k in shown])
     with open(os.path.join(args.out, "recon_metrics.json"), "w") as fh:
         json.dump({"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
                    "images": args.images, "decoder": args.decoder, "vae": args.vae}, fh, indent=2)
-    print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in ('gan', 'consistency') if k in outs)}) "
+    print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in shown)}; PSNR under each) "
           f"-> {grid_path}\nmetrics -> {os.path.join(args.out, 'recon_metrics.json')}")
     return 0
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round((np.asarray(x, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------

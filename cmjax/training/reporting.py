@@ -20,8 +20,9 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
+
+from cmjax import data
 
 
 def say(message: str) -> None:
@@ -119,30 +120,13 @@ def format_metrics(step: int, metrics: Mapping[str, float]) -> str:
     return f"step {step:7d} | " + " | ".join(parts)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """(B, H, W, C) float in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) grid."""
-    images = np.asarray(images, np.float32)
-    b, h, w, c = images.shape
-    if c == 1:
-        images = np.repeat(images, 3, axis=-1)
-    ncols = ncols or int(math.ceil(math.sqrt(b)))
-    nrows = int(math.ceil(b / ncols))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    for i in range(b):
-        r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = u8[i]
-    return grid
-
-
 def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> None:
-    """Write an image grid as PNG (nearest-neighbour upscaled by ``upscale`` for tiny images)."""
-    grid = image_grid(images, ncols)
-    img = Image.fromarray(grid)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path)
+    """Write a batch (B, H, W, C) in [-1, 1] as a PNG grid of ``ncols`` columns (default: about
+    square), nearest-neighbour upscaled by ``upscale`` for tiny images."""
+    images = np.asarray(images)
+    ncols = ncols or int(math.ceil(math.sqrt(len(images))))
+    rows = [images[i:i + ncols] for i in range(0, len(images), ncols)]
+    data.save_image_grid(path, rows, pad=1, upscale=upscale)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
