@@ -42,6 +42,12 @@ def test_installed_package_runs_outside_the_source_tree(tmp_path):
         assert (bin_dir / script).is_file(), script
     res = subprocess.run([str(bin_dir / "cmjax-convert"), "--help"], capture_output=True, text=True, cwd=out, env=env)
     assert res.returncode == 0 and "SRC" in res.stdout and "DST" in res.stdout, res.stderr
+    # No configs/ here: train's help says so; a config file elsewhere still loads with its imports.
+    res = subprocess.run([str(bin_dir / "cmjax-train"), "--help"], capture_output=True, text=True, cwd=out, env=env)
+    assert res.returncode == 0 and "no configs/ folder found" in res.stdout, res.stderr
+    res = subprocess.run([str(bin_dir / "cmjax-train"), "--config", str(ROOT / "configs" / "digits_tiny.py"),
+                          "--help"], capture_output=True, text=True, cwd=out, env=env)
+    assert res.returncode == 0 and "--config.total_steps=400\n" in res.stdout, res.stderr
 
 
 # --------------------------------------------------------------------------------------------
