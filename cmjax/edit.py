@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import editing
-from cmjax.eval import ImageCM, load_image_cm, save_grid
+from cmjax.cli import HelpFormatter
+from cmjax.data import save_image_grid
+from cmjax.eval import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 MASKS = ("center", "left", "right", "top", "bottom", "random")
@@ -109,7 +111,7 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
         alphas = np.linspace(0.0, 1.0, args.alphas)
         out = run(lambda f, a, b: editing.interpolate(f, a, b, alphas, model.sigma_max),
                   jax.random.normal(k0, shape), jax.random.normal(k1, shape))
-        return list(np.asarray(out)), f"slerp between two noises, alpha = {', '.join(f'{a:.2f}' for a in alphas)}"
+        return list(np.asarray(out)), " | ".join(f"alpha {a:.2f}" for a in alphas)  # slerp between two noises
     y = jnp.asarray(images)
     if task == "inpaint":
         mask = read_mask(args.mask_file, h) if args.mask_file else make_mask(args.mask, h, len(y), args.seed)
@@ -143,18 +145,18 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
     return [np.stack([col[i] for col in cols]) for i in range(len(y))], caption
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cmjax.edit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[4:13]))
-    p.add_argument("task", choices=TASKS)
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m cmjax.edit``."""
+    p = argparse.ArgumentParser(prog="python -m cmjax.edit", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("task", choices=TASKS, help="the edit (see above)")
     p.add_argument("--checkpoint", required=True, help="train.py workdir of an image CM")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
     p.add_argument("--images", help="inputs: image folder, tfds:NAME[:SPLIT] or 'digits' (not for interpolate)")
     p.add_argument("--data-dir", help="TFDS data_dir")
     p.add_argument("--num", type=int, default=8, help="number of examples (rows of the grid)")
-    p.add_argument("--steps", type=int, default=10, help="noise levels of the iterative tasks")
+    p.add_argument("--steps", type=int, default=10, help="noise levels of the iterative tasks (default 10; "
+                   "eval fid samples with 1 and decode.py with 2)")
     p.add_argument("--sigmas", help="explicit decreasing noise levels, e.g. 80,10,2,0.5")
     p.add_argument("--mask", choices=MASKS, default="center", help="inpaint: which region to generate")
     p.add_argument("--mask-file", help="inpaint: mask image, white = generate (overrides --mask)")
@@ -162,10 +164,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.5, help="denoise: noise level added to the inputs")
     p.add_argument("--sigma-start", type=float, default=5.0, help="stroke: noise level the strokes start from")
     p.add_argument("--alphas", type=int, default=8, help="interpolate: points from alpha=0 to 1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--upscale", type=int, help="nearest-neighbour upscaling of the grid (default: to >= 64 px)")
     p.add_argument("--out", default="edits", help="output folder; the grid is OUT/TASK.png")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -177,7 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = load_images(args.images, model, args.num, args.data_dir) if args.task != "interpolate" else None
         rows, caption = run_task(args.task, model, images, args)
         upscale = args.upscale or max(1, 64 // model.image_shape[0])
-        path = save_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale)
+        path = save_image_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale,
+                               column_labels=caption.split(" | "))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,12 +29,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from cmjax.cli import HelpFormatter
 import numpy as np
 
 from cmjax import consistency as C
 
-__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler", "image_grid",
-           "save_grid", "reconstruction_metrics", "latent_statistics", "main"]
+__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler",
+           "reconstruction_metrics", "latent_statistics", "main"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,11 +76,12 @@ def read_run_config(workdir: str, step: Optional[int] = None):
     import ml_collections
     import orbax.checkpoint as ocp
 
+    from cmjax.training.checkpointing import read_only_manager
+
     directory = _checkpoints_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: not a train.py workdir (no checkpoints/ folder)")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"config": ocp.JsonCheckpointHandler()}) as mngr:
+    with read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()}) as mngr:
         step = mngr.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
@@ -146,43 +149,6 @@ def cm_sampler(model: ImageCM, sigmas: Sequence[float], mesh=None) -> Callable[[
 
 
 # --------------------------------------------------------------------------------------------
-# Grids
-
-
-def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> np.ndarray:
-    """Rows of images -> one uint8 RGB picture. Each row: (n, H, W, C) float in [-1, 1] or uint8,
-    C in {1, 3}; all images the same size. Nearest-neighbour ``upscale`` for tiny images."""
-    rows = [np.asarray(r) for r in rows]
-    cells = []
-    for r in rows:
-        u8 = r if r.dtype == np.uint8 else np.clip(np.round((r.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-        if u8.shape[-1] == 1:
-            u8 = np.repeat(u8, 3, axis=-1)
-        if upscale > 1:
-            u8 = u8.repeat(upscale, axis=1).repeat(upscale, axis=2)
-        cells.append(u8)
-    h, w = cells[0].shape[1:3]
-    ncols = max(len(c) for c in cells)
-    grid = np.full((len(cells) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(cells):
-        for j, im in enumerate(row):
-            if im.shape[:2] != (h, w):
-                raise ValueError(f"grid cell ({i}, {j}) is {im.shape[:2]}, expected {(h, w)}")
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = im
-    return grid
-
-
-def save_grid(path: str, rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1) -> str:
-    """Write :func:`image_grid` as a PNG (folders created). Returns the path."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image_grid(rows, pad, upscale)).save(path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # Reconstruction: consistency decoder vs the SD GAN decoder
 
 
@@ -247,14 +213,17 @@ def _recon(args) -> int:
         print(f"| {s['name']} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['num_images']} |")
     os.makedirs(args.out, exist_ok=True)
     g = args.grid_images
-    cols = [np.concatenate(inputs)[:g]] + [_u8(np.concatenate(outs[k])[:g]) for k in ("gan", "consistency")
-                                           if k in outs]
+    shown = [k for k in ("gan", "consistency") if k in outs]
+    cols = [np.concatenate(inputs)[:g]] + [data.to_uint8(np.concatenate(outs[k])[:g]) for k in shown]
     rows = [np.stack([c[i] for c in cols]) for i in range(len(cols[0]))]  # input | GAN | consistency
-    grid_path = save_grid(os.path.join(args.out, "recon_grid.png"), rows, upscale=max(1, 64 // args.size))
+    psnrs = [[""] + [f"{per[k]['psnr'][i]:.2f} dB" for k in shown] for i in range(len(rows))]
+    grid_path = data.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
+                                     upscale=max(1, 64 // args.size), cell_labels=psnrs,
+                                     column_labels=["input"] + [names[k] for k in shown])
     with open(os.path.join(args.out, "recon_metrics.json"), "w") as fh:
         json.dump({"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
                    "images": args.images, "decoder": args.decoder, "vae": args.vae}, fh, indent=2)
-    print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in ('gan', 'consistency') if k in outs)}) "
+    print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in shown)}; PSNR under each) "
           f"-> {grid_path}\nmetrics -> {os.path.join(args.out, 'recon_metrics.json')}")
     return 0
 
@@ -317,10 +286,6 @@ def _latent_stats(args) -> int:
     print("std  " + " ".join(f"{v:.4f}" for v in stats["latent_std"]))
     print(f"-> {args.out}")
     return 0
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round((np.asarray(x, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,16 +402,18 @@ def _add_model(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--checkpoint", required=required, help="train.py workdir of an image CM")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
-    p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--sample-batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
+    p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cmjax.eval", description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m cmjax.eval`` (one subcommand per task)."""
+    parser = argparse.ArgumentParser(prog="python -m cmjax.eval", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fid", help="FID of a sample folder or of a checkpoint's samples against a reference")
+    p = sub.add_parser("fid", formatter_class=HelpFormatter,
+                       help="FID of a sample folder or of a checkpoint's samples against a reference")
     _add_fid_common(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--samples", help="samples: image folder, tfds:NAME[:SPLIT], 'digits' or statistics .npz")
@@ -454,49 +421,58 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, help="use only the first N images of --samples")
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
-    p.add_argument("--num-samples", type=int, default=10_000)
-    p.add_argument("--sample-batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1, help="1: sigma_max; 2: sigma_max, --mid-sigma; more: Karras grid")
+    p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
+    p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, unlike decode.py's 2 and "
+                   "edit's 10): 1: sigma_max; 2: sigma_max, --mid-sigma; more: the Karras grid")
     p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
     p.add_argument("--sigmas", help="explicit decreasing sigmas, e.g. 80,1.2,0.3 (overrides --steps)")
     p.add_argument("--save-samples", help="also write the samples as PNGs to this folder")
 
-    p = sub.add_parser("sigma-search", help="ternary search of the 2-step intermediate sigma by FID")
+    p = sub.add_parser("sigma-search", formatter_class=HelpFormatter,
+                       help="ternary search of the 2-step intermediate sigma by FID")
     _add_fid_common(p)
     _add_model(p, required=True)
-    p.add_argument("--lo", type=float, default=0.1)
-    p.add_argument("--hi", type=float, default=5.0)
+    p.add_argument("--lo", type=float, default=0.1, help="lower end of the sigma interval searched")
+    p.add_argument("--hi", type=float, default=5.0, help="upper end of the sigma interval searched")
     p.add_argument("--iters", type=int, default=5, help="ternary iterations (2 FIDs each, memoised)")
     p.add_argument("--log-space", action="store_true", help="split the interval in log(sigma)")
 
-    p = sub.add_parser("stats", help="compute (and cache) reference statistics, and write them to --out")
+    p = sub.add_parser("stats", formatter_class=HelpFormatter,
+                       help="compute (and cache) reference statistics, and write them to --out")
     _add_fid_common(p)
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images)")
 
-    p = sub.add_parser("recon", help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
+    p = sub.add_parser("recon", formatter_class=HelpFormatter,
+                       help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--decoder", required=True, help="cmjax consistency-decoder checkpoint folder")
     p.add_argument("--vae", required=True, help="cmjax SD VAE checkpoint folder (encoder; GAN decoder if present)")
     p.add_argument("--size", type=int, default=256, help="resize + center-crop to this square size (multiple of 8)")
     p.add_argument("--timesteps", help="consistency decoder timesteps (default 1008,512)")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="images encoded and decoded per call")
     p.add_argument("--grid-images", type=int, default=8, help="rows in the grid image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="consistency decoder noise seed")
     p.add_argument("--out", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("latent-stats", help="per-channel mean/std of a VAE's scaled latents (for a decoder's config)")
+    p = sub.add_parser("latent-stats", formatter_class=HelpFormatter,
+                       help="per-channel mean/std of a VAE's scaled latents (for a decoder's config)")
     p.add_argument("--vae", required=True, help="cmjax VAE checkpoint, diffusers AutoencoderKL folder or VAE file")
     p.add_argument("--images", required=True, help="image folder, tfds:NAME[:SPLIT] or 'digits'")
-    p.add_argument("--data-dir", help="TFDS data_dir")
+    p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's own)")
     p.add_argument("--resolution", type=int, help="resize + center-crop to this square size (multiple of 8); "
                    "without it every image must have the first one's size")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images encoded per call")
     p.add_argument("--out", default="latent_stats.json", help="output JSON (latent_mean, latent_std, ...)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

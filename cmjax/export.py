@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cmjax.checkpoint import CONFIG_FILE, atomic_directory
+from cmjax.cli import HelpFormatter
 from cmjax.convert.mapping import ConversionError, flax_to_torch
 from cmjax.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.schedule import SIGMA_DATA
@@ -265,9 +266,10 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m cmjax.export``."""
     parser = argparse.ArgumentParser(prog="python -m cmjax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("ckpt", metavar="CKPT", help="a cmjax decoder checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="the diffusers folder to create")
     parser.add_argument("--encoder-from", metavar="SRC", help="SD encoder weights: a diffusers "
@@ -276,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written "
                         "weights (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     def report(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

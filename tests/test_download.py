@@ -142,8 +142,7 @@ def test_corrupt_download_is_refused_and_deleted(server, decoder_pt, cache, monk
     with pytest.raises(DownloadError) as e:
         resolve_checkpoint("openai", progress=False)
     assert "SHA-256 mismatch" in str(e.value) and url in str(e.value) and "deleted" in str(e.value)
-    assert list((cache / "downloads" / sha).iterdir()) == []
-    assert not (cache / "checkpoints").exists()
+    assert not cache.exists()  # not even the empty downloads/<sha>/ folder
 
 
 def test_bad_urls(server, cache, monkeypatch):
@@ -234,3 +233,119 @@ def test_paths_and_unknown_names(decoder_pt, cache, tmp_path):
     assert resolve_checkpoint(tmp_path / "empty") == tmp_path / "empty"
     with pytest.raises(FileNotFoundError, match="'openai', 'openai/consistency-decoder'"):
         resolve_checkpoint("openai/other-model")
+
+
+# --------------------------------------------------------------------------------------------
+# Without network access: one message that says what to do instead, at once, and nothing left behind
+
+
+@pytest.fixture
+def dead_port():
+    """A loopback port that refuses connections (bound, never listening)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def assert_offline_help(message: str):
+    for hint in ("pass its path instead of the name", "python -m cmjax.convert SRC DST", "HF_ENDPOINT",
+                 "--vae PATH"):
+        assert hint in message, (hint, message)
+
+
+def test_unreachable_hub_fails_at_once_with_what_to_do(dead_port, cache, monkeypatch, tmp_path):
+    """One probe of the endpoint, then the message: huggingface_hub is only asked for cached files
+    (with network access it retries for ~25 s, logging every retry twice)."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{dead_port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(DownloadError) as e:
+        resolve_checkpoint("openai/consistency-decoder", progress=False)
+    assert calls == [True]  # the cache was looked at; no download was attempted
+    assert f"cannot reach 127.0.0.1:{dead_port}" in str(e.value)
+    assert_offline_help(str(e.value))
+    assert not cache.exists() and not any(p.is_file() for p in (tmp_path / "hf").rglob("*"))
+
+
+def test_hf_hub_offline_fails_before_any_request(server, decoder_pt, cache, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    _, sha = decoder_pt
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("CMJAX_OPENAI_URL", f"{server.url}/diff-vae/{sha}/decoder.pt")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    n = len(server.requests)
+    for name in ("openai/consistency-decoder", "openai"):
+        with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set") as e:
+            resolve_checkpoint(name, progress=False)
+        assert_offline_help(str(e.value))
+    assert len(server.requests) == n and not cache.exists()
+
+
+def test_unreachable_openai_url_leaves_no_folder(dead_port, cache, monkeypatch):
+    url = f"http://127.0.0.1:{dead_port}/diff-vae/{'ab' * 32}/decoder.pt"
+    monkeypatch.setenv("CMJAX_OPENAI_URL", url)
+    with pytest.raises(DownloadError) as e:
+        resolve_checkpoint("openai", progress=False)
+    assert url in str(e.value) and "download failed" in str(e.value)
+    assert_offline_help(str(e.value))
+    assert not cache.exists()  # no empty downloads/<sha>/
+
+
+def test_cli_offline_error_is_one_line(dead_port, tmp_path):
+    """What a user sees: the fetch line, then one error line; no warnings, no retries, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{dead_port}", "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "CMJAX_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "cmjax.convert", "openai/consistency-decoder", str(tmp_path / "dst")],
+                         env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("fetching") and lines[1].startswith("error: "), res.stderr
+    assert_offline_help(lines[1])
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "cache").exists()
+
+
+def test_stale_partial_downloads_are_removed(server, decoder_pt, cache, monkeypatch):
+    """A download killed mid-way leaves .decoder.pt.part-PID: the next download removes it once that
+    process is gone, and leaves the part of a running process (or a recently written one) alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    _, sha = decoder_pt
+    monkeypatch.setenv("CMJAX_OPENAI_URL", f"{server.url}/diff-vae/{sha}/decoder.pt")
+    folder = cache / "downloads" / sha
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    old = time.time() - 3600
+    stale = folder / f".decoder.pt.part-{dead_pid}"
+    fresh = folder / f".decoder.pt.part-{dead_pid + 1000000}"  # no such process, but written just now
+    alive = folder / f".decoder.pt.part-{os.getppid()}"
+    for part in (stale, fresh, alive):
+        part.write_bytes(b"partial")
+    os.utime(stale, (old, old))
+    os.utime(alive, (old, old))
+    from cmjax.convert.download import fetch_openai_decoder
+
+    assert fetch_openai_decoder(progress=False) == folder / "decoder.pt"
+    assert not stale.exists() and fresh.exists() and alive.exists()

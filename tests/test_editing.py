@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from cmjax import consistency as C
 from cmjax import editing as E
@@ -231,9 +231,12 @@ def test_edit_cli_writes_grids(digits_run, tmp_path, capsys, task, extra, cols):
                "--upscale", "1", *extra])
     assert rc == 0, capsys.readouterr().err
     grid = np.asarray(Image.open(tmp_path / f"{task}.png"))
-    pad = 2
-    assert grid.shape == (2 * (8 + pad) + pad, cols * (8 + pad) + pad, 3)
-    assert task in capsys.readouterr().out
+    pad, text_h = 2, ImageFont.load_default().getbbox("Ag")[3]  # a line of column labels above the rows
+    assert grid.shape[0] == pad + text_h + pad + 2 * (8 + pad) and grid.shape[1] >= cols * (8 + pad) + pad
+    assert (grid[:pad + text_h] < 128).any()
+    out = capsys.readouterr().out
+    labels = out.split(" rows (", 1)[1].rsplit(") -> ", 1)[0].split(" | ")
+    assert out.startswith(f"{task}: 2 rows") and len(labels) == cols  # one label per column
 
 
 def test_edit_cli_errors_name_the_problem(digits_run, tmp_path, capsys):
@@ -245,6 +248,7 @@ def test_edit_cli_errors_name_the_problem(digits_run, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.fid
 def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
     from cmjax import inception
 
@@ -264,6 +268,7 @@ def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch)
     assert len(os.listdir(tmp_path / "samples")) == 8
 
 
+@pytest.mark.fid
 def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
     from cmjax import inception
 
@@ -283,6 +288,7 @@ def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys,
     assert captured.err.count(": FID ") == 2  # one progress line per evaluated sigma
 
 
+@pytest.mark.fid
 def test_train_py_reports_fid_every_k_steps(tmp_path, monkeypatch):
     """config.fid_every: train_and_evaluate writes the 1-step FID to metrics.jsonl at those steps."""
     from cmjax import inception

@@ -33,6 +33,8 @@ from PIL import Image
 from cmjax import fid as F
 from cmjax import inception
 
+pytestmark = pytest.mark.fid  # `-m "not slow and not fid"`: the quick subset skips this module
+
 REPO = Path(__file__).resolve().parent.parent
 needs_weights = pytest.mark.skipif(not inception.weights_available(),
                                    reason="FID Inception weights not installed "

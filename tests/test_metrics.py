@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from cmjax import metrics
 
@@ -155,10 +155,16 @@ def test_recon_cli_table_json_and_grid(tiny_checkpoints, tmp_path, capsys):
     np.testing.assert_allclose(result["per_image"]["consistency"]["psnr"],
                                reconstruction_metrics(x, cons)["psnr"], rtol=1e-5)
     np.testing.assert_allclose(result["summary"]["gan"]["psnr"], np.mean(result["per_image"]["gan"]["psnr"]))
-    # Grid: 2 rows x (input | GAN | consistency), 16 px cells upscaled 4x, 2 px gaps.
+    # Grid: 2 rows x (input | GAN | consistency), 16 px cells upscaled 4x, 2 px gaps, a line of column
+    # labels above and the PSNRs under each row (text_h px of PIL's default font each).
+    text_h = ImageFont.load_default().getbbox("Ag")[3]
     grid = np.asarray(Image.open(out / "recon_grid.png"))
-    assert grid.shape == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)
-    np.testing.assert_array_equal(grid[2:66:4, 2:66:4], np.round((x[0] + 1) * 127.5).astype(np.uint8))
+    top = 2 + text_h + 2
+    assert grid.shape[0] == top + 2 * (64 + text_h + 2 + 2) and grid.shape[1] > 3 * (64 + 2) + 2
+    np.testing.assert_array_equal(grid[top:top + 64:4, 2:66:4], np.round((x[0] + 1) * 127.5).astype(np.uint8))
+    assert (grid[:top] < 128).any()  # the column labels
+    assert "PSNR under each" in text
+    assert (grid[top + 64:top + 64 + text_h + 2] < 128).any()  # the first row's PSNRs
 
 
 def test_recon_cli_errors_name_the_file(tiny_checkpoints, tmp_path, capsys):

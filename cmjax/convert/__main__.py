@@ -21,10 +21,12 @@ from pathlib import Path
 
 import jax
 
+from cmjax.cli import HelpFormatter
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cmjax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("src", metavar="SRC", help="a checkpoint file or folder, or a name: openai, "
                         "openai/consistency-decoder")
     parser.add_argument("dst", metavar="DST", help="the cmjax checkpoint directory to create")

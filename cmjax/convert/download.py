@@ -19,6 +19,12 @@ Environment:
                        path segment must still be the SHA-256 the file is checked against
     HF_ENDPOINT        the Hub endpoint huggingface_hub talks to (its own cache, HF_HUB_CACHE, is
                        used for the Hub files, so a copy fetched by diffusers is reused)
+    HF_HUB_OFFLINE     1: use only what is cached; a name that needs a download fails at once
+
+Without network access every name fails fast with one message that says what to do instead
+(``OFFLINE_HELP``): the server is probed once, before huggingface_hub's own requests, which retry
+for ~30 s and log every retry. A download killed mid-way leaves ``.decoder.pt.part-PID``; the next
+download removes such parts once their process is gone.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import hashlib
 import http.client
 import os
 import re
+import logging
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,6 +50,14 @@ CACHE_ENV = "CMJAX_CACHE"
 URL_ENV = "CMJAX_OPENAI_URL"
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_PROBE_TIMEOUT = 10.0
+_STALE_PART_AGE = 300.0  # seconds without a write before a dead process's part file is removed
+OFFLINE_HELP = ("Without network access: download OpenAI's decoder.pt or the Hub folder "
+                "openai/consistency-decoder (config.json + diffusion_pytorch_model.fp16.safetensors) "
+                "on another machine and pass its path instead of the name (it is converted "
+                "automatically), or convert it first with `python -m cmjax.convert SRC DST`; set "
+                "HF_ENDPOINT to use a Hub mirror (CMJAX_OPENAI_URL for decoder.pt); decode.py --images "
+                "also needs an SD VAE then: --vae PATH.")
 
 Report = Callable[[str], None]
 
@@ -67,6 +83,69 @@ def expected_sha256(url: str) -> str:
         raise DownloadError(f"{url}: cannot verify this download: the URL's second-to-last path segment must be "
                             "the file's SHA-256 (64 hex digits), as in OpenAI's URL")
     return parts[-2].lower()
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for no network access."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _offline_error(what: str, why: str) -> DownloadError:
+    return DownloadError(f"{what}: {why}. {OFFLINE_HELP}")
+
+
+def _probe(url: str, what: str) -> None:
+    """One HEAD request to ``url``; DownloadError (with OFFLINE_HELP) if the server cannot be
+    reached at all. Any HTTP answer, even an error status, counts as reachable."""
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+        host = urllib.parse.urlparse(url).netloc or url
+        raise _offline_error(what, f"cannot reach {host} ({getattr(e, 'reason', e)})") from None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p ``path``; returns the folders it created, deepest first."""
+    created, p = [], path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stops at the first one that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Delete ``.NAME.part-PID`` files left by killed downloads: their process no longer exists
+    here and they have not been written to for a while (so a download running on another host
+    that shares the cache is left alone)."""
+    for part in dest.parent.glob(f".{dest.name}.part-*"):
+        pid = part.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:  # exists but not ours (EPERM)
+            continue
+        try:
+            if time.time() - part.stat().st_mtime > _STALE_PART_AGE:
+                part.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def sha256_file(path: Path) -> str:
@@ -97,9 +176,13 @@ def download_verified(url: str, dest: Path, sha256: str, *, progress: bool = Tru
             return dest
         say(f"{dest} does not match SHA-256 {sha256}: fetching it again")
         dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if offline():
+        raise _offline_error(url, f"not in the cache ({dest}) and HF_HUB_OFFLINE is set")
+    created = _make_dirs(dest.parent)
+    _remove_stale_parts(dest)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     say(f"downloading {url}")
+    ok = False
     try:
         h = hashlib.sha256()
         size = 0
@@ -119,10 +202,15 @@ def download_verified(url: str, dest: Path, sha256: str, *, progress: bool = Tru
             raise DownloadError(f"{url}: SHA-256 mismatch: expected {sha256}, got {h.hexdigest()} "
                                 f"({size} bytes); the download was deleted")
         os.replace(tmp, dest)
+        ok = True
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"{url}: download failed ({e.reason})") from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-        raise DownloadError(f"{url}: download failed ({getattr(e, 'reason', e)})") from e
+        raise _offline_error(url, f"download failed ({getattr(e, 'reason', e)})") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if not ok:
+            _remove_if_empty(created)
     return dest
 
 
@@ -140,6 +228,9 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
 
     Fetches ``diffusion_pytorch_model.safetensors``, or the ``.fp16`` variant where the repo has
     only that. ``HF_ENDPOINT`` is read at call time, so it can point at a mirror or a test server.
+    Files already in huggingface_hub's cache are used without asking the Hub; otherwise the
+    endpoint is probed once and, if unreachable (or HF_HUB_OFFLINE is set), DownloadError says
+    what to do instead, at once.
     """
     try:
         from huggingface_hub import hf_hub_download
@@ -154,20 +245,36 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
     kw = dict(revision=revision, endpoint=endpoint)
     if not progress:
         kw["tqdm_class"] = _SilentTqdm.get()
-    try:
-        config = Path(hf_hub_download(repo, "config.json", **kw))
+
+    def download(local_files_only: bool) -> tuple[Path, Path]:
+        config = Path(hf_hub_download(repo, "config.json", local_files_only=local_files_only, **kw))
         for name in WEIGHT_FILES:
             try:
-                weights = Path(hf_hub_download(repo, name, **kw))
-                break
+                return config, Path(hf_hub_download(repo, name, local_files_only=local_files_only, **kw))
             except EntryNotFoundError:
                 continue
-        else:
-            raise DownloadError(f"{repo}: the repo has none of {', '.join(WEIGHT_FILES)}")
+        raise DownloadError(f"{repo}: the repo has none of {', '.join(WEIGHT_FILES)}")
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # each retry is logged, twice once a root handler exists
+    try:
+        try:
+            config, weights = download(local_files_only=True)
+        except DownloadError:
+            raise
+        except Exception:  # not (completely) cached
+            if offline():
+                raise _offline_error(repo, "not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+            base = (endpoint or "https://huggingface.co").rstrip("/")
+            _probe(f"{base}/{repo}/resolve/{revision or 'main'}/config.json", repo)
+            config, weights = download(local_files_only=False)
     except DownloadError:
         raise
     except Exception as e:  # huggingface_hub raises many types (HTTP, offline, missing repo ...)
         raise DownloadError(f"{repo}: download from {endpoint or 'the Hub'} failed: {type(e).__name__}: {e}") from e
+    finally:
+        hub_logger.setLevel(level)
     if weights.parent != config.parent:
         raise DownloadError(f"{repo}: config.json and {weights.name} came from different revisions")
     return config.parent
@@ -254,5 +361,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-") or "checkpoint"
 
 
-__all__ = ["DownloadError", "HUB_REPO", "NAMES", "OPENAI", "OPENAI_DECODER_URL", "cache_dir", "download_verified",
-           "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "resolve_checkpoint"]
+__all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",
+           "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "offline",
+           "resolve_checkpoint"]

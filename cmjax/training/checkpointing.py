@@ -11,6 +11,7 @@ mid-save leaves the previous step as the latest one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -35,6 +36,28 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
                 CONFIG: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options, item_handlers=handlers)
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """orbax warns three times for every read-only manager, once claiming the directory "is read
+    only" (it only means the manager will not write); nothing there for a user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                    or message.startswith("Given directory is read only"))
+
+
+def read_only_manager(directory: str, item_handlers) -> ocp.CheckpointManager:
+    """A CheckpointManager over ``directory`` that never writes (without orbax's notices about it)."""
+    notices = _ReadOnlyNotices()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(notices)
+    try:
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                     item_handlers=item_handlers)
+    finally:
+        absl_logger.removeFilter(notices)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator, config) -> None:
@@ -65,8 +88,7 @@ def restore_params(workdir: str, abstract_params, shardings, which: str = "ema_p
     optimizer. ``abstract_params``: ShapeDtypeStructs of the expected params.
     """
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={STATE: ocp.PyTreeCheckpointHandler()}) as mngr:
+    with read_only_manager(directory, {STATE: ocp.PyTreeCheckpointHandler()}) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from cmjax import data as data_lib
 from cmjax import parallel
-from cmjax.training import checkpointing, input_pipeline, reporting
+from cmjax.training import checkpointing, input_pipeline, reporting, resume
 from cmjax.training.families import Family, make_family
 from cmjax.training.optim import make_optimizer
 from cmjax.training.state import TrainState, create_train_state, prng_impl, train_state_layout
@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
         abstract, shardings = train_state_layout(family.init_params, tx, config, mesh)
         state = checkpointing.restore(manager, latest, abstract, shardings, iterator)
-        print(f"resumed from {manager.directory}/{latest}", flush=True)
+        resume.after_restore(manager, latest, config, workdir)
 
     data_sh = parallel.data_sharding(mesh)
     step_fn = jax.jit(make_train_step(family, config, tx, schedule),
@@ -194,16 +194,21 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         if eval_metrics:
             writer.write(0, eval_metrics)
     window, pending, t_start, n_timed = [], None, None, 0
+    progress, first_step = reporting.Progress(total), step
 
     def collect(item):
         s, m = item
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         _check_finite(s, m, manager)
         window.append(m)
+        progress.update(s, m.get("loss"))
 
     try:
         with _StopFlag() as stop:
             while step < total:
+                if t_start is None:
+                    reporting.say("compiling the train step (once per input shape) ...")
+                    t_compile = time.perf_counter()
                 batch = data_lib.to_global_batch(next(iterator), data_sh)
                 state, metrics = step_fn(state, batch, frozen)
                 step += 1
@@ -220,6 +225,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 if t_start is None:  # time from the end of the first (compiling) step
                     jax.block_until_ready(metrics)
                     t_start, n_timed = time.perf_counter(), 0
+                    reporting.say(f"compiled and ran the first step in {t_start - t_compile:.1f} s")
+                    progress.start(step)
                 else:
                     n_timed += 1
                 if log_now and window:
@@ -247,11 +254,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     print(f"SIGTERM: saved step {step} to {manager.directory}; exiting", flush=True)
                     break
     finally:
+        progress.close()
         manager.wait_until_finished()
         writer.close()
+    exported = None
     if family.name == "decoder" and config.export_decoder and step >= total and jax.process_count() == 1:
-        _export_decoder(family, state, os.path.join(workdir, "decoder_ema"))
+        exported = os.path.join(workdir, "decoder_ema")
+        if step > first_step or not os.path.isdir(exported):  # a complete run rerun: already exported
+            _export_decoder(family, state, exported)
     manager.close()
+    reporting.say(reporting.run_outputs(workdir, step, total, samples=evaluate is not None,
+                                        tensorboard=config.tensorboard, exported=exported))
     return state
 
 

@@ -4,6 +4,9 @@
     WORKDIR/tensorboard/           TensorBoard event files (tensorboardX, if installed)
     WORKDIR/samples/STEP_*.png     sample / reconstruction grids
 
+On an interactive terminal a progress bar (steps, steps/s, ETA, loss) runs under the log lines;
+its rate starts after the first step, which compiles the train step.
+
 Only process 0 writes.  TensorBoard needs the optional ``tensorboardX`` package (no TensorFlow);
 without it the run logs to stdout and JSONL only and says so once.
 """
@@ -17,7 +20,58 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from PIL import Image
+from tqdm.auto import tqdm
+
+from cmjax import data
+
+
+def say(message: str) -> None:
+    """Print a line on stdout (process 0 only) above the progress bar, if one is running."""
+    if jax.process_index() == 0:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+class Progress:
+    """The run's progress bar on stderr (process 0, interactive terminals only): steps, steps/s,
+    ETA and the last loss. ``start`` it after the compiling first step, so the rate and the ETA
+    count training only; print with :func:`say` meanwhile."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self._bar = None
+
+    def start(self, step: int) -> None:
+        if jax.process_index() == 0 and self._bar is None:
+            self._bar = tqdm(total=self.total, initial=int(step), unit="step", desc="train", file=sys.stderr,
+                             disable=None, dynamic_ncols=True, smoothing=0.05)
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if self._bar is None:
+            return
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        self._bar.update(int(step) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def run_outputs(workdir: str, step: int, total: int, samples: bool, tensorboard: bool,
+                exported: str | None) -> str:
+    """The closing line of a run: how far it got and where its outputs are."""
+    parts = [f"checkpoints in {os.path.join(workdir, 'checkpoints')}",
+             f"metrics in {os.path.join(workdir, 'metrics.jsonl')}"]
+    if tensorboard and os.path.isdir(os.path.join(workdir, "tensorboard")):
+        parts[-1] += f" and {os.path.join(workdir, 'tensorboard')}"
+    if samples:
+        parts.append(f"samples in {os.path.join(workdir, 'samples')}")
+    if exported:
+        parts.append(f"exported decoder in {exported} (decode.py --checkpoint {exported})")
+    state = "finished" if step >= total else "stopped at"
+    return f"{state} step {step}/{total}: " + "; ".join(parts)
 
 
 class MetricWriter:
@@ -49,7 +103,7 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), int(step))
             self._tb.flush()
         if echo:
-            print(format_metrics(step, metrics), flush=True)
+            say(format_metrics(step, metrics))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -66,30 +120,13 @@ def format_metrics(step: int, metrics: Mapping[str, float]) -> str:
     return f"step {step:7d} | " + " | ".join(parts)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """(B, H, W, C) float in [-1, 1] -> uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) grid."""
-    images = np.asarray(images, np.float32)
-    b, h, w, c = images.shape
-    if c == 1:
-        images = np.repeat(images, 3, axis=-1)
-    ncols = ncols or int(math.ceil(math.sqrt(b)))
-    nrows = int(math.ceil(b / ncols))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    for i in range(b):
-        r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = u8[i]
-    return grid
-
-
 def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> None:
-    """Write an image grid as PNG (nearest-neighbour upscaled by ``upscale`` for tiny images)."""
-    grid = image_grid(images, ncols)
-    img = Image.fromarray(grid)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path)
+    """Write a batch (B, H, W, C) in [-1, 1] as a PNG grid of ``ncols`` columns (default: about
+    square), nearest-neighbour upscaled by ``upscale`` for tiny images."""
+    images = np.asarray(images)
+    ncols = ncols or int(math.ceil(math.sqrt(len(images))))
+    rows = [images[i:i + ncols] for i in range(0, len(images), ncols)]
+    data.save_image_grid(path, rows, pad=1, upscale=upscale)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,31 @@
+"""Command-line entry points (the ``cmjax-*`` console scripts of pyproject.toml) and what they share.
+
+``HelpFormatter`` is the one ``--help`` style of every cmjax command: descriptions keep their line
+breaks, reStructuredText markup from docstrings is shown as plain text, and every option whose
+default is not None or False ends with ``(default: X)`` unless its text already gives it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :mod:`cmjax.editing` -> cmjax.editing
+_LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
+
+
+def plain_text(text: str) -> str:
+    """Docstring text without Sphinx roles and double-backquoted literals."""
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _fill_text(self, text, width, indent):
+        return super()._fill_text(plain_text(text), width, indent)
+
+    def _get_help_string(self, action):
+        text = plain_text(action.help or "")
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
