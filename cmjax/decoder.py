@@ -31,7 +31,6 @@ LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
 LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
 SCALING_FACTOR = 0.18215
 IMAGE_CHANNELS = 3
-LATENT_CHANNELS = (4, 16)  # SD 1.x/2.x/SDXL; SD3/FLUX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +176,9 @@ def decode(decoder: Decoder, latents, *, key: jax.Array | None = None, noise: Se
     """Decode raw (unscaled) VAE latents into images.
 
     latents: (B, h, w, config.latent_channels) NHWC (4 for OpenAI's SD 1.x decoder), what
-    ``AutoencoderKL.decode`` takes (before any scaling or shift), transposed to channels-last. Exactly one of ``key`` (a PRNG key; noise for step i is
-    ``normal(fold_in(key, i))``) or ``noise`` (one (B, 8h, 8w, 3) array per step) may be given;
-    with neither, key 0 is used. ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
+    ``AutoencoderKL.decode`` takes (before any scaling or shift), transposed to channels-last.
+    Exactly one of ``key`` (a PRNG key; noise for step i is ``normal(fold_in(key, i))``) or
+    ``noise`` (one (B, 8h, 8w, 3) array per step) may be given; with neither, key 0 is used. ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
     ``dtype`` is the network's compute dtype (e.g. ``jnp.bfloat16``); params keep their own.
 
     Returns (B, 8h, 8w, 3) float32 in [-1, 1].

@@ -194,8 +194,9 @@ def retarget_decoder_params(params: Any, base: DecoderConfig, new: DecoderConfig
     denoiser that fine-tuning only has to teach to read the new channels; the loss gradient of the
     zero weights is the correlation of the new latents with the output error, so they move from the
     first step. A linear 16 -> 4 map would need SD 1.x latents of the same images (a second VAE at
-    initialisation), cannot carry the 12 extra channels' detail, and SD3/FLUX latents are not a
-    linear function of SD 1.x ones; it would only shorten the first phase of fine-tuning.
+    initialisation), cannot carry the 12 extra channels' detail, and SD3/FLUX latents need not be a
+    linear function of SD 1.x ones; at best it would shorten the first phase of fine-tuning
+    (not measured here).
     """
     if base.unet.in_channels - base.latent_channels != new.unet.in_channels - new.latent_channels:
         raise ValueError("the two decoders must have the same number of image input channels")
