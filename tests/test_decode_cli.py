@@ -7,6 +7,7 @@ compiled by one run is reused by the next.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -419,3 +420,19 @@ def test_compare_needs_the_gan_decoder(ckpt, vae_ckpts, tmp_path, capsys):
     status, err = run_main(capsys, "--checkpoint", ckpt, "--output", tmp_path / "o", "--images", "--compare",
                            "--vae", vae_ckpts / "encoder_only", tmp_path)
     assert status == 2 and "holds only the encoder" in err
+
+
+def test_help(env):
+    """decode.py --help exits 0; INPUT mentions images under --images; every option states its
+    default (or that it is required)."""
+    res = subprocess.run([sys.executable, str(REPO / "decode.py"), "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "with --images: image files (.png, .jpg" in " ".join(res.stdout.split())
+    options = res.stdout[res.stdout.index("options:"):]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", options)[1:]]  # an entry starts "  -"
+    flags = {e.split()[0].rstrip(",") for e in entries}
+    assert {"--checkpoint", "--steps", "--tile", "--vae", "--process-id", "--compare", "--clip"} <= flags, flags
+    assert len(entries) == 22, entries
+    for entry in entries[1:]:  # all but -h
+        assert "default" in entry or "(required)" in entry, entry
