@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +81,22 @@ def test_symlink_loops_are_walked_once(tmp_path):
     os.symlink(".", tmp_path / "a" / "self")
     sources, errors = inputs.discover([str(tmp_path / "a")], inputs.LATENT_SUFFIXES)
     assert errors == [] and [s.rel for s in sources] == ["b/z.npy"]
+    # glob.glob's '**' would follow both links for ever (two loops: 2**40 paths)
+    sources, errors = inputs.discover([str(tmp_path / "a" / "**" / "*.npy")], inputs.LATENT_SUFFIXES)
+    assert errors == [] and [s.rel for s in sources] == ["b/z.npy"]
+
+
+def test_recursive_globs_match_like_glob(tmp_path):
+    """Without links, '**' patterns find what glob.glob finds."""
+    for rel in ["x.npy", "s/y.npy", "s/t/z.npy", "s/t/w.npz", "u/v.npy"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / rel, np.zeros((2, 3, 4), np.float32))
+    for pattern in ["**/*.npy", "s/**/*.npy", "**/t/*.np?", "s/**", "*/y.npy"]:
+        sources, _ = inputs.discover([str(tmp_path / pattern)], inputs.LATENT_SUFFIXES)
+        want = {p for p in glob.glob(str(tmp_path / pattern), recursive=True) if os.path.isfile(p)}
+        want |= {str(f) for p in glob.glob(str(tmp_path / pattern), recursive=True) if os.path.isdir(p)
+                 for f in Path(p).rglob("*.np[yz]")}
+        assert {str(s.path) for s in sources} == want, pattern
 
 
 @pytest.mark.parametrize("flags, message", [

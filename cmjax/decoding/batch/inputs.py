@@ -11,6 +11,7 @@ Nothing here reads more than a header before the run asks for an item's rows; ev
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import glob
 import os
@@ -104,14 +105,10 @@ def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Sourc
     for arg in inputs:
         if glob.has_magic(arg):
             base = _glob_base(arg)
-            matches = sorted(glob.glob(arg, recursive=True))
-            files = [(Path(m), Path(m)) for m in matches if os.path.isfile(m) and m.lower().endswith(suffixes)]
-            for m in matches:
-                if os.path.isdir(m):
-                    files += [(f, Path(m)) for f in _walk(Path(m), suffixes)]
+            files = _glob_files(arg, base, suffixes)
             if not files:
                 errors.append(f"{display(arg)}: matches no {'/'.join(suffixes)} files")
-            found += [Source(f, _rel(f, Path(base))) for f, _ in files]
+            found += [Source(f, _rel(f, Path(base))) for f in files]
         elif os.path.isdir(arg):
             files = _walk(Path(arg), suffixes)
             if not files:
@@ -141,6 +138,35 @@ def _glob_base(pattern: str) -> str:
             break
         fixed.append(p)
     return str(Path(*fixed)) if fixed else "."
+
+
+def _glob_files(pattern: str, base: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files matched by a glob, and the files below the folders it matches.
+
+    ``glob.glob``'s ``**`` follows links to folders without remembering them, so two links to an
+    ancestor (``l1 -> .``, ``l2 -> .``) make it run for ever; a pattern with ``**`` is therefore
+    matched against the files of one ``_walk`` of its fixed prefix instead."""
+    if "**" not in Path(pattern).parts:
+        matches = sorted(glob.glob(pattern))
+        files = [Path(m) for m in matches if os.path.isfile(m) and m.lower().endswith(suffixes)]
+        return files + [f for m in matches if os.path.isdir(m) for f in _walk(Path(m), suffixes)]
+    pattern_parts = list(Path(pattern).parts[len(Path(base).parts) if base != "." else 0:])
+    files = []
+    for f in _walk(Path(base), suffixes):
+        parts = _rel(f, Path(base)).split("/")
+        # the file itself, or a folder above it, matches (glob then lists the folder's files)
+        if any(_parts_match(parts[:n], pattern_parts) for n in range(1, len(parts) + 1)):
+            files.append(f)
+    return files
+
+
+def _parts_match(path: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether path components match glob components: ``**`` any number of them, others by fnmatch."""
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        return any(_parts_match(path[k:], pattern[1:]) for k in range(len(path) + 1))
+    return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) and _parts_match(path[1:], pattern[1:])
 
 
 def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -205,9 +205,9 @@ class _Programs:
             if _host_sum([too_big])[0] > 0:  # every host takes the same branch
                 hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
                         else "--tile 64 (or smaller) to decode it in tiles")
-                self.refused[shape] = (f"needs about {_gib(need)} per device to decode{' ' if need else ''}"
-                                       f"({what}, --micro-batch {self.options.micro_batch}) and "
-                                       f"{_gib(free)} is free; try {hint}")
+                self.refused[shape] = (f"decoding {what} needs about {_gib(need)} per device "
+                                       f"(--micro-batch {self.options.micro_batch}) and {_gib(free)} is free; "
+                                       f"try {hint}")
                 return None, self.refused[shape]
             self.compiled[shape] = compiled
         return self.compiled[shape], None
