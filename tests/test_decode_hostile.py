@@ -86,6 +86,18 @@ def test_symlink_loops_are_walked_once(tmp_path):
     assert errors == [] and [s.rel for s in sources] == ["b/z.npy"]
 
 
+def test_fifos_and_devices_are_not_read(tmp_path):
+    """Reading a FIFO blocks for ever and /dev/zero never ends: both are refused by name, unread."""
+    (tmp_path / "in").mkdir()
+    os.mkfifo(tmp_path / "in" / "pipe.npy")
+    np.save(tmp_path / "in" / "ok.npy", np.zeros((2, 3, 4), np.float32))
+    sources, errors = inputs.discover([str(tmp_path / "in"), str(tmp_path / "in" / "pipe.npy"), "/dev/zero"],
+                                      inputs.LATENT_SUFFIXES)
+    assert [s.rel for s in sources] == ["ok.npy"]
+    assert errors == [f"{tmp_path / 'in' / 'pipe.npy'}: not a regular file or folder",
+                      "/dev/zero: not a regular file or folder"]
+
+
 def test_recursive_globs_match_like_glob(tmp_path):
     """Without links, '**' patterns find what glob.glob finds."""
     for rel in ["x.npy", "s/y.npy", "s/t/z.npy", "s/t/w.npz", "u/v.npy"]:

@@ -119,6 +119,8 @@ def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Sourc
                 found.append(Source(Path(arg), Path(arg).name))
             else:
                 errors.append(f"{display(arg)}: not a {'/'.join(suffixes)} file")
+        elif os.path.exists(arg):  # a FIFO or device would block or never end when read
+            errors.append(f"{display(arg)}: not a regular file or folder")
         else:
             errors.append(f"{display(arg)}: no such file or folder")
     seen, sources = set(), []
@@ -181,7 +183,8 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
                 visited.add(real)
                 keep.append(d)
         dirnames[:] = keep
-        out += [Path(dirpath, f) for f in filenames if f.lower().endswith(suffixes) and not f.startswith(".")]
+        out += [Path(dirpath, f) for f in filenames if f.lower().endswith(suffixes) and not f.startswith(".")
+                and os.path.isfile(os.path.join(dirpath, f))]  # no FIFOs or devices
     return out
 
 
