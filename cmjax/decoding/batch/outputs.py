@@ -1,4 +1,4 @@
-"""Outputs of a batch decode: names below --output, atomic writes, the --compare strip.
+"""Outputs of a batch decode: names below --output, atomic writes.
 
     Item -> output_paths: <output>/<stem>.png [, <stem>.npy with --save-npy, <stem>_compare.png]
          -> write_png / write_npy: a temporary sibling ".<name>.tmp-<host>-<pid>" renamed onto the
@@ -13,10 +13,10 @@ import io
 import os
 import socket
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 _TMP_MARK = ".tmp-"
 
@@ -97,30 +97,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] float -> uint8 = clip(round((x + 1) * 127.5), 0, 255)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def compare_strip(panels: Sequence[np.ndarray], labels: Sequence[str], notes: Sequence[str]) -> np.ndarray:
-    """Panels (H, W, 3) uint8 side by side on white, each with its label above and its note (a
-    PSNR) below, in PIL's default font; a column is as wide as its panel or its text, whichever is
-    wider, and the panel is centred in it. Returns (H + 2 text lines, total width, 3) uint8; the
-    panels' pixels are copied unchanged."""
-    font = ImageFont.load_default()
-    pad = 4
-    line = max(font.getbbox(t)[3] for t in [*labels, *notes, "Ag"]) + pad
-    h = panels[0].shape[0]
-    widths = [max(p.shape[1], *(int(font.getlength(t)) for t in (label, note))) + 2 * pad
-              for p, label, note in zip(panels, labels, notes)]
-    strip = Image.new("RGB", (sum(widths), h + 2 * line), "white")
-    draw = ImageDraw.Draw(strip)
-    x = 0
-    for panel, label, note, width in zip(panels, labels, notes, widths):
-        strip.paste(Image.fromarray(panel), (x + (width - panel.shape[1]) // 2, line))
-        for text, y in ((label, 0), (note, line + h)):
-            draw.text((x + (width - font.getlength(text)) / 2, y + pad // 2), text, fill="black", font=font)
-        x += width
-    return np.asarray(strip)

@@ -27,7 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cmjax import checkpoint, parallel, schedule, tiling
+from cmjax import checkpoint, data, parallel, schedule, tiling
+from cmjax.cli import HelpFormatter
 from cmjax.convert.download import fetch_hub_decoder, resolve_checkpoint
 from cmjax.convert.vae import load_pytorch_vae
 from cmjax.decoder import DecoderConfig
@@ -344,7 +345,7 @@ def _finish(batch: _Batch, ok: list[bool], out: Any, options: DecodeOptions, sum
                 outputs.write_npy(paths[1], images[r])
             if options.compare and extra is not None:
                 _write_compare(item, paths[-1], extra[1][r], extra[0][r], images[r], summary)
-            outputs.write_png(paths[0], outputs.to_uint8(images[r]))  # last: its presence marks the item finished
+            outputs.write_png(paths[0], data.to_uint8(images[r]))  # last: its presence marks the item finished
             written += 1
         except Exception as e:  # noqa: BLE001
             fail(f"{item.name}: cannot write output: {inputs.reason(e)}")
@@ -358,8 +359,8 @@ def _write_compare(item: Item, path: Path, original, gan, consistency, summary: 
     summary.psnr.setdefault("gan", []).append(psnr_gan)
     summary.psnr.setdefault("consistency", []).append(psnr_cd)
     tqdm.write(f"{item.name}: PSNR SD GAN decoder {psnr_gan:.2f} dB, consistency decoder {psnr_cd:.2f} dB")
-    strip = outputs.compare_strip([outputs.to_uint8(x) for x in (original, gan, consistency)], COMPARE_LABELS,
-                                  ["", f"PSNR {psnr_gan:.2f} dB", f"PSNR {psnr_cd:.2f} dB"])
+    strip = data.image_grid([np.stack([original, gan, consistency])], column_labels=COMPARE_LABELS,
+                            cell_labels=[["", f"PSNR {psnr_gan:.2f} dB", f"PSNR {psnr_cd:.2f} dB"]])
     outputs.write_png(path, strip)
 
 
@@ -406,8 +407,7 @@ def load_vae_checkpoint(name_or_path: str, mesh=None):
 
 def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """decode.py's command line. Every option's help states its default."""
-    p = argparse.ArgumentParser(prog="decode.py", description=description or __doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="decode.py", description=description or __doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="latent files (.npy, .npz, .safetensors; 3-D or 4-D batches, NCHW or NHWC), folders "
                         "(searched recursively) or globs; with --images: image files "
