@@ -35,6 +35,14 @@ from cmjax.decoder import DecoderConfig
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 
+DESCRIPTION = """Decode SD latents (or images, via the SD VAE) into PNGs with the consistency decoder.
+
+    decode.py --checkpoint openai --output out latents/            # .npy/.npz/.safetensors
+    decode.py --checkpoint openai --images --output out examples/    # photos, via the SD encoder
+    decode.py --checkpoint openai --images --compare --vae sd-vae/ --output out examples/
+
+Runs on every local device (and every host of a multi-host run).
+"""
 DEFAULT_VAE = "openai/consistency-decoder"  # the Hub repo bundles the SD encoder (not the GAN decoder)
 DEFAULT_STEPS = 2  # 1008, 512 for the released model
 SEED_RANGE = (-2 ** 63, 2 ** 63)  # what jax.random.key takes
@@ -405,9 +413,9 @@ def load_vae_checkpoint(name_or_path: str, mesh=None):
 # decode.py: flags, their validation, main
 
 
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
-    """decode.py's command line. Every option's help states its default."""
-    p = argparse.ArgumentParser(prog="decode.py", description=description or __doc__, formatter_class=HelpFormatter)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """decode.py's (and cmjax-decode's) command line. Every option's help states its default."""
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="latent files (.npy, .npz, .safetensors; 3-D or 4-D batches, NCHW or NHWC), folders "
                         "(searched recursively) or globs; with --images: image files "
@@ -491,10 +499,10 @@ def options_from_args(args, num_train_timesteps: int = schedule.NUM_TRAIN_TIMEST
                          progress=not args.no_progress)
 
 
-def main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """decode.py: set up (multi-host, mesh, checkpoints), run, print the summary. Returns the exit status:
     0 when every input was decoded, 1 when any failed, 2 on a usage or checkpoint error."""
-    args = parse_args(argv, description)
+    args = parse_args(argv)
     try:
         options = options_from_args(args)
     except ValueError as e:
