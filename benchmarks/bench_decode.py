@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoder import PeakRSS  # noqa: E402
 
-from cmjax import batch_decode, parallel, tiling  # noqa: E402
+from cmjax import parallel, tiling  # noqa: E402
+from cmjax.decoding.batch import outputs, program  # noqa: E402
 from cmjax.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
@@ -80,14 +81,14 @@ def throughput(args) -> None:
     t = time.perf_counter()
     decoder = random_decoder(args.model, param_dtype)
     print(f"{args.model} decoder, random weights ({param_dtype.__name__} params) in {time.perf_counter() - t:.1f} s")
-    options = batch_decode.DecodeOptions(output=Path("."), timesteps=(1008, 512)[:args.steps], dtype=args.dtype,
-                                         batch_size=args.batch, tile=args.tile, micro_batch=args.micro_batch)
-    step = batch_decode.make_decode_fn(decoder.config, options, mesh)
+    overlap = None if args.tile is None else tiling.default_overlap(args.tile)
+    step = program.make_decode_fn(decoder.config, mesh, seed=0, timesteps=(1008, 512)[:args.steps], dtype=args.dtype,
+                                  tile=args.tile, overlap=overlap, micro_batch=args.micro_batch)
     unit = mesh.size * args.micro_batch
     batch = -(-args.batch // unit) * unit
     rng = np.random.default_rng(0)
     latents = parallel.global_batch(rng.normal(size=(batch, h, w, 4)).astype(np.float32), mesh)
-    ids = np.stack([batch_decode.identity_key_data(f"bench:{i}") for i in range(batch)])
+    ids = np.stack([program.identity_key_data(f"bench:{i}") for i in range(batch)])
     key_data = parallel.global_batch(ids, mesh)
     params = parallel.put_replicated(decoder.params, mesh)
     del decoder
@@ -177,7 +178,7 @@ def tiling_error(args) -> None:
         diff = np.abs(out - ref)
         print(f"{name} vs untiled: PSNR {tiling.psnr(out, ref):.2f} dB (range [-1, 1]); max |diff| {diff.max():.4f}, "
               f"mean {diff.mean():.5f}; uint8 PSNR "
-              f"{tiling.psnr(batch_decode.to_uint8(out), batch_decode.to_uint8(ref), 255.0):.2f} dB")
+              f"{tiling.psnr(outputs.to_uint8(out), outputs.to_uint8(ref), 255.0):.2f} dB")
 
 
 def memory_only(args) -> None:
@@ -190,7 +191,7 @@ def memory_only(args) -> None:
     noise = jax.ShapeDtypeStruct((args.steps, 1, 8 * h, 8 * w, 3), jnp.float32)
     timesteps = (1008, 512)[:args.steps]
     overlap = tiling.default_overlap(args.tile) if args.overlap is None else args.overlap
-    dtype = batch_decode.DTYPES[args.dtype]
+    dtype = program.DTYPES[args.dtype]
     print(f"{args.model} decoder, {8 * h}x{8 * w} px, {args.dtype}, compile only on {jax.devices()[0].device_kind}")
     for name, fn in [("tiled", functools.partial(tiling.decode_latents_tiled, tile=args.tile, overlap=overlap)),
                      ("untiled", decode_latents)]:

@@ -44,7 +44,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> mode RGB. Transparent pixels are composited onto white, since their
     stored colour is arbitrary (often black) and dropping alpha would expose it."""
     if img.mode in ("I;16", "I;16L", "I;16B"):  # 16-bit grayscale PNG: keep the top 8 bits.
@@ -93,7 +93,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as img:
                 img.load()  # Decode now, so truncated files fail here and not later.
-                image = np.asarray(_to_rgb(img), dtype=np.uint8)
+                image = np.asarray(to_rgb(img), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise OSError(f"cannot read image file {path!r}: {err}") from err
         return {"image": image, "path": path}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
 LATENT_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
 SCALING_FACTOR = 0.18215
 IMAGE_CHANNELS = 3
+
+# (params, x_t (B, H, W, 3), z_up (B, H, W, C), t, config, dtype) -> x0 (B, H, W, 3); see ``denoise``.
+DenoiseFn = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,30 +138,39 @@ def _per_example(c: jax.Array, x: jax.Array) -> jax.Array:
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) if c.ndim else c
 
 
-def decode_latents(params: Any, latents: jax.Array, noise: jax.Array, *, config: DecoderConfig,
-                   timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS, clip_denoised: bool = True,
-                   dtype=jnp.float32) -> jax.Array:
+def decode_latents(params: Any, latents: jax.Array, noise: jax.Array | Callable[[jax.Array], jax.Array], *,
+                   config: DecoderConfig, timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS,
+                   clip_denoised: bool = True, dtype=jnp.float32, denoise_fn: DenoiseFn | None = None) -> jax.Array:
     """Pure multi-step decode; jit it with ``config``, ``timesteps``, ``clip_denoised``, ``dtype`` static.
 
     latents: (B, h, w, latent_channels) raw SD latents. noise: (len(timesteps), B, 8h, 8w, 3), one
-    standard normal draw per step. Returns (B, 8h, 8w, 3) float32 in [-1, 1] (when clipped).
-    clip_denoised=True clamps x0 after every step (OpenAI); False only at the end (diffusers output
-    before post-processing is unclamped, so this returns it unclamped too).
+    standard normal draw per step, or a function step index (traced int32) -> (B, 8h, 8w, 3) that
+    makes each step's draw inside the loop (then one step's noise is alive at a time). Returns
+    (B, 8h, 8w, 3) float32 in [-1, 1] (when clipped). clip_denoised=True clamps x0 after every step
+    (OpenAI); False only at the end (diffusers output before post-processing is unclamped, so this
+    returns it unclamped too).
+
+    ``denoise_fn(params, x_t, z_up, t, config, dtype) -> x0`` is the consistency function the loop
+    calls, by default ``denoise`` on the whole image; ``cmjax.tiling.tiled_denoise`` computes it
+    over overlapping tiles. This loop is the one sampler of the decoder.
     """
+    denoise_fn = denoise if denoise_fn is None else denoise_fn
     tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
     sqrt_abar, sqrt_one_minus_abar = jnp.asarray(tables.sqrt_alphas_cumprod), jnp.asarray(tables.sqrt_one_minus_alphas_cumprod)
     z_up = upsample_nearest(normalize_latents(latents, config), config.upsample_factor)
+    noise_at = noise if callable(noise) else (lambda i: noise[i])
 
-    def step(x0, t_and_noise):
-        t, eps = t_and_noise
-        x_t = sqrt_abar[t] * x0 + sqrt_one_minus_abar[t] * eps
-        x0 = denoise(params, x_t, z_up, t, config, dtype)
+    def step(x0, t_and_index):
+        t, i = t_and_index
+        x_t = sqrt_abar[t] * x0 + sqrt_one_minus_abar[t] * noise_at(i)
+        x0 = denoise_fn(params, x_t, z_up, t, config, dtype)
         return (jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0), None
 
     # A scan, not a Python loop: one UNet in the compiled program whatever the number of steps.
-    # (zeros_like(noise[0]) rather than zeros: inside shard_map it carries the same varying axes.)
-    x0, _ = jax.lax.scan(step, jnp.zeros_like(noise[0], jnp.float32),
-                         (jnp.asarray(timesteps, jnp.int32), noise))
+    # (x0 from zeros_like(z_up) rather than zeros: inside shard_map it carries the same varying axes.)
+    x0 = jnp.zeros_like(z_up[..., :1]) + jnp.zeros(IMAGE_CHANNELS, jnp.float32)
+    x0, _ = jax.lax.scan(step, x0,
+                         (jnp.asarray(timesteps, jnp.int32), jnp.arange(len(timesteps), dtype=jnp.int32)))
     return x0
 
 

@@ -3,7 +3,9 @@
 The UNet's activations grow with the pixel count (a 2048x2048 decode of the released model needs
 tens of GB), so a large latent is cut into overlapping tiles of ``tile x tile`` latents that are
 decoded one after another inside one jitted program (a ``lax.scan`` over tile offsets: only one
-tile's activations are alive at a time). Each sampling step works on the full image:
+tile's activations are alive at a time). Tiling is a denoise function, ``tiled_denoise``, that
+``decoder.decode_latents`` (the one sampler loop) calls in place of the whole-image ``denoise``;
+each sampling step works on the full image:
 
     x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps          (full image, full-image noise field)
     x0  = sum_tiles w_tile * denoise(x_t[tile], z[tile], t)   (weights sum to 1 everywhere)
@@ -19,6 +21,7 @@ Shapes: latents (B, h, w, C) raw SD latents NHWC; noise (steps, B, 8h, 8w, 3); i
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -26,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import schedule
-from cmjax.decoder import DecoderConfig, decode_latents, denoise, normalize_latents
-from cmjax.layers import upsample_nearest
+from cmjax.decoder import DecoderConfig, decode_latents, denoise
 
 
 def default_overlap(tile: int) -> int:
@@ -84,56 +86,55 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[tuple[int, ...],
     return tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
 
 
-def decode_latents_tiled(params: Any, latents: jax.Array, noise: jax.Array, *, config: DecoderConfig,
-                         tile: int, overlap: int, timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS,
-                         clip_denoised: bool = True, dtype=jnp.float32) -> jax.Array:
-    """``decode_latents`` computed over overlapping latent tiles; pure and jittable (all args but arrays static).
+def tiled_denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t, config: DecoderConfig, dtype=jnp.float32, *,
+                  tile: int, overlap: int) -> jax.Array:
+    """``decoder.denoise`` computed over overlapping tiles of ``tile x tile`` latents and blended.
 
-    latents: (B, h, w, C) raw SD latents; noise: (len(timesteps), B, 8h, 8w, 3) — the full-image
-    noise field, each tile reads its own slice. Returns (B, 8h, 8w, 3) float32. When one tile
-    covers the latent (``tile >= max(h, w)``) this is exactly ``decode_latents``.
-
-    Each tile's GroupNorms see only the tile; whole-image statistics (estimated from a first pass
-    over the tiles) were tried and made the result worse, so none are shared.
+    x_t (B, H, W, 3), z_up (B, H, W, C) normalised upsampled latents, H = 8h. Returns x0 (B, H, W, 3):
+    the sum over tiles of ramp weight * denoise(tile). The tiles are a ``lax.scan``, so one tile's
+    UNet activations are alive at a time. Pass it to ``decoder.decode_latents`` as ``denoise_fn``
+    (with ``tile`` and ``overlap`` bound) to get a tiled decode from the one sampler loop.
     """
-    b, h, w, _ = latents.shape
+    b, hp, wp, _ = x_t.shape
     f = config.upsample_factor
+    h, w = hp // f, wp // f
     rows, cols = tile_grid(h, w, tile, overlap)
-    if len(rows) == len(cols) == 1:
-        return decode_latents(params, latents, noise, config=config, timesteps=timesteps,
-                              clip_denoised=clip_denoised, dtype=dtype)
     th, tw = min(tile, h), min(tile, w)
     wy = jnp.asarray(ramp_weights(rows, tile, h, f))
     wx = jnp.asarray(ramp_weights(cols, tile, w, f))
     # One entry per tile: (row offset, col offset, row index, col index), offsets in latents.
     grid = jnp.asarray(np.array([(y, x, i, j) for i, y in enumerate(rows) for j, x in enumerate(cols)], np.int32))
-    tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
-    latents = latents.astype(jnp.float32)
 
-    def denoise_tiles(x_t: jax.Array, t: int) -> jax.Array:
-        """sum over tiles of weight * denoise(tile): (B, H, W, 3). A scan, so one tile's activations
-        are alive at a time."""
-        def body(acc, g):
-            y, x = g[0], g[1]
-            z = jax.lax.dynamic_slice(latents, (0, y, x, 0), (b, th, tw, latents.shape[-1]))
-            z_up = upsample_nearest(normalize_latents(z, config), f)
-            start = (0, y * f, x * f, 0)
-            x_tile = jax.lax.dynamic_slice(x_t, start, (b, th * f, tw * f, x_t.shape[-1]))
-            out = denoise(params, x_tile, z_up, t, config, dtype)
-            weight = (wy[g[2]][:, None] * wx[g[3]][None, :])[None, :, :, None]
-            blended = jax.lax.dynamic_slice(acc, start, out.shape) + weight * out
-            return jax.lax.dynamic_update_slice(acc, blended, start), None
+    def body(acc, g):
+        start = (0, g[0] * f, g[1] * f, 0)
+        x_tile = jax.lax.dynamic_slice(x_t, start, (b, th * f, tw * f, x_t.shape[-1]))
+        z_tile = jax.lax.dynamic_slice(z_up, start, (b, th * f, tw * f, z_up.shape[-1]))
+        out = denoise(params, x_tile, z_tile, t, config, dtype)
+        weight = (wy[g[2]][:, None] * wx[g[3]][None, :])[None, :, :, None]
+        blended = jax.lax.dynamic_slice(acc, start, out.shape) + weight * out
+        return jax.lax.dynamic_update_slice(acc, blended, start), None
 
-        acc, _ = jax.lax.scan(body, jnp.zeros_like(x_t), grid)
-        return acc
+    acc, _ = jax.lax.scan(body, jnp.zeros_like(x_t), grid)
+    return acc
 
-    x0 = jnp.zeros(noise.shape[1:], jnp.float32)
-    for step, t in enumerate(timesteps):
-        x_t = float(tables.sqrt_alphas_cumprod[t]) * x0 + float(tables.sqrt_one_minus_alphas_cumprod[t]) * noise[step]
-        x0 = denoise_tiles(x_t, t)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-    return x0
+
+def decode_latents_tiled(params: Any, latents: jax.Array, noise, *, config: DecoderConfig,
+                         tile: int, overlap: int, timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS,
+                         clip_denoised: bool = True, dtype=jnp.float32) -> jax.Array:
+    """``decode_latents`` computed over overlapping latent tiles; pure and jittable (all args but arrays static).
+
+    latents: (B, h, w, C) raw SD latents; noise: (len(timesteps), B, 8h, 8w, 3) — the full-image
+    noise field, each tile reads its own slice — or a function step -> (B, 8h, 8w, 3), as
+    ``decode_latents`` takes. Returns (B, 8h, 8w, 3) float32. When one tile covers the latent
+    (``tile >= max(h, w)``) this is exactly ``decode_latents``.
+
+    Each tile's GroupNorms see only the tile; whole-image statistics (estimated from a first pass
+    over the tiles) were tried and made the result worse, so none are shared.
+    """
+    rows, cols = tile_grid(latents.shape[1], latents.shape[2], tile, overlap)
+    tiled = None if len(rows) == len(cols) == 1 else functools.partial(tiled_denoise, tile=tile, overlap=overlap)
+    return decode_latents(params, latents, noise, config=config, timesteps=timesteps, clip_denoised=clip_denoised,
+                          dtype=dtype, denoise_fn=tiled)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:

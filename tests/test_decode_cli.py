@@ -1,4 +1,4 @@
-"""decode.py and cmjax.batch_decode: inputs, layouts, sharding, multi-host, failures, resuming, images.
+"""decode.py and cmjax.decoding.batch: inputs, layouts, sharding, multi-host, failures, resuming, images.
 
 Every run uses a tiny random-weight decoder. Runs on several devices or processes are subprocesses
 (XLA's device count is fixed at start-up); they share a persistent compilation cache, so a program
@@ -7,6 +7,7 @@ compiled by one run is reused by the next.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,9 @@ import pytest
 from PIL import Image
 
 import cmjax
-from cmjax import batch_decode as bd
+from cmjax import data
+from cmjax.decoding.batch import inputs, program
+from cmjax.decoding.batch import run as batch_run
 from tests.random_decoder import random_decoder, random_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,25 +99,25 @@ def single_device_run(ckpt, env, latents, tmp_path_factory):
 
 
 def test_layout_detection():
-    assert bd.detect_layout((4, 2, 3)) is True  # CHW
-    assert bd.detect_layout((2, 3, 4)) is False  # HWC
-    assert bd.detect_layout((7, 4, 2, 3)) is True  # NCHW
-    assert bd.detect_layout((7, 2, 3, 4)) is False  # NHWC
-    assert bd.detect_layout((4, 4, 2, 3)) is True  # N=4 does not confuse a 4-D batch
-    with pytest.raises(bd.InputError, match=r"ambiguous.*--layout"):
-        bd.detect_layout((4, 4, 4))
-    with pytest.raises(bd.InputError, match="ambiguous"):
-        bd.detect_layout((2, 4, 3, 4))
-    assert bd.detect_layout((4, 4, 4), "nhwc") is False
-    assert bd.detect_layout((2, 4, 3, 4), "nchw") is True
-    with pytest.raises(bd.InputError, match="--layout nchw puts 2 channels where 4"):
-        bd.detect_layout((2, 3, 4), "nchw")
-    with pytest.raises(bd.InputError, match="no axis of 4 latent channels"):
-        bd.detect_layout((2, 3, 5))
-    with pytest.raises(bd.InputError, match="3-D.*not 2-D"):
-        bd.detect_layout((2, 4))
-    with pytest.raises(bd.InputError, match="not 5-D"):
-        bd.detect_layout((1, 1, 4, 2, 3))
+    assert inputs.detect_layout((4, 2, 3)) is True  # CHW
+    assert inputs.detect_layout((2, 3, 4)) is False  # HWC
+    assert inputs.detect_layout((7, 4, 2, 3)) is True  # NCHW
+    assert inputs.detect_layout((7, 2, 3, 4)) is False  # NHWC
+    assert inputs.detect_layout((4, 4, 2, 3)) is True  # N=4 does not confuse a 4-D batch
+    with pytest.raises(inputs.InputError, match=r"ambiguous.*--layout"):
+        inputs.detect_layout((4, 4, 4))
+    with pytest.raises(inputs.InputError, match="ambiguous"):
+        inputs.detect_layout((2, 4, 3, 4))
+    assert inputs.detect_layout((4, 4, 4), "nhwc") is False
+    assert inputs.detect_layout((2, 4, 3, 4), "nchw") is True
+    with pytest.raises(inputs.InputError, match="--layout nchw puts 2 channels where 4"):
+        inputs.detect_layout((2, 3, 4), "nchw")
+    with pytest.raises(inputs.InputError, match="no axis of 4 latent channels"):
+        inputs.detect_layout((2, 3, 5))
+    with pytest.raises(inputs.InputError, match="3-D.*not 2-D"):
+        inputs.detect_layout((2, 4))
+    with pytest.raises(inputs.InputError, match="not 5-D"):
+        inputs.detect_layout((1, 1, 4, 2, 3))
 
 
 def test_scan_names_and_layouts(tmp_path):
@@ -125,10 +128,10 @@ def test_scan_names_and_layouts(tmp_path):
     save_file({"z/0": np.zeros((4, 5, 6), np.float32), "batch": np.zeros((2, 5, 6, 4), np.float32)},
               str(tmp_path / "in" / "sub" / "d.safetensors"))
     np.lib.format.open_memmap(tmp_path / "in" / "big.npy", "w+", np.float16, (1001, 1, 2, 4)).flush()
-    sources, errors = bd.discover([str(tmp_path / "in")], bd.LATENT_SUFFIXES)
+    sources, errors = inputs.discover([str(tmp_path / "in")], inputs.LATENT_SUFFIXES)
     assert errors == []
     assert [s.rel for s in sources] == ["a.npy", "b.npy", "big.npy", "c.npz", "sub/d.safetensors"]
-    items = [i for s in sources for i in bd.scan_latents(s, None, 4)[0]]
+    items = [i for s in sources for i in inputs.scan_latents(s, None, 4)[0]]
     by_id = {i.identity: i for i in items}
     assert set(truth) <= set(by_id)
     assert by_id["a.npy"].stem == "a" and by_id["a.npy"].channels_first and by_id["a.npy"].shape == (2, 3)
@@ -137,30 +140,30 @@ def test_scan_names_and_layouts(tmp_path):
     assert by_id["sub/d.safetensors:z/0"].stem == "sub/d_z_0" and by_id["sub/d.safetensors:z/0"].shape == (5, 6)
     assert by_id["sub/d.safetensors:batch:1"].stem == "sub/d_batch_001"
     assert by_id["big.npy:1000"].stem == "big_1000" and by_id["big.npy:7"].stem == "big_0007"
-    reader = bd.Reader()
+    reader = inputs.Reader()
     for identity, latent in truth.items():  # every layout is read back as the NHWC latent
         np.testing.assert_array_equal(reader.latent(by_id[identity]), latent)
     # a glob and a file name give the same names (and so the same noise) as the folder
-    sources, _ = bd.discover([str(tmp_path / "in" / "*.np?"), str(tmp_path / "in" / "b.npy")], bd.LATENT_SUFFIXES)
+    sources, _ = inputs.discover([str(tmp_path / "in" / "*.np?"), str(tmp_path / "in" / "b.npy")], inputs.LATENT_SUFFIXES)
     assert [s.rel for s in sources] == ["a.npy", "b.npy", "big.npy", "c.npz"]
-    _, errors = bd.discover([str(tmp_path / "nothing"), str(tmp_path / "in" / "*.png")], bd.LATENT_SUFFIXES)
+    _, errors = inputs.discover([str(tmp_path / "nothing"), str(tmp_path / "in" / "*.png")], inputs.LATENT_SUFFIXES)
     assert len(errors) == 2 and "no such file" in errors[0] and "matches no" in errors[1]
 
 
 def test_noise_identity_is_stable():
     """sha256-based, so the same on every run, host and Python (``hash()`` is salted per process)."""
-    np.testing.assert_array_equal(bd.identity_key_data("a.npy"), [0x521DA39C, 0x0DFF0259])
-    assert not np.array_equal(bd.identity_key_data("b.npy:0"), bd.identity_key_data("b.npy:1"))
-    n1 = bd.noise_for(3, "x.npy", 2, (8, 16))
+    np.testing.assert_array_equal(program.identity_key_data("a.npy"), [0x521DA39C, 0x0DFF0259])
+    assert not np.array_equal(program.identity_key_data("b.npy:0"), program.identity_key_data("b.npy:1"))
+    n1 = program.noise_for(3, "x.npy", 2, (8, 16))
     assert n1.shape == (2, 1, 8, 16, 3)
-    np.testing.assert_array_equal(n1, bd.noise_for(3, "x.npy", 2, (8, 16)))
-    assert not np.allclose(n1, bd.noise_for(4, "x.npy", 2, (8, 16)))  # the seed matters
+    np.testing.assert_array_equal(n1, program.noise_for(3, "x.npy", 2, (8, 16)))
+    assert not np.allclose(n1, program.noise_for(4, "x.npy", 2, (8, 16)))  # the seed matters
     assert abs(n1.std() - 1) < 0.2 and not np.allclose(n1[0], n1[1])  # fresh noise per step
 
 
 def test_to_uint8_rounds():
     x = np.array([-1.5, -1.0, -0.999, 0.0, 0.0039, 1.0, 2.0], np.float32)
-    np.testing.assert_array_equal(bd.to_uint8(x), [0, 0, 0, 128, 128, 255, 255])  # 127.5 rounds to even, 128
+    np.testing.assert_array_equal(data.to_uint8(x), [0, 0, 0, 128, 128, 255, 255])  # 127.5 rounds to even, 128
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tm
     # The documented noise recipe: decoding one input with noise_for(seed, identity) gives its image.
     dec = cmjax.load_decoder(ckpt)
     for identity, stem in [("a.npy", "a"), ("b.npy:1", "b_001")]:
-        noise = bd.noise_for(0, identity, 2, (16, 24))
+        noise = program.noise_for(0, identity, 2, (16, 24))
         image = np.asarray(cmjax.decode(dec, latents[1][identity][None], noise=noise))[0]
         np.testing.assert_allclose(np.load(ref_out / f"{stem}.npy"), image, atol=1e-5, rtol=0)
 
@@ -256,9 +259,7 @@ def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
 
 def run_main(capsys, *argv) -> tuple[int, str]:
     """decode.py's main in this process: (exit status, stderr)."""
-    import decode
-
-    status = bd.main(decode.parse_args([*map(str, argv), "--no-progress"]))
+    status = batch_run.main([*map(str, argv), "--no-progress"])
     return status, capsys.readouterr().err
 
 
@@ -312,7 +313,7 @@ def test_interrupted_run_resumes(ckpt, env, tmp_path):
 # In-process API: programs per shape, output name clashes
 
 
-def test_run_compiles_once_per_shape(ckpt, tmp_path):
+def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(3)
@@ -320,11 +321,14 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path):
     np.save(folder / "y.npy", rng.normal(size=(2, 4, 1, 1)).astype(np.float32))  # NCHW 1x1
     np.save(folder / "z.npy", rng.normal(size=(1, 2, 4)).astype(np.float32))
     zipfile.ZipFile(folder / "z.npz", "w").close()  # an empty archive
-    options = bd.DecodeOptions(output=tmp_path / "out", timesteps=(1008,), batch_size=2, progress=False)
+    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008,), batch_size=2, progress=False)
     messages = []
-    summary = bd.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
+    summary = batch_run.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
     assert (summary.decoded, summary.failed, summary.programs) == (6, 1, 2)
     assert messages == [f"error: {folder / 'z.npz'}: cannot read: no arrays in this .npz file"]
+    compiling = [line for line in capsys.readouterr().err.splitlines() if line.startswith("compiling")]
+    assert compiling == ["compiling the decoder for 1x1 latents (once per input shape)",
+                         "compiling the decoder for 1x2 latents (once per input shape)"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "x_000.png", "x_001.png", "x_002.png", "y_000.png", "y_001.png", "z.png"]
     with Image.open(tmp_path / "out" / "y_000.png") as img:
@@ -371,15 +375,39 @@ def test_images_compare(ckpt, vae_ckpts, env, tmp_path):
     with Image.open(out / "sub" / "dog.png") as img:
         assert img.size == (24, 16)
     with Image.open(out / "cat_compare.png") as img:
-        panel = np.asarray(img)
-    assert panel.shape == (16, 72, 3)
-    np.testing.assert_array_equal(panel[:, :24], cat)  # input | GAN | consistency
-    np.testing.assert_array_equal(panel[:, 48:], np.asarray(Image.open(out / "cat.png")))
+        strip = np.asarray(img)
+    # input | GAN | consistency, left to right, pixels unchanged, each under its label
+    x_input, y = find_panel(strip, cat)
+    x_cd, y_cd = find_panel(strip, np.asarray(Image.open(out / "cat.png")))
+    assert y == y_cd > 0 and x_input < strip.shape[1] // 3 < 2 * strip.shape[1] // 3 <= x_cd
+    dark = strip.min(axis=2) < 128  # black text on white, outside the panels
+    assert dark[:y].any(axis=0)[x_input:x_input + 24].any() and dark[:y].any(axis=0)[x_cd:x_cd + 24].any()
+    below = dark[y + 16:].any(axis=0)  # a PSNR under the two decoders, nothing under the input
+    assert below[x_cd:x_cd + 24].any() and not below[x_input:x_input + 24].any()
     with Image.open(out / "sub" / "dog_compare.png") as img:
-        np.testing.assert_array_equal(np.asarray(img)[:, :24], dog[1:17, 1:25])  # center crop
+        assert find_panel(np.asarray(img), dog[1:17, 1:25]) == (x_input, y)  # center crop
 
 
-def test_compare_needs_the_gan_decoder(ckpt, vae_ckpts, tmp_path, capsys):
-    status, err = run_main(capsys, "--checkpoint", ckpt, "--output", tmp_path / "o", "--images", "--compare",
-                           "--vae", vae_ckpts / "encoder_only", tmp_path)
-    assert status == 2 and "holds only the encoder" in err
+def find_panel(strip: np.ndarray, panel: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the one place where ``panel`` appears unchanged in ``strip``."""
+    h, w = panel.shape[:2]
+    windows = np.lib.stride_tricks.sliding_window_view(strip, (h, w, 3))[:, :, 0]
+    ys, xs = np.nonzero((windows == panel).all(axis=(2, 3, 4)))
+    assert len(xs) == 1, f"panel found {len(xs)} times"
+    return int(xs[0]), int(ys[0])
+
+
+def test_help(env):
+    """decode.py --help exits 0; INPUT mentions images under --images; every option states its
+    default (or that it is required)."""
+    res = subprocess.run([sys.executable, str(REPO / "decode.py"), "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "with --images: image files (.png, .jpg" in " ".join(res.stdout.split())
+    options = res.stdout[res.stdout.index("options:"):]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", options)[1:]]  # an entry starts "  -"
+    flags = {e.split()[0].rstrip(",") for e in entries}
+    assert {"--checkpoint", "--steps", "--tile", "--vae", "--process-id", "--compare", "--clip"} <= flags, flags
+    assert len(entries) == 22, entries
+    for entry in entries[1:]:  # all but -h
+        assert "default" in entry or "(required)" in entry, entry

@@ -97,16 +97,14 @@ def test_tiled_decode_matches_untiled(params):
 
 def test_batch_decode_uses_tiles(params):
     """decode.py's --tile: the sharded batch step decodes tiled, with the item's own noise field."""
-    from pathlib import Path
+    from cmjax import parallel
+    from cmjax.decoding.batch import program
 
-    from cmjax import batch_decode, parallel
-
-    options = batch_decode.DecodeOptions(output=Path("unused"), timesteps=(1008,), tile=4, tile_overlap=2)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    step = batch_decode.make_decode_fn(TINY, options, mesh)
+    step = program.make_decode_fn(TINY, mesh, seed=0, timesteps=(1008,), tile=4, overlap=2)
     latents = np.random.default_rng(2).normal(size=(1, 6, 5, 4)).astype(np.float32)
-    got = np.asarray(step(params, latents, batch_decode.identity_key_data("t.npy")[None]))
-    noise = jnp.asarray(batch_decode.noise_for(0, "t.npy", 1, (48, 40)))
+    got = np.asarray(step(params, latents, program.identity_key_data("t.npy")[None]))
+    noise = jnp.asarray(program.noise_for(0, "t.npy", 1, (48, 40)))
     want = np.asarray(jax.jit(functools.partial(tiling.decode_latents_tiled, config=TINY, tile=4, overlap=2,
                                                 timesteps=(1008,)))(params, latents, noise))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
