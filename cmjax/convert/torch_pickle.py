@@ -36,6 +36,8 @@ import math
 import os
 import pickle
 import re
+import reprlib
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -43,11 +45,23 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ["CheckpointError", "load_torch_file"]
+__all__ = ["CheckpointError", "check_regular_file", "load_torch_file"]
 
 # Bytes copied per read when streaming a storage out of the zip: keeps the transient extra
 # memory small while the whole storage lands in a single preallocated buffer.
 _CHUNK = 16 << 20
+
+# Limits that keep a hostile file from costing memory or time out of proportion to its size.
+# Real checkpoints stay far below them (OpenAI's decoder.pt: ~600 tensors, nesting depth ~12).
+_MAX_TENSORS = 100_000
+_MAX_DEPTH = 100
+_MAX_PICKLE_BYTES = 1 << 30  # data.pkl / constants.pkl
+# A deflated record may inflate to at most this many times its compressed size (torch never
+# compresses records; a higher ratio is a zip bomb).
+_MAX_INFLATE_RATIO = 64
+# All arrays returned together may take at most this many times the bytes of the storages they
+# view: views of one storage sum to at most one storage, tied weights repeat a tensor.
+_MAX_EXPANSION = 4
 
 # Legacy torch.save files start with a pickled int (this magic number), then a protocol version.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -117,7 +131,7 @@ _STORAGE_DTYPES = {
 # Stand-ins that the restricted unpickler hands out instead of torch objects
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _StorageType:
     """Stand-in for ``torch.FloatStorage`` & co.; ``dtype`` is None where the name is unknown."""
 
@@ -125,7 +139,7 @@ class _StorageType:
     dtype: np.dtype | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _DType:
     """Stand-in for a ``torch.<dtype>`` global (used by ``_rebuild_tensor_v3``)."""
 
@@ -133,7 +147,7 @@ class _DType:
     dtype: np.dtype | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _StorageRef:
     """A storage named by the pickle: bytes in ``record``, ``numel`` elements of ``dtype``.
 
@@ -146,7 +160,7 @@ class _StorageRef:
     base: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _TensorRef:
     """A tensor to build later: elements of ``dtype`` viewed from ``storage`` with strides."""
 
@@ -165,10 +179,7 @@ class _ScriptObject:
     """
 
     torch_type = "__torch__"
-
-    def __setstate__(self, state: Any) -> None:
-        # BUILD hands over the attribute dict (or, for classes with __getstate__, any value).
-        self.state = state
+    state: Any = None  # set once, by the pickle's BUILD (see _RestrictedUnpickler._load_build)
 
     def __repr__(self) -> str:
         return f"<TorchScript {self.torch_type}>"
@@ -176,6 +187,8 @@ class _ScriptObject:
 
 class _TypeMarker:
     """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` in ``_rebuild_from_type_v2``."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -185,13 +198,36 @@ class _TypeMarker:
 # The restricted unpickler
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# Types a dict key or set element may have: hashing them costs time proportional to their size.
+# (A tuple of tuples shared by reference hashes in time exponential in its depth.)
+_PLAIN = (str, bytes, int, float, bool, type(None))
+_REPR = reprlib.Repr()  # bounded repr for messages: a pickle can build objects whose full
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60  # repr takes forever
+_short = _REPR.repr
+
+
+def _plain_key(key: Any) -> bool:
+    return type(key) in _PLAIN or (type(key) is tuple and all(type(k) in _PLAIN for k in key))
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that only rebuilds tensor descriptions; any other global is refused.
 
     ``storage_prefix`` is the zip directory holding the storages referenced by this pickle
     (``"<root>/data/"``, or ``"<root>/constants/"`` for TorchScript constants); the legacy format
     sets ``legacy=True`` and names storages by their root key.
+
+    It is the pure-Python unpickler (``pickle._Unpickler``, the reference implementation of the
+    pickle VM) so that the opcodes that mutate an object already built can be checked: the C
+    unpickler would let ``BUILD`` write into the stand-ins' attributes after they were validated
+    and let ``SETITEM`` hash arbitrarily deep keys. Here ``BUILD`` is accepted only on a
+    TorchScript object (once) or a dict (its attributes, e.g. ``_metadata``, are dropped);
+    ``SETITEM(S)``/``DICT`` only on dicts with plain keys (strings, numbers, flat tuples);
+    ``APPEND(S)`` only on lists; sets only of plain elements. The pickles involved are small (the
+    tensor bytes live in separate records), so the slower VM costs milliseconds.
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: BinaryIO, *, path: str, member: str, storage_prefix: str = "",
                  legacy: bool = False) -> None:
@@ -207,6 +243,68 @@ class _RestrictedUnpickler(pickle.Unpickler):
     # -- errors ----------------------------------------------------------------------------
     def _fail(self, problem: str) -> CheckpointError:
         return CheckpointError(f"{self._path}: {problem} (in {self._member})")
+
+    # -- opcodes that mutate existing objects -------------------------------------------------
+    def _checked_items(self, items: list, what: str) -> list:
+        for key in items:
+            if not _plain_key(key):
+                raise self._fail(f"{what} of type {type(key).__name__} (only strings, numbers and "
+                                 "flat tuples of them are accepted)")
+        return items
+
+    def _target(self, kind: type, opcode: str) -> Any:
+        obj = self.stack[-1]
+        if not isinstance(obj, kind):
+            raise self._fail(f"{opcode} applied to a {type(obj).__name__}, not a {kind.__name__}")
+        return obj
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        obj = self.stack[-1]
+        if isinstance(obj, _ScriptObject) and obj.state is None:
+            obj.state = state  # BUILD hands over the attribute dict (or any __getstate__ value)
+        elif type(obj) in (dict, collections.OrderedDict):
+            pass  # state_dict()'s _metadata attribute: not needed, dropped
+        else:
+            raise self._fail(f"BUILD applied to a {type(obj).__name__} (only TorchScript objects "
+                             "and dicts take pickled state)")
+
+    def _load_setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        self._target(dict, "SETITEM")[self._checked_items([key], "dict key")[0]] = value
+
+    def _load_setitems(self) -> None:
+        items = self.pop_mark()
+        keys = self._checked_items(items[::2], "dict key")
+        self._target(dict, "SETITEMS").update(zip(keys, items[1::2]))
+
+    def _load_dict(self) -> None:
+        items = self.pop_mark()
+        self.append(dict(zip(self._checked_items(items[::2], "dict key"), items[1::2])))
+
+    def _load_append(self) -> None:
+        value = self.stack.pop()
+        self._target(list, "APPEND").append(value)
+
+    def _load_appends(self) -> None:
+        items = self.pop_mark()
+        self._target(list, "APPENDS").extend(items)
+
+    def _load_additems(self) -> None:
+        items = self._checked_items(self.pop_mark(), "set element")
+        self._target(set, "ADDITEMS").update(items)
+
+    def _load_frozenset(self) -> None:
+        self.append(frozenset(self._checked_items(self.pop_mark(), "set element")))
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.APPEND[0]] = _load_append
+    dispatch[pickle.APPENDS[0]] = _load_appends
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
 
     # -- globals ---------------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
@@ -241,21 +339,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         """Return the :class:`_StorageRef` for a ``('storage', type, key, location, numel[, view])``
         persistent id, after checking its shape."""
         if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
-            raise self._fail(f"unsupported persistent id {pid!r:.80}")
+            raise self._fail(f"unsupported persistent id {_short(pid)}")
         n = 6 if self._legacy else 5
         if len(pid) != n:
-            raise self._fail(f"malformed storage id {pid!r:.120}")
+            raise self._fail(f"malformed storage id {_short(pid)}")
         stype, key, numel = pid[1], pid[2], pid[4]
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
         if not isinstance(stype, _StorageType):
-            raise self._fail(f"storage id {pid!r:.120} does not name a storage type")
+            raise self._fail(f"storage id {_short(pid)} does not name a storage type")
         if stype.dtype is None:
             raise self._fail(f"unsupported storage type torch.{stype.name}")
         if not isinstance(key, str) or not re.fullmatch(r"[\w.-]+", key):
-            raise self._fail(f"malformed storage key {key!r:.80}")
+            raise self._fail(f"malformed storage key {_short(key)}")
         if not isinstance(numel, int) or numel < 0:
-            raise self._fail(f"malformed storage size {numel!r:.80}")
+            raise self._fail(f"malformed storage size {_short(numel)}")
         if not self._legacy:
             return _StorageRef(self._prefix + key, stype.dtype, numel)
         # Legacy ids carry an optional view (view_key, element offset, element count).
@@ -265,7 +363,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageRef(key, stype.dtype, numel)
         if (not isinstance(view, tuple) or len(view) != 3
                 or not all(isinstance(v, int) and v >= 0 for v in view[1:])):
-            raise self._fail(f"malformed storage view {view!r:.80}")
+            raise self._fail(f"malformed storage view {_short(view)}")
         return _StorageRef(key, stype.dtype, view[2], base=view[1])
 
     # -- tensors ---------------------------------------------------------------------------
@@ -278,21 +376,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 and len(shape) == len(stride)
                 and all(isinstance(v, int) and v >= 0 for v in shape + stride)
                 and isinstance(offset, int) and offset >= 0):
-            raise self._fail(f"malformed tensor geometry offset={offset!r:.40} "
-                             f"size={shape!r:.80} stride={stride!r:.80}")
+            raise self._fail(f"malformed tensor geometry offset={_short(offset)} "
+                             f"size={_short(shape)} stride={_short(stride)}")
         dtype = storage.dtype if dtype is None else dtype
         # Offsets/strides count elements of the tensor's dtype; the storage may be untyped bytes.
         nbytes = storage.numel * storage.dtype.itemsize
         if nbytes % dtype.itemsize:
             raise self._fail(f"storage of {nbytes} bytes viewed as {dtype}")
-        available = nbytes // dtype.itemsize
-        # Refuse geometries reaching outside the storage: as_strided would read foreign memory.
-        if 0 not in shape:
-            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-            if last >= available:
-                raise self._fail(f"tensor of size {shape} stride {stride} offset {offset} "
-                                 f"exceeds its storage of {available} elements")
-        return _TensorRef(storage, offset, shape, stride, np.dtype(dtype))
+        ref = _TensorRef(storage, offset, shape, stride, np.dtype(dtype))
+        problem = _geometry_problem(ref, nbytes // dtype.itemsize)
+        if problem:
+            raise self._fail(problem)
+        return ref
+
+
+def _geometry_problem(ref: _TensorRef, available: int) -> str | None:
+    """Why ``ref`` cannot be read from a storage of ``available`` elements, or None if it can.
+
+    Refused: views reaching outside the storage (``as_strided`` would read foreign memory) and
+    views with more elements than the storage (a stride 0 or overlapping strides, which would
+    let a tiny file expand into gigabytes; saved weights never need them). Python ints: no
+    overflow whatever the sizes.
+    """
+    numel = math.prod(ref.shape)
+    if numel == 0:
+        return None
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+    if last >= available:
+        return (f"tensor of size {ref.shape} stride {ref.stride} offset {ref.offset} exceeds its "
+                f"storage of {available} elements")
+    if numel > available:
+        return (f"tensor of size {ref.shape} stride {ref.stride} has {numel} elements but its "
+                f"storage only {available} (broadcast or overlapping strides are not accepted)")
+    return None
 
 
 def _rebuild_v2(up: _RestrictedUnpickler) -> Callable[..., _TensorRef]:
@@ -309,7 +425,7 @@ def _rebuild_v3(up: _RestrictedUnpickler) -> Callable[..., _TensorRef]:
     # the storage is untyped bytes and the element type comes as a torch.<dtype> global.
     def f(storage, offset, size, stride, requires_grad=None, hooks=None, dtype=None, *_ignored):
         if not isinstance(dtype, _DType) or dtype.dtype is None:
-            name = dtype.name if isinstance(dtype, _DType) else repr(dtype)[:40]
+            name = dtype.name if isinstance(dtype, _DType) else _short(dtype)
             raise up._fail(f"unsupported tensor dtype {name}")
         return up.rebuild(storage, offset, size, stride, dtype.dtype)
 
@@ -358,7 +474,9 @@ def _restore_type_tag(up: _RestrictedUnpickler) -> Callable[..., Any]:
 def _device(up: _RestrictedUnpickler) -> Callable[..., str]:
     # torch.device("cuda", 0) -> "cuda:0"; only ever kept as an inert string.
     def f(kind, index=None):
-        return str(kind) if index is None else f"{kind}:{index}"
+        if not isinstance(kind, str) or not (index is None or type(index) is int):
+            raise up._fail("malformed torch.device")
+        return kind if index is None else f"{kind}:{index}"
 
     return f
 
@@ -382,6 +500,18 @@ def _complex(up: _RestrictedUnpickler) -> Callable[..., complex]:
     return f
 
 
+def _ordered_dict(up: _RestrictedUnpickler) -> Callable[..., collections.OrderedDict]:
+    # OrderedDict pickles as OrderedDict() + SETITEMS; items passed as an argument get the
+    # same key check as SETITEMS.
+    def f(items=()):
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(kv, tuple) and len(kv) == 2 and _plain_key(kv[0]) for kv in items):
+            raise up._fail("OrderedDict built from something other than (plain key, value) pairs")
+        return collections.OrderedDict(items)
+
+    return f
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[_RestrictedUnpickler], Any]] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
@@ -392,7 +522,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[_RestrictedUnpickler], Any]] =
     ("torch", "Tensor"): lambda up: _TypeMarker("torch.Tensor"),
     ("torch._tensor", "Tensor"): lambda up: _TypeMarker("torch.Tensor"),
     ("torch.nn.parameter", "Parameter"): lambda up: _TypeMarker("torch.nn.Parameter"),
-    ("collections", "OrderedDict"): lambda up: collections.OrderedDict,
+    ("collections", "OrderedDict"): _ordered_dict,
     ("torch", "Size"): lambda up: tuple,
     ("torch", "device"): _device,
     ("torch.storage", "UntypedStorage"): _storage_type("UntypedStorage"),
@@ -418,19 +548,25 @@ def _flatten(obj: Any, path: str) -> list[tuple[str, _TensorRef]]:
 
     TorchScript objects and dicts contribute their keys, lists/tuples their indices; anything
     that is not a tensor (flags, ints, strings, devices) is skipped, as ``state_dict()`` does.
-    Raises CheckpointError if two tensors end up with the same name.
+    Each container is visited once, under the first name that reaches it: a pickle may share
+    objects (a list holding the previous list twice, 40 deep, is 2**40 paths in 1 KB) and
+    walking them as a tree would never end. A tensor reached twice (tied weights) gets both names.
+    Raises CheckpointError on duplicate names, more than ``_MAX_TENSORS`` tensors or nesting
+    deeper than ``_MAX_DEPTH``.
     """
     out: dict[str, _TensorRef] = {}
-    active: set[int] = set()  # containers on the current path, to survive cyclic pickles
+    seen: set[int] = set()  # ids of the containers visited (all alive: they are part of obj)
 
-    def visit(node: Any, prefix: str) -> None:
+    def visit(node: Any, prefix: str, depth: int) -> None:
         if isinstance(node, _TensorRef):
             if prefix in out:
                 raise CheckpointError(f"{path}: duplicate tensor name {prefix!r} after flattening")
+            if len(out) >= _MAX_TENSORS:
+                raise CheckpointError(f"{path}: more than {_MAX_TENSORS} tensors")
             out[prefix] = node
             return
         if isinstance(node, _ScriptObject):
-            node = getattr(node, "state", None)
+            node = node.state
             if isinstance(node, (_TensorRef, _ScriptObject)):
                 node = (node,)
         if isinstance(node, dict):
@@ -439,17 +575,15 @@ def _flatten(obj: Any, path: str) -> list[tuple[str, _TensorRef]]:
             items = enumerate(node)
         else:
             return
-        if id(node) in active:
+        if id(node) in seen:
             return
-        active.add(id(node))
+        if depth >= _MAX_DEPTH:
+            raise CheckpointError(f"{path}: objects nested more than {_MAX_DEPTH} levels deep")
+        seen.add(id(node))
         for k, v in items:
-            visit(v, f"{prefix}.{k}" if prefix else str(k))
-        active.discard(id(node))
+            visit(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
 
-    try:
-        visit(obj, "")
-    except RecursionError:
-        raise CheckpointError(f"{path}: object nesting too deep") from None
+    visit(obj, "", 0)
     return list(out.items())
 
 
@@ -466,7 +600,7 @@ def _select(obj: Any, key: str | None, path: str) -> Any:
     node = obj
     for part in key.split("."):
         if isinstance(node, _ScriptObject):
-            node = getattr(node, "state", None)
+            node = node.state
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
@@ -490,13 +624,15 @@ def _swap_bytes(buf: np.ndarray, dtype: np.dtype) -> None:
 class _Materializer:
     """Builds numpy arrays from :class:`_TensorRef`s, reading each storage record once.
 
-    ``read(record)`` returns a fresh writable uint8 buffer with the record's bytes. A tensor
+    ``read(record, nbytes)`` returns a fresh writable uint8 buffer with the record's bytes, where
+    ``nbytes`` is the size the pickle declares for it (the reader refuses a record of another
+    size instead of reading whatever the archive holds). A tensor
     covering its whole storage contiguously is returned as a view of that buffer (no copy); any
     other tensor, or a second tensor on an already returned buffer, is copied, so that no two
     returned arrays share memory.
     """
 
-    def __init__(self, path: str, read: Callable[[str], np.ndarray], big_endian: bool) -> None:
+    def __init__(self, path: str, read: Callable[[str, int], np.ndarray], big_endian: bool) -> None:
         self._path = path
         self._read = read
         self._big_endian = big_endian
@@ -504,6 +640,17 @@ class _Materializer:
     def build(self, refs: list[tuple[str, _TensorRef]]) -> dict[str, np.ndarray]:
         """Return ``{name: array}``; storages are dropped as soon as their last tensor is built."""
         remaining = collections.Counter(ref.storage.record for _, ref in refs)
+        declared: dict[str, int] = {}
+        for _, ref in refs:
+            st = ref.storage
+            end = (st.base + st.numel) * st.dtype.itemsize
+            declared[st.record] = max(declared.get(st.record, 0), end)
+        # Checked before anything is read: what the arrays will take, against what they view.
+        wanted = sum(math.prod(ref.shape) * ref.dtype.itemsize for _, ref in refs)
+        if wanted > _MAX_EXPANSION * sum(declared.values()) + (1 << 20):
+            raise CheckpointError(f"{self._path}: its tensors would take {wanted} bytes, more than "
+                                  f"{_MAX_EXPANSION}x the {sum(declared.values())} bytes of their "
+                                  "storages (views repeated under many names)")
         cache: dict[str, np.ndarray] = {}
         handed_out: set[str] = set()  # records whose buffer already backs a returned array
         out: dict[str, np.ndarray] = {}
@@ -511,7 +658,7 @@ class _Materializer:
             record = ref.storage.record
             buf = cache.get(record)
             if buf is None:
-                buf = self._read(record)
+                buf = self._read(record, declared[record])
                 if self._big_endian:
                     _swap_bytes(buf, ref.dtype)
                 cache[record] = buf
@@ -544,6 +691,10 @@ class _Materializer:
 
     def _copy(self, name: str, ref: _TensorRef, typed: np.ndarray) -> np.ndarray:
         """Return a C-contiguous copy of the (possibly strided, offset) tensor view."""
+        # Checked again here, at the copy, against the buffer actually read.
+        problem = _geometry_problem(ref, typed.size)
+        if problem:
+            raise CheckpointError(f"{self._path}: tensor {name!r}: {problem}")
         try:
             if 0 in ref.shape:
                 return np.zeros(ref.shape, ref.dtype)
@@ -582,31 +733,55 @@ def _find_root(zf: zipfile.ZipFile, path: str) -> str:
     return roots[0]
 
 
-def _zip_reader(zf: zipfile.ZipFile, path: str) -> Callable[[str], np.ndarray]:
-    """Return ``read(record)``: the record's bytes as a fresh writable uint8 array."""
-    archive_size = os.path.getsize(path)
+def _read_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: int | None = None,
+                 limit: int | None = None) -> np.ndarray:
+    """Return a zip record's bytes as a fresh writable uint8 array, reading no more than declared.
 
-    def read(record: str) -> np.ndarray:
+    ``size``: the size the pickle declares for it (refused if the archive says otherwise);
+    ``limit``: the most bytes accepted when nothing declares a size. The central directory's
+    sizes are checked against the file (a stored record cannot be larger than the archive, a
+    deflated one cannot inflate more than ``_MAX_INFLATE_RATIO`` times) before allocating;
+    zipfile never inflates past the directory's size and checks the CRC at the end.
+    """
+    name = info.filename
+    if size is not None and info.file_size != size:
+        relation = "more" if info.file_size > size else "fewer"
+        raise CheckpointError(f"{path}: record {name!r} holds {info.file_size} bytes, {relation} "
+                              f"than the {size} its tensors declare")
+    if limit is not None and info.file_size > limit:
+        raise CheckpointError(f"{path}: record {name!r} holds {info.file_size} bytes, more than "
+                              f"the {limit} accepted")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size > os.path.getsize(path):
+            raise CheckpointError(f"{path}: record {name!r} claims {info.file_size} bytes, more "
+                                  "than the whole file")
+    elif info.file_size > max(_MAX_INFLATE_RATIO * info.compress_size, 1 << 20):
+        raise CheckpointError(f"{path}: record {name!r} inflates from {info.compress_size} to "
+                              f"{info.file_size} bytes (a zip bomb?)")
+    buf = np.empty(info.file_size, np.uint8)
+    mv = memoryview(buf)
+    pos = 0
+    # Stream into one preallocated buffer: the record's bytes are held in memory once.
+    with zf.open(info) as fh:
+        while pos < info.file_size:
+            chunk = fh.read(min(_CHUNK, info.file_size - pos))
+            if not chunk:
+                raise CheckpointError(f"{path}: record {name!r} is truncated")
+            mv[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+        fh.read(1)  # at the end: lets zipfile compare the CRC
+    return buf
+
+
+def _zip_reader(zf: zipfile.ZipFile, path: str) -> Callable[[str, int], np.ndarray]:
+    """Return ``read(record, nbytes)`` for :class:`_Materializer`."""
+
+    def read(record: str, nbytes: int) -> np.ndarray:
         try:
             info = zf.getinfo(record)
         except KeyError:
             raise CheckpointError(f"{path}: missing storage record {record!r}") from None
-        if info.compress_type == zipfile.ZIP_STORED and info.file_size > archive_size:
-            # A lying central directory must not make us allocate absurd buffers.
-            raise CheckpointError(f"{path}: storage record {record!r} claims {info.file_size} "
-                                  f"bytes, more than the whole file")
-        buf = np.empty(info.file_size, np.uint8)
-        mv = memoryview(buf)
-        pos = 0
-        # Stream into one preallocated buffer: the record's bytes are held in memory once.
-        with zf.open(info) as fh:
-            while pos < info.file_size:
-                chunk = fh.read(min(_CHUNK, info.file_size - pos))
-                if not chunk:
-                    raise CheckpointError(f"{path}: storage record {record!r} is truncated")
-                mv[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-        return buf
+        return _read_record(zf, info, path, size=nbytes)
 
     return read
 
@@ -621,28 +796,37 @@ def _unpickle(up: _RestrictedUnpickler, path: str, member: str) -> Any:
         raise CheckpointError(f"{path}: cannot unpickle {member}: {type(e).__name__}: {e}") from e
 
 
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError,
+               NotImplementedError, RuntimeError, OverflowError)
+
+
+def _pickle_bytes(zf: zipfile.ZipFile, member: str, path: str) -> bytes:
+    return _read_record(zf, zf.getinfo(member), path, limit=_MAX_PICKLE_BYTES).tobytes()
+
+
 def _load_zip(path: str, key: str | None, include_constants: bool) -> dict[str, np.ndarray]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except _ZIP_ERRORS as e:
         raise CheckpointError(f"{path}: truncated or corrupt zip archive ({e})") from e
     with zf:
         try:
             root = _find_root(zf, path)
             big_endian = False
             if root + "byteorder" in zf.namelist():
-                order = zf.read(root + "byteorder").decode("ascii", "replace").strip()
+                raw = _read_record(zf, zf.getinfo(root + "byteorder"), path, limit=16)
+                order = raw.tobytes().decode("ascii", "replace").strip()
                 if order not in ("little", "big"):
                     raise CheckpointError(f"{path}: unknown byte order {order!r}")
                 big_endian = order == "big"
             member = root + "data.pkl"
-            up = _RestrictedUnpickler(io.BytesIO(zf.read(member)), path=path, member=member,
-                                      storage_prefix=root + "data/")
+            up = _RestrictedUnpickler(io.BytesIO(_pickle_bytes(zf, member, path)), path=path,
+                                      member=member, storage_prefix=root + "data/")
             obj = _unpickle(up, path, member)
             refs = _flatten(_select(obj, key, path), path)
             if include_constants and root + "constants.pkl" in zf.namelist():
                 cmember = root + "constants.pkl"
-                cup = _RestrictedUnpickler(io.BytesIO(zf.read(cmember)), path=path,
+                cup = _RestrictedUnpickler(io.BytesIO(_pickle_bytes(zf, cmember, path)), path=path,
                                            member=cmember, storage_prefix=root + "constants/")
                 consts = _unpickle(cup, path, cmember)
                 if isinstance(consts, tuple):
@@ -656,8 +840,9 @@ def _load_zip(path: str, key: str | None, include_constants: bool) -> dict[str, 
             return _Materializer(path, _zip_reader(zf, path), big_endian).build(refs)
         except CheckpointError:
             raise
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
-            # CRC mismatches, bad local headers, a file cut inside a record ...
+        except _ZIP_ERRORS as e:
+            # CRC mismatches, bad local headers, a file cut inside a record, an unsupported
+            # compression method or encryption (NotImplementedError, RuntimeError) ...
             raise CheckpointError(f"{path}: truncated or corrupt zip archive ({e})") from e
 
 
@@ -700,7 +885,9 @@ def _load_legacy(path: str, key: str | None) -> dict[str, np.ndarray]:
             spans[k] = (start, nbytes)
             f.seek(nbytes, io.SEEK_CUR)
 
-        def read(record: str) -> np.ndarray:
+        def read(record: str, nbytes: int) -> np.ndarray:
+            # The span's size comes from the file and was checked against it; views may declare
+            # less than the whole storage (Materializer checks they fit).
             if record not in spans:
                 raise CheckpointError(f"{path}: missing storage record {record!r}")
             start, nbytes = spans[record]
@@ -744,6 +931,7 @@ def load_torch_file(path: str | os.PathLike, *, key: str | None = None,
     """
     path = os.fspath(path)
     try:
+        check_regular_file(path)
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_PREFIX))
     except OSError as e:
@@ -761,6 +949,22 @@ def load_torch_file(path: str | os.PathLike, *, key: str | None = None,
     raise CheckpointError(
         f"{path}: not a PyTorch checkpoint (unrecognised leading bytes {head[:8].hex()}; "
         f"expected a zip archive or a legacy torch.save file)")
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless ``path`` is a regular file (after symlinks).
+
+    Checked before opening: reading a FIFO blocks forever, and ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open checkpoint ({e.strerror or e})") from e
+    if not stat.S_ISREG(mode):
+        what = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise CheckpointError(f"{path}: is {what}, not a regular checkpoint file")
 
 
 def _looks_like_tar(path: str) -> bool:
