@@ -1,7 +1,12 @@
 """The checkpoint formats: a directory with the params (orbax) and the config (JSON).
 
-    DIR/cmjax.json   {"format": "cmjax-decoder", "version": 1, "config": {...}, "source": "..."}
+    DIR/cmjax.json   {"format": "cmjax-decoder", "version": 1, "config": {...}, "source": "...",
+                      "params_sha256": "..."}
     DIR/params/      orbax StandardCheckpointer tree of float arrays (Flax param names, HWIO kernels)
+
+``params_sha256`` is a digest of the params (names, dtypes, shapes, bytes) taken when the checkpoint
+is written and checked when it is loaded, so flipped bytes in a data file are refused instead of
+decoding to wrong pixels (``verify=False`` skips it; checkpoints written before it have none).
 
 The SD VAE uses the same layout with format "cmjax-vae" and one more field, "parts": the halves
 present (["encoder", "decoder"], or ["encoder"] for the encoder bundled with a consistency decoder).
@@ -12,6 +17,7 @@ or interrupted save never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -75,7 +81,30 @@ def _params_checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
+DIGEST_KEY = "params_sha256"
+
+
+def params_digest(params: Any) -> str | None:
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in path order.
+
+    None when a leaf is not fully addressable from this process (a multi-host array): the
+    digest needs every byte on one host.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if any(isinstance(v, jax.Array) and not v.is_fully_addressable for _, v in leaves):
+        return None
+    h = hashlib.sha256()
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype.name} {a.shape}\n".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
 def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool) -> Path:
+    digest = params_digest(params)
+    if digest is not None:
+        meta = {**meta, DIGEST_KEY: digest}
     with atomic_directory(dst, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         with _params_checkpointer() as ckptr:
@@ -91,23 +120,49 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
                               "convert PyTorch weights first with `python -m cmjax.convert SRC DST`")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: invalid JSON (nested too deeply)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != fmt:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {fmt!r}")
-    if meta.get("version", 0) > VERSION:
-        raise CheckpointError(f"{meta_path}: version {meta['version']} is newer than this cmjax reads ({VERSION})")
+        raise CheckpointError(f"{meta_path}: field format is {str(meta.get('format'))[:60]!r}, not {fmt!r}")
+    version = meta.get("version")
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{meta_path}: field version must be a positive integer, got {str(version)[:40]!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{meta_path}: version {version} is newer than this cmjax reads ({VERSION})")
+    digest = meta.get(DIGEST_KEY)
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise CheckpointError(f"{meta_path}: field {DIGEST_KEY} is not a SHA-256 hex digest")
+    if "config" not in meta:
+        raise CheckpointError(f"{meta_path}: field config is missing")
     return meta
 
 
-def _restore(path: Path, target: Any, sharding: Any) -> Any:
+def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -> Any:
+    """Restore the params laid out like ``target``; check them against the recorded digest."""
     if sharding is not None:
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    params_dir = path / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{params_dir}: missing (the checkpoint has no params)")
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(path / PARAMS_DIR, target)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise CheckpointError(f"{path}: params do not match the recorded config ({e})") from e
+            params = ckptr.restore(params_dir, target)
+        except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
+            text = str(e).strip()
+            first = text.splitlines()[0][:300] if text else type(e).__name__
+            raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
+                                  f"matching the recorded config ({type(e).__name__}: {first})") from e
+    expected = meta.get(DIGEST_KEY)
+    if verify and expected is not None:
+        got = params_digest(params)
+        if got is not None and got != expected:
+            raise CheckpointError(f"{params_dir}: params do not match the digest recorded in {CONFIG_FILE} "
+                                  "(data files modified or corrupted); load with verify=False to skip the check")
+    return params
 
 
 def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
@@ -117,11 +172,15 @@ def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", 
 
 
 def read_config(path: str | os.PathLike) -> DecoderConfig:
-    """The DecoderConfig recorded in checkpoint directory ``path``."""
-    return DecoderConfig.from_dict(_read_meta(path, FORMAT, "decoder")["config"])
+    """The DecoderConfig recorded in checkpoint directory ``path`` (every field checked)."""
+    meta = _read_meta(path, FORMAT, "decoder")
+    try:
+        return DecoderConfig.from_dict(meta["config"], where=str(Path(path) / CONFIG_FILE), prefix="config.")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def load_decoder(path: str | os.PathLike, *, sharding: Any = None) -> Decoder:
+def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
     """Load a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
 
     ``path`` may also be a published name ("openai": OpenAI's decoder.pt; "openai/consistency-decoder":
@@ -129,12 +188,15 @@ def load_decoder(path: str | os.PathLike, *, sharding: Any = None) -> Decoder:
     cache (``$CMJAX_CACHE``, default ~/.cache/cmjax) and loaded from there.
     ``sharding``: an optional ``jax.sharding.Sharding`` for every param (e.g. replicated over a
     mesh); by default params land on the default device.
+    ``verify``: check the params against the digest recorded when the checkpoint was written
+    (hashes every byte once, a few seconds for the 2.5 GB decoder); False skips it.
     """
     from cmjax.convert.download import resolve_checkpoint  # cmjax.convert imports this module
 
     path = resolve_checkpoint(path).absolute()
+    meta = _read_meta(path, FORMAT, "decoder")
     config = read_config(path)
-    return Decoder(config, _restore(path, abstract_params(config), sharding))
+    return Decoder(config, _restore(path, abstract_params(config), sharding, meta, verify))
 
 
 def save_vae(vae: vae_lib.VAE, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
@@ -156,10 +218,11 @@ def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[s
         raise CheckpointError(f"{path}: bad VAE config ({e})") from e
 
 
-def load_vae(path: str | os.PathLike, *, sharding: Any = None) -> vae_lib.VAE:
+def load_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
     """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by ``save_vae``
-    (``cmjax.load_vae``); ``sharding`` as in load_decoder. A PyTorch VAE (a diffusers ``AutoencoderKL``
-    folder, an LDM/single-file checkpoint) is converted in memory, as ``python -m cmjax.convert`` would."""
+    (``cmjax.load_vae``); ``sharding`` and ``verify`` as in load_decoder. A PyTorch VAE (a diffusers
+    ``AutoencoderKL`` folder, an LDM/single-file checkpoint) is converted in memory, as
+    ``python -m cmjax.convert`` would."""
     path = Path(path).absolute()
     if path.is_file() or (path.is_dir() and not (path / CONFIG_FILE).is_file()
                           and (path / "config.json").is_file()):  # a PyTorch file or diffusers folder
@@ -169,4 +232,5 @@ def load_vae(path: str | os.PathLike, *, sharding: Any = None) -> vae_lib.VAE:
         params = vae.params if sharding is None else jax.device_put(vae.params, sharding)
         return vae_lib.VAE(vae.config, params)
     config, parts = read_vae_config(path)
-    return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding))
+    meta = _read_meta(path, VAE_FORMAT, "VAE")
+    return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding, meta, verify))

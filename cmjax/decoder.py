@@ -36,6 +36,95 @@ IMAGE_CHANNELS = 3
 DenoiseFn = Callable[..., jax.Array]
 
 
+class ConfigError(ValueError):
+    """A decoder config with a field of the wrong type or out of bounds; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """What one config field may hold: checked before anything is built from a config.
+
+    ``kind``: "int", "float", "ints" or "floats" (a list/tuple of those); ``low``/``high``:
+    inclusive bounds on each value; ``length``: (min, max) items for the list kinds;
+    ``optional``: None is allowed; ``required``: must be present in a stored config (fields
+    added after version 1 of the checkpoint format are not, and take the dataclass default).
+    """
+
+    kind: str
+    low: float
+    high: float
+    length: tuple[int, int] = (1, 1)
+    optional: bool = False
+    required: bool = True
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable, or None."""
+        if value is None:
+            return None if self.optional else "is missing (null)"
+        many = self.kind in ("ints", "floats")
+        if many:
+            if not isinstance(value, (list, tuple)):
+                return f"must be a list, got {type(value).__name__}"
+            if not self.length[0] <= len(value) <= self.length[1]:
+                return f"must have {self.length[0]} to {self.length[1]} items, got {len(value)}"
+        for v in (value if many else (value,)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer) if self.kind.startswith("int")
+                                                    else (int, float, np.integer, np.floating)):
+                want = "an integer" if self.kind.startswith("int") else "a number"
+                return f"must be {want}, got {type(v).__name__} {str(v)[:40]!r}"
+            if not (self.low <= v <= self.high):  # False for NaN too
+                return f"must lie in [{self.low:g}, {self.high:g}], got {v}"
+        return None
+
+
+# Bounds on every field, checked before anything is built (an absurd config would otherwise run
+# for minutes inside eval_shape or allocate without end). Wide enough for any model in reach of
+# this code; a new config field is one new line here (``required=False`` if stored checkpoints
+# predate it).
+UNET_FIELDS: dict[str, Field] = {
+    "in_channels": Field("int", 1, 1024),
+    "out_channels": Field("int", 1, 1024),
+    "block_out_channels": Field("ints", 1, 16384, length=(1, 8)),
+    "layers_per_block": Field("int", 1, 16),
+    "norm_num_groups": Field("int", 1, 1024),
+    "norm_eps": Field("float", 1e-12, 1.0),
+    "num_train_timesteps": Field("int", 2, 100_000),
+    "time_embed_dim": Field("int", 1, 65536, optional=True),
+}
+DECODER_FIELDS: dict[str, Field] = {
+    "latent_channels": Field("int", 1, 1021),
+    "upsample_factor": Field("int", 1, 64),
+    "scaling_factor": Field("float", 1e-6, 1e6),
+    "latent_mean": Field("floats", -1e6, 1e6, length=(1, 1021)),
+    "latent_std": Field("floats", 1e-12, 1e6, length=(1, 1021)),
+    "sigma_data": Field("float", 1e-6, 1e6),
+}
+
+
+def check_fields(values: Any, fields: dict[str, Field], where: str = "config", prefix: str = "",
+                 complete: bool = False) -> None:
+    """Raise ConfigError unless ``values`` is a dict whose keys are all in ``fields`` and whose
+    values satisfy them; with ``complete``, required fields must be present too (a stored config).
+
+    The message reads ``"{where}: field {prefix}{name} {problem}"``: ``where`` names the file,
+    ``prefix`` the enclosing fields (e.g. ``"config.unet."``).
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: field {prefix.rstrip('.') or 'config'} must be a JSON object, "
+                          f"got {type(values).__name__}")
+    unknown = sorted(str(k) for k in values if k not in fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(prefix + k for k in unknown)[:200]}")
+    for name, field in fields.items():
+        if name not in values:
+            if complete and field.required:
+                raise ConfigError(f"{where}: field {prefix}{name} is missing")
+            continue
+        problem = field.problem(values[name])
+        if problem:
+            raise ConfigError(f"{where}: field {prefix}{name} {problem}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Everything needed to rebuild a decoder besides its params; stored beside checkpoints.
@@ -57,6 +146,10 @@ class DecoderConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
+        unet = self.unet if isinstance(self.unet, dict) else dataclasses.asdict(self.unet)
+        check_fields(unet, UNET_FIELDS, "DecoderConfig", "unet.")
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unet"},
+                     DECODER_FIELDS, "DecoderConfig")
         if isinstance(self.unet, dict):
             object.__setattr__(self, "unet", UNetConfig(**self.unet))
         object.__setattr__(self, "latent_mean", tuple(float(v) for v in self.latent_mean))
@@ -76,10 +169,23 @@ class DecoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
-        d = dict(d)
-        d["unet"] = UNetConfig(**d.get("unet", {}))
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "config", prefix: str = "") -> "DecoderConfig":
+        """The config stored by ``to_dict`` (e.g. in cmjax.json); every field is checked first.
+
+        Raises ConfigError naming ``where`` (the file), the field (after ``prefix``) and the
+        problem: unknown, missing, wrong type, out of bounds, or fields that do not fit together.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: field {prefix.rstrip('.') or 'config'} must be a JSON object, "
+                              f"got {type(d).__name__}")
+        check_fields({k: v for k, v in d.items() if k != "unet"}, DECODER_FIELDS, where, prefix, complete=True)
+        if "unet" not in d:
+            raise ConfigError(f"{where}: field {prefix}unet is missing")
+        check_fields(d["unet"], UNET_FIELDS, where, f"{prefix}unet.", complete=True)
+        try:
+            return cls(**{**d, "unet": UNetConfig(**d["unet"])})
+        except ValueError as e:  # consistency between fields (channels vs groups, in_channels ...)
+            raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from cmjax.convert import diffusers as diffusers_fmt
 from cmjax.convert.mapping import ConversionError
 from cmjax.convert.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
-from cmjax.convert.torch_pickle import CheckpointError, load_torch_file
+from cmjax.convert.torch_pickle import CheckpointError, check_regular_file, load_torch_file
 from cmjax.decoder import Decoder
 
 KINDS = ("decoder", "vae")
@@ -232,7 +232,13 @@ def detect_source(src: str | os.PathLike) -> Source:
         return _detect_folder(path)
     if path.is_file():
         return _detect_file(path)
-    raise ConversionError(f"{path}: no such file or folder")
+    if not os.path.lexists(path):
+        raise ConversionError(f"{path}: no such file or folder")
+    try:  # a FIFO, a device such as /dev/zero, a dangling symlink: say which, never open it
+        check_regular_file(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    raise ConversionError(f"{path}: not a regular file")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ safetensors' NumPy interface: no torch.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cmjax.convert.mapping import ConversionError, torch_to_flax
-from cmjax.decoder import Decoder, DecoderConfig, abstract_params
+from cmjax.decoder import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
 from cmjax.unet import UNetConfig
 
 UNET_PREFIX = "decoder_unet."
@@ -83,6 +84,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{bad} (header is not JSON: {e})") from e
+    except RecursionError:
+        raise ConversionError(f"{bad} (header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{bad} (header is not a JSON object)")
     out = {}
@@ -93,12 +96,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple
             code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError) as e:
             raise ConversionError(f"{bad} (malformed entry for {name!r}: {e})") from None
-        dtype = _np_dtype(code)
+        dtype = _np_dtype(code) if isinstance(code, str) else None
         if dtype is None:
-            raise ConversionError(f"{bad} (tensor {name!r} has unsupported dtype {code!r})")
+            raise ConversionError(f"{bad} (tensor {name!r} has unsupported dtype {str(code)[:40]!r})")
         if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
             raise ConversionError(f"{bad} (malformed shape or offsets for {name!r})")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow
             raise ConversionError(f"{bad} (tensor {name!r}: {end - begin} bytes for shape {list(shape)} {code})")
         out[name] = (dtype, shape, begin, end)
     position = 0
@@ -148,14 +151,24 @@ def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.n
                           f"saw e.g. {sorted(tensors)[:5]})")
 
 
-def config_from_diffusers(cfg: Mapping[str, Any]) -> DecoderConfig:
-    """DecoderConfig from a ``ConsistencyDecoderVAE`` config.json (or a ``UNet2DModel`` one)."""
+def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
+    """DecoderConfig from a ``ConsistencyDecoderVAE`` config.json (or a ``UNet2DModel`` one).
+
+    Every value is checked against ``cmjax.decoder``'s field bounds before anything is built;
+    ConversionError names ``where`` (the file), the diffusers field and the problem.
+    """
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{where}: must hold a JSON object, got {type(cfg).__name__}")
     if "decoder_block_out_channels" in cfg:  # ConsistencyDecoderVAE
         p = "decoder_"
         unsupported = {"decoder_add_attention": False, "decoder_resnet_time_scale_shift": "scale_shift",
                        "decoder_time_embedding_type": "learned"}
-        encoder_levels = len(cfg.get("encoder_block_out_channels", cfg.get("block_out_channels", (0,) * 4)))
-        upsample = 2 ** (encoder_levels - 1)
+        encoder_key = "encoder_block_out_channels" if "encoder_block_out_channels" in cfg else "block_out_channels"
+        encoder_levels = cfg.get(encoder_key, (0,) * 4)
+        problem = Field("ints", 0, 1 << 20, length=(1, 7)).problem(encoder_levels)
+        if problem:
+            raise ConversionError(f"{where}: field {encoder_key} {problem}")
+        upsample = 2 ** (len(encoder_levels) - 1)
     else:  # UNet2DModel
         p = ""
         unsupported = {"add_attention": False, "resnet_time_scale_shift": "scale_shift",
@@ -163,19 +176,31 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> DecoderConfig:
         upsample = 8
     for key, wanted in unsupported.items():
         if key in cfg and cfg[key] != wanted:
-            raise ConversionError(f"config {key}={cfg[key]!r} is not supported (the consistency decoder uses {wanted!r})")
-    unet = UNetConfig(
-        in_channels=cfg.get(f"{p}in_channels", 7),
-        out_channels=cfg.get(f"{p}out_channels", 6),
-        block_out_channels=tuple(cfg.get(f"{p}block_out_channels", (320, 640, 1024, 1024))),
-        layers_per_block=cfg.get(f"{p}layers_per_block", 3),
-        norm_num_groups=cfg.get(f"{p}norm_num_groups", 32),
-        norm_eps=cfg.get(f"{p}norm_eps", 1e-5),
-        num_train_timesteps=cfg.get(f"{p}num_train_timesteps", 1024),
-        time_embed_dim=cfg.get("time_embedding_dim") if not p else None,
-    )
-    return DecoderConfig(unet=unet, latent_channels=cfg.get("latent_channels", unet.in_channels - 3),
-                         upsample_factor=upsample, scaling_factor=cfg.get("scaling_factor", 0.18215))
+            raise ConversionError(f"{where}: {key}={str(cfg[key])[:60]!r} is not supported (the consistency "
+                                  f"decoder uses {wanted!r})")
+    # cmjax field -> (diffusers field, default)
+    unet_fields = {"in_channels": (f"{p}in_channels", 7), "out_channels": (f"{p}out_channels", 6),
+                   "block_out_channels": (f"{p}block_out_channels", (320, 640, 1024, 1024)),
+                   "layers_per_block": (f"{p}layers_per_block", 3), "norm_num_groups": (f"{p}norm_num_groups", 32),
+                   "norm_eps": (f"{p}norm_eps", 1e-5), "num_train_timesteps": (f"{p}num_train_timesteps", 1024)}
+    if not p:
+        unet_fields["time_embed_dim"] = ("time_embedding_dim", None)
+    unet = {}
+    for name, (key, default) in unet_fields.items():
+        unet[name] = cfg.get(key, default)
+        problem = UNET_FIELDS[name].problem(unet[name])
+        if problem:
+            raise ConversionError(f"{where}: field {key} {problem}")
+    decoder = {"latent_channels": cfg.get("latent_channels", unet["in_channels"] - 3),
+               "scaling_factor": cfg.get("scaling_factor", 0.18215)}
+    for name, value in decoder.items():
+        problem = DECODER_FIELDS[name].problem(value)
+        if problem:
+            raise ConversionError(f"{where}: field {name} {problem}")
+    try:
+        return DecoderConfig(unet=UNetConfig(**unet), upsample_factor=upsample, **decoder)
+    except ValueError as e:  # fields that do not fit together (channels vs groups, in_channels ...)
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def infer_config(state: Mapping[str, np.ndarray]) -> DecoderConfig:
@@ -210,13 +235,15 @@ def decoder_from_diffusers_state(tensors: Mapping[str, np.ndarray], *, source: s
     state = unet_state(tensors, source)
     if config_path is not None:
         try:
-            config = config_from_diffusers(json.loads(Path(config_path).read_text()))
-        except json.JSONDecodeError as e:
+            config = config_from_diffusers(json.loads(Path(config_path).read_text()), where=str(config_path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{config_path}: invalid JSON ({e})") from e
+        except RecursionError:
+            raise ConversionError(f"{config_path}: invalid JSON (nested too deeply)") from None
     else:
         try:
             config = infer_config(state)
-        except ConversionError as e:
+        except ValueError as e:  # ConversionError, or inferred values out of bounds (ConfigError)
             raise ConversionError(f"{source}: {e}") from None
     params = torch_to_flax(state, abstract_params(config), dtype=dtype, source=source)
     return Decoder(config, params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -73,13 +74,14 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract: Any, *, dtype: Any 
 
     Requires exact key-set equality and identical shapes; any difference raises ConversionError
     listing the missing, unexpected and mismatched keys. Values are cast to ``dtype`` (None keeps
-    the source dtype). Non-finite values are refused.
+    the source dtype). Non-float weights (int, bool) and non-finite values (in any float dtype,
+    bfloat16 and fp8 included) are refused by name.
     """
     flat_abstract = {tuple(k.key for k in path): leaf
                      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     out: dict[tuple[str, ...], np.ndarray] = {}
     seen: set[tuple[str, ...]] = set()
-    unexpected, mismatched, nonfinite = [], [], []
+    unexpected, mismatched, nonfinite, wrong_type = [], [], [], []
     for key, value in state.items():
         *module_path, torch_name = flax_path(key)
         module = _lookup(abstract, tuple(module_path))
@@ -93,13 +95,16 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract: Any, *, dtype: Any 
         if value.shape != tuple(target.shape):
             mismatched.append(f"{key}: got {tuple(value.shape)} (Flax layout), model needs {tuple(target.shape)}")
             continue
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        if not jnp.issubdtype(value.dtype, jnp.floating):  # jnp's knows bfloat16 and fp8
+            wrong_type.append(f"{key}: {value.dtype}")
+            continue
+        if not np.isfinite(value).all():
             nonfinite.append(key)
         out[(*module_path, leaf)] = value if dtype is None else value.astype(dtype, copy=False)
     missing = [torch_key_for(p) for p in flat_abstract if p not in seen]
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
-                         ("NaN/inf values", nonfinite)):
+                         ("NaN/inf values", nonfinite), ("not floating point", wrong_type)):
         if items:
             shown = "\n    ".join(sorted(items)[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
             problems.append(f"  {title} ({len(items)}):\n    {shown}")
