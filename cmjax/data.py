@@ -75,10 +75,21 @@ class ImageFolderSource:
             raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         rel_paths = []
-        for dirpath, _, filenames in os.walk(self.root, followlinks=True):
+        # Symlinked folders are followed, but each real folder is walked once: a link to a
+        # parent (l1 -> .) would otherwise make the walk run until memory is gone.
+        visited = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited:  # reached again through another link
+                dirnames[:] = []
+                continue
+            visited.add(real)
+            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited]
             for fname in filenames:
-                if fname.lower().endswith(exts):
-                    rel_paths.append(os.path.relpath(os.path.join(dirpath, fname), self.root))
+                path = os.path.join(dirpath, fname)
+                # Regular files only: opening a FIFO named x.png would block the loader.
+                if fname.lower().endswith(exts) and os.path.isfile(path):
+                    rel_paths.append(os.path.relpath(path, self.root))
         if not rel_paths:
             raise ValueError(f"no image files ({', '.join(exts)}) found under {self.root!r}")
         # Sort on '/'-separated relative paths so the order does not depend on the OS or os.walk.

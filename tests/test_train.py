@@ -15,11 +15,13 @@ dir) and the runs that must match share one program.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +290,73 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     mesh = parallel.make_mesh(jax.devices()[:1])
     params = checkpointing.restore_params(workdir, abstract, state_lib.tree_shardings(abstract, mesh, False), "params")
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def _ckpt_steps(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, capfd):
+    c = micro_config("image", "ict")
+    c.total_steps, c.checkpoint_every, c.log_every, c.keep_checkpoints = 3, 1, 1, 2
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(c, workdir)
+    assert _ckpt_steps(workdir) == [2, 3]
+    # Cut every data file of step 3's state in half (a crash mid-copy, a bad disk).
+    state_dir = os.path.join(workdir, "checkpoints", "3", "state")
+    cut = 0
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 1024:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                cut += 1
+    assert cut
+    capfd.readouterr()
+    c.total_steps = 5
+    train_and_evaluate(c, workdir)
+    out, err = capfd.readouterr()
+    assert f"resumed from {workdir}/checkpoints/2" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert any(f"checkpoints/3 cannot be read" in line for line in warnings), err[-2000:]
+    # The bad step is kept aside, not deleted; the good one it fell back to was not pruned early.
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "3", "state"))
+    assert _ckpt_steps(workdir) == [4, 5]
+    resumed = [r["step"] for r in _read_metrics(workdir) if "loss" in r]
+    assert resumed[-3:] == [3, 4, 5]
+
+
+class _FailingManager:
+    """Stands in for an orbax CheckpointManager whose steps all fail to read / whose save failed."""
+
+    directory = "/runs/x/checkpoints"
+
+    def all_steps(self):
+        return [4, 8]
+
+    def restore(self, step, args):
+        raise ValueError(f"NOT_FOUND: Error reading step {step}\n  (200 more lines of TensorStore detail)")
+
+    def check_for_errors(self):
+        raise OSError(28, "No space left on device")
+
+    wait_until_finished = check_for_errors
+
+
+def test_checkpoint_failures_are_one_line_errors(capsys):
+    m = _FailingManager()
+    with pytest.raises(checkpointing.CheckpointRestoreError) as e:
+        empty = types.SimpleNamespace(to_dict=dict)
+        checkpointing.restore_latest(m, empty, empty, None)
+    assert "no checkpoint in /runs/x/checkpoints can be read (steps 8, 4" in str(e.value)
+    assert "\n" not in str(e.value) and "NOT_FOUND: Error reading step 8" in str(e.value)
+    err = capsys.readouterr().err
+    assert "checkpoint /runs/x/checkpoints/8 cannot be read" in err and "/4 cannot be read" in err
+    for check in (checkpointing.check_saves, checkpointing.finish):
+        with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device") as e:
+            check(m)
+        assert "\n" not in str(e.value) and "previous checkpoints are intact" in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------

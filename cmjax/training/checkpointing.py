@@ -7,12 +7,18 @@
 
 orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous step as the latest one.
+
+Failures are reported in one line and never cost a good checkpoint: a step that cannot be read
+back (corrupt or truncated files) is moved to WORKDIR/checkpoints_unreadable/STEP with a warning
+and the run resumes from the newest step that reads (``restore_latest``); an asynchronous save
+that failed (disk full) stops the run at the next step with ``CheckpointSaveError``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 from typing import Optional
 
 import grain
@@ -23,6 +29,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cmjax.training.state import TrainState, abstract_with_shardings, tree_shardings
 
 STATE, DATA, CONFIG = "state", "data", "config"
+UNREADABLE = "checkpoints_unreadable"
+
+
+class CheckpointSaveError(RuntimeError):
+    """Saving a run checkpoint failed (e.g. disk full); the message says where and why."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of the run can be read back."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 def config_json(config) -> dict:
@@ -61,12 +81,38 @@ def read_only_manager(directory: str, item_handlers) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator, config) -> None:
-    """Save state, iterator position and config at ``step`` (returns once the save is started)."""
-    manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state.to_dict()),
-        DATA: grain.checkpoint.CheckpointSave(iterator),
-        CONFIG: ocp.args.JsonSave(config_json(config)),
-    }), force=True)
+    """Save state, iterator position and config at ``step`` (returns once the save is started).
+
+    Raises CheckpointSaveError if this save, or an earlier asynchronous one, failed.
+    """
+    check_saves(manager)
+    try:
+        manager.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state.to_dict()),
+            DATA: grain.checkpoint.CheckpointSave(iterator),
+            CONFIG: ocp.args.JsonSave(config_json(config)),
+        }), force=True)
+    except Exception as e:
+        raise CheckpointSaveError(f"saving step {step} to {manager.directory} failed ({_one_line(e)}); "
+                                  "the previous checkpoints are intact") from e
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """Raise CheckpointSaveError if an asynchronous save has failed (cheap: call every step)."""
+    try:
+        manager.check_for_errors()
+    except Exception as e:
+        raise CheckpointSaveError(f"an asynchronous checkpoint save to {manager.directory} failed "
+                                  f"({_one_line(e)}); the previous checkpoints are intact") from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for pending saves; CheckpointSaveError (one line) if one failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise CheckpointSaveError(f"a checkpoint save to {manager.directory} failed ({_one_line(e)}); "
+                                  "the previous checkpoints are intact") from e
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, shardings: TrainState,
@@ -78,6 +124,51 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
         DATA: grain.checkpoint.CheckpointRestore(iterator),
     }))
     return TrainState.from_dict(restored[STATE])
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState, shardings: TrainState,
+                   iterator) -> tuple[TrainState, int]:
+    """The newest step that can be read back, and its number; ``iterator`` repositioned in place.
+
+    A step that fails to read (corrupt, truncated or missing files) is reported on stderr and
+    moved to WORKDIR/checkpoints_unreadable/STEP (never deleted: it may still be of use), so that
+    the run continues from the step before it and later saves and keep-N pruning ignore it.
+    Raises CheckpointRestoreError if no step reads (nothing is moved then).
+    """
+    directory = os.fspath(manager.directory)
+    bad: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = restore(manager, step, abstract_state, shardings, iterator)
+        except Exception as e:  # orbax, TensorStore and grain raise many types
+            print(f"warning: checkpoint {directory}/{step} cannot be read ({_one_line(e)}); "
+                  "trying the step before it", file=sys.stderr, flush=True)
+            bad.append((step, _one_line(e)))
+            continue
+        if bad:
+            _set_aside(manager, [b for b, _ in bad])
+        return state, step
+    raise CheckpointRestoreError(
+        f"no checkpoint in {directory} can be read (steps {', '.join(str(b) for b, _ in bad)}; newest: "
+        f"{bad[0][1] if bad else 'none'}); move them away to start the run over")
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move unreadable steps out of the manager's directory (one process does it)."""
+    directory = os.fspath(manager.directory)
+    aside = os.path.join(os.path.dirname(directory), UNREADABLE)
+    if jax.process_count() > 1:
+        raise CheckpointRestoreError(f"checkpoint step(s) {steps} in {directory} cannot be read; move them to "
+                                     f"{aside} and rerun (not done automatically with several processes)")
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+        target = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(target):  # an earlier unreadable copy of the same step
+            target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(directory, str(step)), target)
+        print(f"warning: moved unreadable checkpoint {directory}/{step} to {target}", file=sys.stderr, flush=True)
+    manager.reload()
 
 
 def restore_params(workdir: str, abstract_params, shardings, which: str = "ema_params",

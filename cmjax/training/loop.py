@@ -174,7 +174,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state, shardings = create_train_state(family.init_params, tx, config, mesh, init_params)
     else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
         abstract, shardings = train_state_layout(family.init_params, tx, config, mesh)
-        state = checkpointing.restore(manager, latest, abstract, shardings, iterator)
+        state, latest = checkpointing.restore_latest(manager, abstract, shardings, iterator)
         resume.after_restore(manager, latest, config, workdir)
 
     data_sh = parallel.data_sharding(mesh)
@@ -206,6 +206,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     try:
         with _StopFlag() as stop:
             while step < total:
+                checkpointing.check_saves(manager)  # a failed async save stops the run now
                 if t_start is None:
                     reporting.say("compiling the train step (once per input shape) ...")
                     t_compile = time.perf_counter()
@@ -255,8 +256,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     break
     finally:
         progress.close()
-        manager.wait_until_finished()
-        writer.close()
+        try:
+            checkpointing.finish(manager)
+        finally:
+            writer.close()
     exported = None
     if family.name == "decoder" and config.export_decoder and step >= total and jax.process_count() == 1:
         exported = os.path.join(workdir, "decoder_ema")
