@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -193,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     from cmjax.training import NonFiniteLossError, train_and_evaluate
+    from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     try:
@@ -200,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except (CheckpointSaveError, CheckpointRestoreError) as err:
+        print(f"training stopped: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Exit now: after a failed save, orbax's background threads and asyncio futures print
+        # hundreds of lines of tracebacks at interpreter shutdown.
+        os._exit(1)
     return 0
 
 

@@ -93,8 +93,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator,
             CONFIG: ocp.args.JsonSave(config_json(config)),
         }), force=True)
     except Exception as e:
-        raise CheckpointSaveError(f"saving step {step} to {manager.directory} failed ({_one_line(e)}); "
-                                  "the previous checkpoints are intact") from e
+        raise CheckpointSaveError(f"a checkpoint save to {manager.directory} failed (seen when starting "
+                                  f"step {step}'s: {_one_line(e)}); the previous checkpoints are intact") from e
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
