@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -85,18 +86,22 @@ DIGEST_KEY = "params_sha256"
 
 
 def params_digest(params: Any) -> str | None:
-    """SHA-256 over every leaf's path, dtype, shape and bytes, in path order.
+    """SHA-256 over every leaf's path, shape and values as float32 bytes, in path order.
 
-    None when a leaf is not fully addressable from this process (a multi-host array): the
-    digest needs every byte on one host.
+    float32 because a checkpoint stored in fp16/bf16 (``--keep-dtype``) is restored as float32:
+    the upcast is exact, so both sides hash the same bytes. None when a leaf is not fully
+    addressable from this process (a multi-host array): the digest needs every byte on one host.
     """
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     if any(isinstance(v, jax.Array) and not v.is_fully_addressable for _, v in leaves):
         return None
     h = hashlib.sha256()
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{jax.tree_util.keystr(path)} {a.dtype.name} {a.shape}\n".encode())
+        a = np.asarray(leaf)
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            a = a.astype(np.float32, copy=False)
+        a = np.ascontiguousarray(a)
+        h.update(f"{jax.tree_util.keystr(path)} {a.shape}\n".encode())
         h.update(memoryview(a.reshape(-1).view(np.uint8)))
     return h.hexdigest()
 

@@ -145,7 +145,10 @@ def _build_targeted(cases: Cases, state: dict) -> dict[str, str]:
     widened = hf.p_tensor("900", "FloatStorage", 1, (1,), (1,)) + b"}" + hf.p_str("shape") + \
         hf.p_tuple((state[bias].size,)) + b"s" + b"b"
     cases.file("build_widens_tensor", _pickle_with_tensor(bias, widened, state, {"900": b"\0" * 4}))
-    expect["build_widens_tensor"] = "BUILD applied to a _TensorRef"
+    expect["build_widens_tensor"] = "BUILD applied to a tensor"
+    setitem = hf.p_tensor("900", "FloatStorage", 1, (1,), (1,)) + hf.p_str("shape") + hf.p_tuple((64,)) + b"s"
+    cases.file("setitem_on_tensor", _pickle_with_tensor(bias, setitem, state, {"900": b"\0" * 4}))
+    expect["setitem_on_tensor"] = "SETITEM applied to a tensor"
     far = hf.p_tensor("900", "FloatStorage", 8, (2, 4), (2**40, 1))
     cases.file("stride_2_40", _pickle_with_tensor(bias, far, state, {"900": b"\0" * 32}))
     expect["stride_2_40"] = "exceeds its storage"
@@ -175,6 +178,12 @@ def _build_targeted(cases: Cases, state: dict) -> dict[str, str]:
     deep = b"\x80\x02" + b"]" * 150 + hf.p_tensor("0", "FloatStorage", 1, (1,), (1,)) + b"a" * 150 + b"."
     cases.file("deep_nesting", hf.torch_save_zip(deep, {"0": b"\0" * 4}))
     expect["deep_nesting"] = "nested more than 100 levels"
+    # 400 dicts of 256 tensors each (one shared tensor): 102,400 names.
+    many = b"\x80\x02" + hf.p_tensor("0", "FloatStorage", 1, (1,), (1,)) + b"q\x00}("
+    block = b"}(" + b"".join(b"M" + i.to_bytes(2, "little") + b"h\x00" for i in range(256)) + b"u"
+    many += b"".join(hf.p_str(f"m{j}") + block for j in range(400)) + b"u."
+    cases.file("too_many_tensors", hf.torch_save_zip(many, {"0": b"\0" * 4}))
+    expect["too_many_tensors"] = "more than 100000 tensors"
     key = b"\x80\x02)q\x00" + b"".join(b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])
                                        for i in range(60))
     cases.file("dag_dict_key", hf.torch_save_zip(key + b"}h\x3cK\x01s.", {}))
@@ -295,8 +304,9 @@ def test_valid_micro_checkpoint_converts_exactly(converted):
 
 
 @pytest.mark.parametrize("name", [
-    "build_widens_tensor", "stride_2_40", "stride_0", "deflate_bomb_storage", "deflate_bomb_declared",
-    "deflate_bomb_byteorder", "exponential_dag", "deep_nesting", "dag_dict_key", "nan_bf16", "int32_weight",
+    "build_widens_tensor", "setitem_on_tensor", "stride_2_40", "stride_0", "deflate_bomb_storage", "deflate_bomb_declared",
+    "deflate_bomb_byteorder", "exponential_dag", "deep_nesting", "dag_dict_key", "too_many_tensors",
+    "nan_bf16", "int32_weight",
     "config_groups_0", "config_layers_str", "config_layers_3000", "config_levels_200", "st_shape_2_64",
     "st_deep_header", "st_size_wraps", "zip_size_lies_small", "zip_size_lies_huge", "fifo", "dev_zero"])
 def test_hostile_file_is_refused_cleanly(converted, name):

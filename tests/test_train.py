@@ -327,6 +327,36 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, 
     assert resumed[-3:] == [3, 4, 5]
 
 
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, capfd):
+    c = micro_config("image", "ict")
+    c.total_steps, c.checkpoint_every, c.log_every, c.keep_checkpoints = 3, 1, 1, 2
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(c, workdir)
+    assert _ckpt_steps(workdir) == [2, 3]
+    # Cut every data file of step 3's state in half (a crash mid-copy, a bad disk).
+    cut = 0
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "3", "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 1024:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                cut += 1
+    assert cut
+    capfd.readouterr()
+    c.total_steps = 5
+    train_and_evaluate(c, workdir)
+    out, err = capfd.readouterr()
+    assert f"resumed from {workdir}/checkpoints/2" in out
+    assert any("checkpoints/3 cannot be read" in line for line in err.splitlines()
+               if line.startswith("warning:")), err[-2000:]
+    # The bad step is kept aside, not deleted; keep-N pruning then counts only good steps.
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "3", "state"))
+    assert _ckpt_steps(workdir) == [4, 5]
+    assert [r["step"] for r in _read_metrics(workdir) if "loss" in r][-3:] == [3, 4, 5]
+
+
 class _FailingManager:
     """Stands in for an orbax CheckpointManager whose steps all fail to read / whose save failed."""
 
@@ -357,6 +387,28 @@ def test_checkpoint_failures_are_one_line_errors(capsys):
         with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device") as e:
             check(m)
         assert "\n" not in str(e.value) and "previous checkpoints are intact" in str(e.value)
+
+
+@pytest.mark.slow
+def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cache):
+    """A full disk, simulated with RLIMIT_FSIZE (writes past 20 KB fail with EFBIG, as ENOSPC)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "train.py", "--config", "configs/digits_tiny.py", "--workdir", workdir,
+           "--config.total_steps=6", "--config.checkpoint_every=2", "--config.sample_every=0",
+           "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.num_groups=4",
+           "--config.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(compile_cache), capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("training stopped: a checkpoint save to ") and "File too large" in last, last
+    assert _ckpt_steps(workdir) == []  # no half-written step passes for a checkpoint
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,6 +206,17 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60  # repr takes foreve
 _short = _REPR.repr
 
 
+def _kind(obj: Any) -> str:
+    """What an object is, for messages (the stand-ins by what they stand for)."""
+    if isinstance(obj, _TensorRef):
+        return "tensor"
+    if isinstance(obj, _StorageRef):
+        return "storage"
+    if isinstance(obj, _ScriptObject):
+        return f"TorchScript object {obj.torch_type} (already built)"
+    return type(obj).__name__
+
+
 def _plain_key(key: Any) -> bool:
     return type(key) in _PLAIN or (type(key) is tuple and all(type(k) in _PLAIN for k in key))
 
@@ -255,7 +266,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _target(self, kind: type, opcode: str) -> Any:
         obj = self.stack[-1]
         if not isinstance(obj, kind):
-            raise self._fail(f"{opcode} applied to a {type(obj).__name__}, not a {kind.__name__}")
+            raise self._fail(f"{opcode} applied to a {_kind(obj)}, not a {kind.__name__}")
         return obj
 
     def _load_build(self) -> None:
@@ -266,7 +277,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         elif type(obj) in (dict, collections.OrderedDict):
             pass  # state_dict()'s _metadata attribute: not needed, dropped
         else:
-            raise self._fail(f"BUILD applied to a {type(obj).__name__} (only TorchScript objects "
+            raise self._fail(f"BUILD applied to a {_kind(obj)} (only TorchScript objects "
                              "and dicts take pickled state)")
 
     def _load_setitem(self) -> None:
