@@ -236,9 +236,9 @@ _SWAP_OPCODES = b"bsuaeRQ)]}(t.hq\x85\x86\x87\x81cN"
 
 
 def _build_corpus(cases: Cases, state: dict) -> list[str]:
-    """Mutations of the valid micro checkpoint: truncations and flipped bytes of the zip, flipped
-    bytes / swapped opcodes / truncations of data.pkl (re-zipped, so the parser sees them), and
-    flipped bytes of a safetensors header."""
+    """Mutations of the valid micro checkpoint: truncations, flipped bytes and appended bytes of
+    the zip, flipped bytes / swapped opcodes / truncations of data.pkl (re-zipped, so the parser
+    sees them), and flipped bytes of a safetensors header."""
     rng = np.random.default_rng(CORPUS_SEED)
     good_zip, good_pkl = hf.state_dict_zip(state)
     names = []
@@ -262,6 +262,8 @@ def _build_corpus(cases: Cases, state: dict) -> list[str]:
             pkl[pos] = _SWAP_OPCODES[int(rng.integers(len(_SWAP_OPCODES)))]
         add(f"pkl_swap_{i}", hf.rezip_with_pickle(good_zip, bytes(pkl)))
         add(f"pkl_cut_{i}", hf.rezip_with_pickle(good_zip, good_pkl[:int(rng.integers(1, len(good_pkl)))]))
+        # bytes appended after the zip's end record (zip readers allow a trailing comment-like tail)
+        add(f"zip_tail_{i}", good_zip + rng.integers(0, 256, int(rng.integers(1, 64)), np.uint8).tobytes())
     st = hf.safetensors_bytes(state)
     header_len = int.from_bytes(st[:8], "little")
     for i in range(CORPUS_PER_KIND):

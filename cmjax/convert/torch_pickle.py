@@ -16,6 +16,13 @@ object), and raises :class:`CheckpointError` naming any other global. Tensors ar
 unpickling: the stand-ins record (storage, offset, shape, strides, dtype) and the bytes are read
 from the archive afterwards, only for the tensors that are returned, each storage once.
 
+A hostile file must not cost more than its size either. The unpickler refuses opcodes that would
+modify an object it already checked (see :class:`_RestrictedUnpickler`); every tensor view is
+checked against its storage when it is unpickled and again when its bytes are copied, and may
+not hold more elements than its storage (stride 0 would let a kilobyte describe gigabytes); zip
+records are read only up to the size the pickle declares; shared containers are walked once.
+The limits (``_MAX_*`` below) are far above what real checkpoints use.
+
 How a TorchScript ``data.pkl`` looks (found with ``pickletools.dis`` on archives written by
 torch 2.x): every module is ``GLOBAL '__torch__.<qualified.path> <Class>'``, ``EMPTY_TUPLE``,
 ``NEWOBJ``, then a dict of its attributes and ``BUILD``. The dict holds parameters and buffers
@@ -52,7 +59,8 @@ __all__ = ["CheckpointError", "check_regular_file", "load_torch_file"]
 _CHUNK = 16 << 20
 
 # Limits that keep a hostile file from costing memory or time out of proportion to its size.
-# Real checkpoints stay far below them (OpenAI's decoder.pt: ~600 tensors, nesting depth ~12).
+# Real checkpoints stay far below them: a state dict nests one level, a TorchScript module two
+# levels per submodule, and SD-sized checkpoints hold a few thousand tensors.
 _MAX_TENSORS = 100_000
 _MAX_DEPTH = 100
 _MAX_PICKLE_BYTES = 1 << 30  # data.pkl / constants.pkl
@@ -201,8 +209,9 @@ class _TypeMarker:
 # Types a dict key or set element may have: hashing them costs time proportional to their size.
 # (A tuple of tuples shared by reference hashes in time exponential in its depth.)
 _PLAIN = (str, bytes, int, float, bool, type(None))
-_REPR = reprlib.Repr()  # bounded repr for messages: a pickle can build objects whose full
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60  # repr takes forever
+# Bounded repr for messages: a pickle can build objects whose full repr would never end.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
 _short = _REPR.repr
 
 
