@@ -125,7 +125,7 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
                               "convert PyTorch weights first with `python -m cmjax.convert SRC DST`")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
         raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from e
     except RecursionError:
         raise CheckpointError(f"{meta_path}: invalid JSON (nested too deeply)") from None

@@ -63,7 +63,7 @@ class Field:
             return None if self.optional else "is missing (null)"
         many = self.kind in ("ints", "floats")
         if many:
-            if not isinstance(value, (list, tuple)):
+            if not isinstance(value, (list, tuple, np.ndarray)):
                 return f"must be a list, got {type(value).__name__}"
             if not self.length[0] <= len(value) <= self.length[1]:
                 return f"must have {self.length[0]} to {self.length[1]} items, got {len(value)}"

@@ -205,6 +205,11 @@ def _build_targeted(cases: Cases, state: dict) -> dict[str, str]:
                          ("levels_200", {"block_out_channels": [8] * 200})]:
         cases.folder(f"config_{name}", {**MICRO_JSON, **change}, good_zip)
         expect[f"config_{name}"] = f"field {next(iter(change))}"
+    bad_json = {"deep": "[" * 100_000 + "]" * 100_000, "huge_int": '{"layers_per_block": 1' + "0" * 5000 + "}"}
+    for name, text in bad_json.items():
+        folder = cases.folder(f"config_json_{name}", {}, good_zip)
+        (folder / "config.json").write_text(text)
+        expect[f"config_json_{name}"] = "config.json: invalid JSON"
     cases.file("st_shape_2_64", hf.safetensors_raw(
         json.dumps({"w": {"dtype": "F32", "shape": [2**64], "data_offsets": [0, 4]}}).encode(), b"\0" * 4),
         ".safetensors")
@@ -309,7 +314,8 @@ def test_valid_micro_checkpoint_converts_exactly(converted):
     "build_widens_tensor", "setitem_on_tensor", "stride_2_40", "stride_0", "deflate_bomb_storage", "deflate_bomb_declared",
     "deflate_bomb_byteorder", "exponential_dag", "deep_nesting", "dag_dict_key", "too_many_tensors",
     "nan_bf16", "int32_weight",
-    "config_groups_0", "config_layers_str", "config_layers_3000", "config_levels_200", "st_shape_2_64",
+    "config_groups_0", "config_layers_str", "config_layers_3000", "config_levels_200",
+    "config_json_deep", "config_json_huge_int", "st_shape_2_64",
     "st_deep_header", "st_size_wraps", "zip_size_lies_small", "zip_size_lies_huge", "fifo", "dev_zero"])
 def test_hostile_file_is_refused_cleanly(converted, name):
     cases, results, expect, _ = converted

@@ -25,7 +25,6 @@ SD VAE sources (``kind="vae"``: diffusers ``AutoencoderKL``, LDM checkpoints) go
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import zipfile
@@ -146,10 +145,11 @@ def _naming(names: list[str]) -> tuple[str, str]:
 def _detect_folder(folder: Path) -> Source:
     config = folder / "config.json"
     if config.is_file():
-        try:
-            cls = json.loads(config.read_text()).get("_class_name", "")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ConversionError(f"{config}: invalid JSON ({e})") from e
+        meta = diffusers_fmt.read_config_json(config)
+        if not isinstance(meta, dict):
+            raise ConversionError(f"{config}: must hold a JSON object, got {type(meta).__name__}")
+        cls = meta.get("_class_name", "")
+        cls = cls if isinstance(cls, str) else ""
         if any((folder / n).is_file() for n in diffusers_fmt.WEIGHT_FILES):
             weights = diffusers_fmt.find_weights(folder)
         elif (folder / _BIN_WEIGHTS).is_file():

@@ -82,7 +82,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
         raise ConversionError(f"{bad} (header is not JSON: {e})") from e
     except RecursionError:
         raise ConversionError(f"{bad} (header JSON is nested too deeply)") from None
@@ -149,6 +149,16 @@ def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.n
         return dict(tensors)
     raise ConversionError(f"{source}: not a consistency decoder (no decoder_unet.* or conv_in.weight keys; "
                           f"saw e.g. {sorted(tensors)[:5]})")
+
+
+def read_config_json(path: Path) -> Any:
+    """The content of a config.json; ConversionError naming the file if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
+        raise ConversionError(f"{path}: invalid JSON ({e})") from e
+    except RecursionError:
+        raise ConversionError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
@@ -234,12 +244,7 @@ def decoder_from_diffusers_state(tensors: Mapping[str, np.ndarray], *, source: s
     """
     state = unet_state(tensors, source)
     if config_path is not None:
-        try:
-            config = config_from_diffusers(json.loads(Path(config_path).read_text()), where=str(config_path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{config_path}: invalid JSON ({e})") from e
-        except RecursionError:
-            raise ConversionError(f"{config_path}: invalid JSON (nested too deeply)") from None
+        config = config_from_diffusers(read_config_json(config_path), where=str(config_path))
     else:
         try:
             config = infer_config(state)
