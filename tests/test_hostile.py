@@ -310,13 +310,19 @@ def test_valid_micro_checkpoint_converts_exactly(converted):
     assert results["valid"]["same"] is True
 
 
-@pytest.mark.parametrize("name", [
-    "build_widens_tensor", "setitem_on_tensor", "stride_2_40", "stride_0", "deflate_bomb_storage", "deflate_bomb_declared",
-    "deflate_bomb_byteorder", "exponential_dag", "deep_nesting", "dag_dict_key", "too_many_tensors",
-    "nan_bf16", "int32_weight",
-    "config_groups_0", "config_layers_str", "config_layers_3000", "config_levels_200",
-    "config_json_deep", "config_json_huge_int", "st_shape_2_64",
-    "st_deep_header", "st_size_wraps", "zip_size_lies_small", "zip_size_lies_huge", "fifo", "dev_zero"])
+TARGETED = [
+    "build_widens_tensor", "setitem_on_tensor", "stride_2_40", "stride_0", "deflate_bomb_storage",
+    "deflate_bomb_declared", "deflate_bomb_byteorder", "exponential_dag", "deep_nesting", "dag_dict_key",
+    "too_many_tensors", "nan_bf16", "int32_weight", "config_groups_0", "config_layers_str", "config_layers_3000",
+    "config_levels_200", "config_json_deep", "config_json_huge_int", "st_shape_2_64", "st_deep_header",
+    "st_size_wraps", "zip_size_lies_small", "zip_size_lies_huge", "fifo", "dev_zero"]
+
+
+def test_every_hostile_file_is_checked(converted):
+    assert set(converted[2]) == set(TARGETED)
+
+
+@pytest.mark.parametrize("name", TARGETED)
 def test_hostile_file_is_refused_cleanly(converted, name):
     cases, results, expect, _ = converted
     _assert_clean_refusal(cases, name, results[name], expect[name])
