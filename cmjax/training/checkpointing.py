@@ -41,8 +41,12 @@ class CheckpointRestoreError(RuntimeError):
 
 
 def _one_line(e: BaseException) -> str:
+    """The exception's type and first line, shortened in the middle (the OS error is at the end)."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    return f"{type(e).__name__}: {line if len(line) <= 400 else line[:150] + ' ... ' + line[-200:]}"
 
 
 def config_json(config) -> dict:
