@@ -98,6 +98,7 @@ DECODER_FIELDS: dict[str, Field] = {
     "latent_mean": Field("floats", -1e6, 1e6, length=(1, 1021)),
     "latent_std": Field("floats", 1e-12, 1e6, length=(1, 1021)),
     "sigma_data": Field("float", 1e-6, 1e6),
+    "shift_factor": Field("float", -1e6, 1e6, required=False),  # added after version 1
 }
 
 
