@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import editing
-from cmjax.eval import ImageCM, load_image_cm, save_grid
+from cmjax.eval import save_grid
+from cmjax.training.trained import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 MASKS = ("center", "left", "right", "top", "bottom", "random")
