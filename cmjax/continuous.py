@@ -137,24 +137,25 @@ def scm_loss(net: TrigFlowNet, target_net: TrigFlowNet, logvar_fn: Callable[[jax
       net: the trained network ``F_theta(x/sd, t)``; ``target_net``: the same with
         stop-gradient params (and the same dropout key).
       logvar_fn: ``t (B,) -> w(t) (B,)``, the learned adaptive weight (a log-variance).
-      x0: data (B, H, W, C); key -> ``(t, z)``.
+      x0: data (B, H, W, C); ``k_t, k_z = split(key)``: ``t = sample_trigflow_times(k_t, B, ...)``,
+        ``z = sd * normal(k_z, x0.shape)``.
       teacher_velocity: sCD: ``(x_t, t) -> dx_t/dt`` from the teacher (e.g.
         ``(cos(t) x_t - D(x_t / cos t, sd tan t)) / sin(t)`` for an EDM teacher).
     """
     k_t, k_z = jax.random.split(key)
-    x0 = x0.astype(jnp.float32)
-    t = sample_trigflow_times(k_t, x0.shape[0], p_mean, p_std, sigma_data)
-    z = sigma_data * jax.random.normal(k_z, x0.shape, jnp.float32)
+    x0 = x0.astype(_float_dtype(x0))
+    t = sample_trigflow_times(k_t, x0.shape[0], p_mean, p_std, sigma_data).astype(x0.dtype)
+    z = sigma_data * jax.random.normal(k_z, x0.shape, x0.dtype)
     ct, st = _bcast(jnp.cos(t), x0), _bcast(jnp.sin(t), x0)
     x_t = ct * x0 + st * z
     if teacher_velocity is None:
         dxt_dt = ct * z - st * x0
     else:
-        dxt_dt = jax.lax.stop_gradient(teacher_velocity(x_t, t).astype(jnp.float32))
+        dxt_dt = jax.lax.stop_gradient(teacher_velocity(x_t, t).astype(x0.dtype))
     F_sg, g, _ = trigflow_tangent(target_net, x_t, t, dxt_dt, warmup=warmup, norm_c=norm_c,
                                   sigma_data=sigma_data)
-    F = net(x_t / sigma_data, t).astype(jnp.float32)
-    logvar = logvar_fn(t).astype(jnp.float32)
+    F = net(x_t / sigma_data, t).astype(x0.dtype)
+    logvar = logvar_fn(t).astype(x0.dtype)
     mse = _mean_flat((F - F_sg - g) ** 2)
     per = jnp.exp(-logvar) * mse + logvar
     loss = jnp.mean(per)
@@ -183,9 +184,10 @@ def ect_weight(t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
 
 
 def _ect_times(key, x0, p_mean, p_std):
+    """key -> (t, z): ``k_t, k_z = split(key)``; t lognormal (B,), z standard normal like x0."""
     k_t, k_z = jax.random.split(key)
-    t = jnp.exp(p_mean + p_std * jax.random.normal(k_t, (x0.shape[0],), jnp.float32))
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    t = jnp.exp(p_mean + p_std * jax.random.normal(k_t, (x0.shape[0],), x0.dtype))
+    z = jax.random.normal(k_z, x0.shape, x0.dtype)
     return t, z
 
 
@@ -198,7 +200,7 @@ def ect_loss(student_fn, target_fn, x0: jax.Array, key: jax.Array, stage, *, q: 
     ``x_t = x0 + t z``, ``x_r = x0 + r z`` (shared z, shared dropout key via the callables);
     the target is ``x0`` where ``r == 0``.  ``t``/``r`` may be given (tests) instead of drawn.
     """
-    x0 = x0.astype(jnp.float32)
+    x0 = x0.astype(_float_dtype(x0))
     t_drawn, z = _ect_times(key, x0, p_mean, p_std)
     t = t_drawn if t is None else _f32(t, x0)
     r = ect_r(t, stage, q, k, b) if r is None else _f32(r, x0)
@@ -262,14 +264,15 @@ def meanflow_loss(u_fn: AverageVelocityNet, u_sg_fn: AverageVelocityNet, x0: jax
     """MeanFlow loss with its adaptive weight ``sg(1 / (||delta||^2 + c)^p)``, ||.||^2 summed
     over pixels; ``u_fn`` trains, ``u_sg_fn`` is the same network with stop-gradient params."""
     k_t, k_e = jax.random.split(key)
-    x0 = x0.astype(jnp.float32)
+    x0 = x0.astype(_float_dtype(x0))
     r, t = sample_meanflow_times(k_t, x0.shape[0], p_mean, p_std, equal_fraction)
-    e = jax.random.normal(k_e, x0.shape, jnp.float32)
+    r, t = r.astype(x0.dtype), t.astype(x0.dtype)
+    e = jax.random.normal(k_e, x0.shape, x0.dtype)
     tb = _bcast(t, x0)
     z_t = (1.0 - tb) * x0 + tb * e
     v = e - x0
     _, u_tgt = meanflow_target(u_sg_fn, z_t, r, t, v)
-    u = u_fn(z_t, r, t).astype(jnp.float32)
+    u = u_fn(z_t, r, t).astype(x0.dtype)
     sq = _sum_flat((u - u_tgt) ** 2)
     w = jax.lax.stop_gradient(1.0 / (sq + weight_c) ** weight_p)
     loss = jnp.mean(w * sq)
@@ -283,9 +286,9 @@ def meanflow_sample(u_fn: AverageVelocityNet, noise: jax.Array, times) -> jax.Ar
     times = [float(s) for s in times]
     if times[0] != 1.0 or times[-1] != 0.0 or any(b >= a for a, b in zip(times[:-1], times[1:])):
         raise ValueError(f"times must decrease from 1 to 0, got {times}")
-    z = noise.astype(jnp.float32)
+    z = noise.astype(_float_dtype(noise))
     b = z.shape[0]
     for hi, lo in zip(times[:-1], times[1:]):
-        u = u_fn(z, jnp.full((b,), lo, jnp.float32), jnp.full((b,), hi, jnp.float32))
-        z = z - (hi - lo) * u.astype(jnp.float32)
+        u = u_fn(z, jnp.full((b,), lo, z.dtype), jnp.full((b,), hi, z.dtype))
+        z = z - (hi - lo) * u.astype(z.dtype)
     return z
