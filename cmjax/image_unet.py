@@ -44,6 +44,7 @@ class ImageUNetConfig:
     embedding: str = "fourier"  # "fourier" (of ln t) or "positional" (of 1000 * c_noise)
     fourier_scale: float = 0.02
     embedding_size: int = 128  # Fourier / positional features before the MLP
+    time_inputs: int = 1  # 2 for MeanFlow's u(z, r, t): c_noise (B, 2), each column embedded
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -119,11 +120,19 @@ class ImageUNet(nn.Module):
         if x.shape[1] % cfg.downsample_factor or x.shape[2] % cfg.downsample_factor:
             raise ValueError(f"image size {x.shape[1:3]} is not a multiple of {cfg.downsample_factor}")
 
-        c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (x.shape[0],))
-        if cfg.embedding == "fourier":
-            feats = FourierFeatures(cfg.embedding_size, cfg.fourier_scale, name="fourier")(4.0 * c_noise)
-        else:
-            feats = positional_features(1000.0 * c_noise, cfg.embedding_size)
+        c_noise = jnp.asarray(c_noise, jnp.float32)
+        if c_noise.ndim <= 1:  # one time input: a scalar or (B,)
+            c_noise = jnp.broadcast_to(c_noise, (x.shape[0],))[:, None]
+        if c_noise.shape != (x.shape[0], cfg.time_inputs):
+            raise ValueError(f"c_noise has shape {c_noise.shape}, expected ({x.shape[0]}, {cfg.time_inputs})")
+        cols = []  # one feature block per time input, concatenated before the MLP
+        for i in range(cfg.time_inputs):
+            if cfg.embedding == "fourier":
+                name = "fourier" if i == 0 else f"fourier_{i}"
+                cols.append(FourierFeatures(cfg.embedding_size, cfg.fourier_scale, name=name)(4.0 * c_noise[:, i]))
+            else:
+                cols.append(positional_features(1000.0 * c_noise[:, i], cfg.embedding_size))
+        feats = jnp.concatenate(cols, axis=-1)
         temb_dim = 4 * cfg.base_channels
         temb = dense(temb_dim, "temb_1", **kw)(feats.astype(self.dtype))
         temb = dense(temb_dim, "temb_2", **kw)(nn.silu(temb))

@@ -9,7 +9,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.family = "image"          # "image" (EDM parameterisation) | "decoder" (consistency decoder)
-    c.algorithm = "ict"         # "ict" | "ct" | "cd" | "edm"
+    c.algorithm = "ict"         # "ict" | "ct" | "cd" | "edm" | "sct" | "scd" | "ect" | "meanflow"
     c.seed = 0
     c.prng_impl = "threefry2x32"  # or "rbg": much faster to compile on CPU; not sharding-invariant
     c.total_steps = 400_000     # micro-batch steps; curricula count optimizer updates
@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embedding = "fourier"
     c.model.fourier_scale = 0.02
     c.model.embedding_size = 128
+    c.model.time_inputs = 1      # 2 for meanflow: u(z, r, t) embeds t and t - r
     # decoder family (cmjax.unet.UNetConfig; init_checkpoint overrides it)
     c.model.unet = ml_collections.ConfigDict()
     c.model.unet.block_out_channels = (320, 640, 1024, 1024)
@@ -70,6 +71,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.cd = ml_collections.ConfigDict(dict(num_scales=18, target_ema=0.95, metric="l2", huber_c=-1.0,
                                           teacher="", teacher_ema=True, init_from_teacher=True))
     c.edm = ml_collections.ConfigDict(dict(p_mean=-1.2, p_std=1.2))
+    # sCT / sCD (TrigFlow; sCD's teacher is cd.teacher): proposal lognormal(p_mean, p_std) of
+    # sd tan(t), tangent warm-up over tangent_warmup_steps updates, tangent normalisation
+    # g / (||g|| + tangent_norm_c) (negative: off), 2-step intermediate time mid_t.
+    c.scm = ml_collections.ConfigDict(dict(sigma_data=0.5, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000,
+                                           tangent_norm_c=0.1, mid_t=1.1))
+    # ECT: r(t) = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), stage = updates // stage_steps;
+    # distance sqrt(||.||^2 + c^2) - c; init: workdir of an 'edm' run to start from ("" = scratch).
+    c.ect = ml_collections.ConfigDict(dict(p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0, c=0.0,
+                                           stage_steps=25_000, init=""))
+    # MeanFlow: (r, t) from two logit-normal draws, r = t for equal_fraction of the batch;
+    # adaptive weight 1 / (||delta||^2 + weight_c)^weight_p.
+    c.meanflow = ml_collections.ConfigDict(dict(p_mean=-0.4, p_std=1.0, equal_fraction=0.75,
+                                                weight_p=1.0, weight_c=1e-3))
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sigma_max = 80.0

@@ -1,10 +1,12 @@
-"""Consistency-model training: iCT / CT / CD / EDM for the consistency decoder and image CMs.
+"""Few-step model training: iCT / CT / CD / EDM (decoder and image CMs), sCT / sCD / ECT / MeanFlow (image).
 
     from cmjax.training import train_and_evaluate
     train_and_evaluate(config, workdir)        # config: see configs/default.py
 
-Modules: ``families`` (model parameterisations), ``step`` (the pure train step), ``state``
-(TrainState, shardings), ``optim``, ``input_pipeline``, ``checkpointing``, ``reporting``, ``loop``.
+Modules: ``families`` (model parameterisations), ``algorithms`` (one entry per algorithm: loss,
+sampler, target network, teacher), ``step`` (the pure train step), ``state`` (TrainState,
+shardings), ``optim``, ``input_pipeline``, ``checkpointing``, ``reporting``, ``loop``, ``trained``
+(loading a finished run for evaluation and editing).
 """
 from cmjax.training.loop import NonFiniteLossError, train_and_evaluate, validate_config
 

@@ -194,13 +194,18 @@ def restore_params(workdir: str, abstract_params, shardings, which: str = "ema_p
     return out[STATE][which]
 
 
-def load_teacher(config, family, mesh: Mesh, fsdp: bool):
-    """CD teacher params: a training run's workdir (an 'edm' run, EMA params by default) or, for
-    the decoder family, a cmjax decoder checkpoint directory (``cmjax.json`` inside)."""
-    path = config.cd.teacher
-    if not path:
-        raise ValueError("algorithm 'cd' needs cd.teacher: the workdir of an 'edm' run "
-                         "(or a cmjax decoder checkpoint for the decoder family)")
+def load_run_params(path: str, init_params_fn, mesh: Mesh, config):
+    """The EMA params of the run in workdir ``path`` (latest checkpoint), laid out for this run
+    (``init_params_fn`` gives their structure): a starting point such as ECT's ``ect.init``."""
+    abstract = jax.eval_shape(init_params_fn, jax.random.key(0))
+    shardings = tree_shardings(abstract, mesh, config.fsdp, config.fsdp_min_size)
+    return restore_params(path, abstract, shardings, "ema_params")
+
+
+def load_teacher(path: str, config, family, mesh: Mesh, fsdp: bool):
+    """Teacher params (CD, sCD) from ``path``: a training run's workdir (an 'edm' run, EMA params
+    unless cd.teacher_ema is off) or, for the decoder family, a cmjax decoder checkpoint directory
+    (``cmjax.json`` inside)."""
     abstract = jax.eval_shape(family.init_params, jax.random.key(0))
     shardings = tree_shardings(abstract, mesh, fsdp, config.fsdp_min_size)
     if os.path.isfile(os.path.join(path, "cmjax.json")):

@@ -70,6 +70,9 @@ class Family:
       config: the family's own model config (ImageUNetConfig or DecoderConfig).
       grid: decoder only, its DecoderGrid.
       latents_of: decoder only, (batch, frozen) -> raw latents (B, h, w, latent_channels).
+      apply_fn: image only, (params, dropout_rng|None) -> the raw network
+        ``(x_scaled (B,H,W,C), c_noise (B,) or (B, time_inputs)) -> F``, for algorithms with
+        their own parameterisation (sCM, MeanFlow; :mod:`cmjax.training.algorithms`).
     """
 
     name: str
@@ -85,6 +88,7 @@ class Family:
     config: Any
     grid: Any = None
     latents_of: Optional[Callable] = None
+    apply_fn: Optional[Callable] = None
 
 
 def make_family(config) -> Family:
@@ -107,7 +111,7 @@ def image_model_config(config) -> ImageUNetConfig:
         base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
         num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
         dropout=m.dropout, num_groups=m.num_groups, embedding=m.embedding,
-        fourier_scale=m.fourier_scale, embedding_size=m.embedding_size)
+        fourier_scale=m.fourier_scale, embedding_size=m.embedding_size, time_inputs=m.time_inputs)
 
 
 def image_family(config) -> Family:
@@ -120,7 +124,7 @@ def image_family(config) -> Family:
 
     def init_params(key):
         x = jnp.zeros((1, size, size, channels), jnp.float32)
-        return ImageUNet(mcfg).init(key, x, jnp.zeros((1,), jnp.float32))["params"]
+        return ImageUNet(mcfg).init(key, x, jnp.zeros((1, mcfg.time_inputs), jnp.float32))["params"]
 
     def apply_fn(params, dropout_rng):
         if dropout_rng is None:
@@ -145,8 +149,9 @@ def image_family(config) -> Family:
         fn = lambda y, t: consistency_fn(params, y, t)
         return C.sample_multistep(fn, key, (num, size, size, channels), sigmas, sigma_min)
 
-    return Family("image", (size, size, channels), init_params, consistency_fn, denoiser_fn,
-                  None, None, None, prepare, sample, mcfg)
+    return Family(name="image", image_shape=(size, size, channels), init_params=init_params,
+                  consistency_fn=consistency_fn, denoiser_fn=denoiser_fn, grid_fn=None, max_scales=None,
+                  edm_sigma_sampler=None, prepare=prepare, sample=sample, config=mcfg, apply_fn=apply_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,9 +375,10 @@ def decoder_family(config) -> Family:
         noise = jax.random.normal(key, shape, jnp.float32)
         return decode_latents(params, latents, noise, config=dcfg, timesteps=timesteps, dtype=dtype)
 
-    return Family("decoder", (size, size, 3), init_params, consistency_fn, consistency_fn,
-                  grid.sigma_at, grid.num_allowed, edm_sigma_sampler, prepare, sample, dcfg,
-                  grid=grid, latents_of=latents_of)
+    return Family(name="decoder", image_shape=(size, size, 3), init_params=init_params,
+                  consistency_fn=consistency_fn, denoiser_fn=consistency_fn, grid_fn=grid.sigma_at,
+                  max_scales=grid.num_allowed, edm_sigma_sampler=edm_sigma_sampler, prepare=prepare,
+                  sample=sample, config=dcfg, grid=grid, latents_of=latents_of)
 
 
 def decoder_timesteps(config, grid: DecoderGrid, num_steps: int) -> tuple[int, ...]:

@@ -25,11 +25,12 @@ import numpy as np
 
 from cmjax import data as data_lib
 from cmjax import parallel
-from cmjax.training import checkpointing, input_pipeline, reporting, resume
+from cmjax.training import algorithms, checkpointing, families, input_pipeline, reporting, resume
+from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family
 from cmjax.training.optim import make_optimizer
 from cmjax.training.state import TrainState, create_train_state, prng_impl, train_state_layout
-from cmjax.training.step import ALGORITHMS, make_train_step
+from cmjax.training.step import make_train_step
 
 
 _LAST_VALUE = ("num_scales", "lr", "target_ema")
@@ -41,21 +42,13 @@ class NonFiniteLossError(FloatingPointError):
 
 def validate_config(config, family: Optional[Family] = None) -> None:
     """Fail early, with a message naming the field, on settings that cannot work."""
-    if config.algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={config.algorithm!r}: expected one of {ALGORITHMS}")
     if config.family not in ("image", "decoder"):
         raise ValueError(f"family={config.family!r}: expected 'image' or 'decoder'")
+    algorithms.validate(config, family)
     if config.optim.grad_accum_steps < 1:
         raise ValueError("optim.grad_accum_steps must be >= 1")
     if config.batch_size % jax.device_count():
         raise ValueError(f"batch_size={config.batch_size} is not divisible by {jax.device_count()} devices")
-    if family is not None and family.max_scales is not None:
-        cap = family.max_scales - 1
-        s1 = {"ict": config.ict.s1, "ct": config.ct.s1, "cd": config.cd.num_scales - 1}.get(config.algorithm)
-        if s1 is not None and s1 > cap:
-            raise ValueError(f"the decoder grid (spacing {config.model.spacing}, t_max {config.model.t_max}) "
-                             f"has {cap} intervals; the curriculum asks for {s1} (set ict.s1 / ct.s1 / "
-                             f"cd.num_scales accordingly)")
 
 
 class _StopFlag:
@@ -90,29 +83,29 @@ def _check_finite(step: int, metrics: dict, manager) -> None:
             "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then rerun to resume.")
 
 
-def make_evaluator(config, family: Family, mesh, frozen, eval_host_batch):
+def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host_batch):
     """Returns ``evaluate(params, step, workdir) -> metrics``: sample grids (+ decoder PSNR)."""
     rep = parallel.replicated(mesh)
     num = int(config.num_eval_images)
     if family.name == "image":
-        fns = {s: jax.jit(lambda p, k, s=s: family.sample(p, k, num, s), out_shardings=rep)
+        fns = {s: jax.jit(lambda p, k, s=s: model.sample(p, k, num, s), out_shardings=rep)
                for s in (1, 2)}
         inputs = None
     else:
         batch = jax.device_put({k: jnp.asarray(v) for k, v in eval_host_batch.items()}, rep)
         latents = jax.jit(family.latents_of, out_shardings=rep)(batch, frozen)
         inputs = np.asarray(batch["image"])
-        fns = {s: jax.jit(lambda p, k, s=s: family.sample(p, k, latents, s), out_shardings=rep)
+        fns = {s: jax.jit(lambda p, k, s=s: model.sample(p, k, latents, s), out_shardings=rep)
                for s in (1, 2)}
     upscale = max(1, 64 // family.image_shape[0])
     fid_cb = None
-    if family.name == "image" and config.get("fid_every", 0) > 0:
+    if family.name == "image" and config.fid_every > 0:
         from cmjax import fid as fid_lib  # lazy: Inception is only built when FID is asked for
 
         ref = fid_lib.reference_statistics(config.fid_reference, resolution=family.image_shape[0],
                                            max_images=config.fid_max_ref_images or None,
-                                           data_dir=config.data.get("data_dir") or None, progress=False)
-        fid_cb = fid_lib.fid_callback(lambda p, k, n: family.sample(p, k, n, 1), ref,
+                                           data_dir=config.data.data_dir or None, progress=False)
+        fid_cb = fid_lib.fid_callback(lambda p, k, n: model.sample(p, k, n, 1), ref,
                                       num_samples=int(config.fid_num_samples),
                                       batch_size=min(250, int(config.fid_num_samples)), name="fid_1step")
 
@@ -137,27 +130,35 @@ def make_evaluator(config, family: Family, mesh, frozen, eval_host_batch):
     return evaluate
 
 
-def _load_init_params(config, family: Family) -> Any:
-    """Fine-tuning starting points: a converted decoder checkpoint, or the CD teacher."""
-    if family.name == "decoder":
-        from cmjax.training.families import decoder_init_params
-        return decoder_init_params(config, family.config)
-    return None
+def _load_init_params(config, family: Family, model: Model, mesh, frozen) -> Any:
+    """Fine-tuning starting points: a converted decoder checkpoint (moved to a new latent space if
+    asked), or the EMA params of the run the algorithm starts from (CD: its teacher; ECT: ect.init)."""
+    if family.name == "decoder" and config.model.init_checkpoint:
+        return families.decoder_init_params(config, family.config)
+    path = algorithms.get(config.algorithm).init_from(config)
+    if not path:
+        return None
+    if "teacher" in frozen and path == algorithms.get(config.algorithm).teacher(config):
+        return frozen["teacher"]
+    return checkpointing.load_run_params(path, model.init_params, mesh, config)
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train (or resume) the run described by ``config`` in ``workdir``; returns the final state."""
-    parallel.initialize_distributed(config.get("coordinator_address") or None,
-                                    config.get("num_processes") or None, config.get("process_id"))
+    parallel.initialize_distributed(config.coordinator_address or None,
+                                    config.num_processes or None, config.process_id)
     workdir = os.path.abspath(workdir)
     mesh = parallel.make_mesh()
     family = make_family(config)
     validate_config(config, family)
+    algo = algorithms.get(config.algorithm)
+    model = algo.model(family, config)
     tx, schedule = make_optimizer(config)
 
     frozen, frozen_sh = {}, {}
-    if config.algorithm == "cd":
-        frozen["teacher"], frozen_sh["teacher"] = checkpointing.load_teacher(config, family, mesh, config.fsdp)
+    if algo.needs_teacher:
+        frozen["teacher"], frozen_sh["teacher"] = checkpointing.load_teacher(algo.teacher(config), config, family,
+                                                                             mesh, config.fsdp)
     if family.name == "decoder":
         enc, enc_sh = checkpointing.load_encoder(config, family, mesh)
         if enc is not None:
@@ -168,12 +169,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
     latest = manager.latest_step()
     if latest is None:
-        init_params = _load_init_params(config, family)
-        if init_params is None and config.algorithm == "cd" and config.cd.init_from_teacher:
-            init_params = frozen["teacher"]
-        state, shardings = create_train_state(family.init_params, tx, config, mesh, init_params)
+        init_params = _load_init_params(config, family, model, mesh, frozen)
+        state, shardings = create_train_state(model.init_params, tx, config, mesh, init_params)
     else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
-        abstract, shardings = train_state_layout(family.init_params, tx, config, mesh)
+        abstract, shardings = train_state_layout(model.init_params, tx, config, mesh)
         state, latest = checkpointing.restore_latest(manager, abstract, shardings, iterator)
         resume.after_restore(manager, latest, config, workdir)
 
@@ -184,7 +183,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     evaluate = None
     if config.sample_every > 0:
         eval_batch = input_pipeline.eval_batch(config, source) if family.name == "decoder" else None
-        evaluate = make_evaluator(config, family, mesh, frozen, eval_batch)
+        evaluate = make_evaluator(config, family, model, mesh, frozen, eval_batch)
     writer = reporting.MetricWriter(workdir, config.tensorboard)
 
     step = int(jax.device_get(state.step))

@@ -21,11 +21,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cmjax.training import algorithms
+from cmjax.training.algorithms import curriculum_updates
 from cmjax.training.checkpointing import CONFIG
 from cmjax.training.reporting import say
-from cmjax.training.step import curriculum_updates, num_scales
-
-_CURRICULA = ("ict", "ct")
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
@@ -39,7 +38,8 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
 def curriculum_change(saved: Optional[dict], config, step: int) -> Optional[str]:
     """A one-line warning if resuming at ``step`` with ``config`` changes the N(k) curriculum the
     checkpoint was trained with (its length K, hence N at this step); None otherwise."""
-    if not saved or config.algorithm not in _CURRICULA or saved.get("algorithm") != config.algorithm:
+    num_scales = algorithms.get(config.algorithm).num_scales  # None: no N(k) curriculum
+    if not saved or num_scales is None or saved.get("algorithm") != config.algorithm:
         return None
     old = ml_collections.ConfigDict(saved)
     k_old, k_new = curriculum_updates(old), curriculum_updates(config)

@@ -4,8 +4,8 @@
 
 * ``params``: fp32, what the optimizer updates (compute may be bf16: layers cast).
 * ``ema_params``: fp32 evaluation EMA (iCT: 0.99993), what samples and checkpoints export.
-* ``target_params``: the EMA *target* network of original CT / CD; None for iCT (the target is
-  stopgrad(params)) and EDM.
+* ``target_params``: the EMA *target* network of the algorithms that keep one (original CT, CD);
+  None for the others (iCT, sCT, ECT, MeanFlow use stopgrad(params); EDM has no target).
 * ``rng``: raw uint32 key data (of ``config.prng_impl``); the step's key is ``fold_in(rng, step)``, so a resumed run
   draws exactly the keys an uninterrupted one would.
 
@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cmjax.parallel import DATA_AXIS
+from cmjax.training import algorithms
 
 
 @flax.struct.dataclass
@@ -33,7 +34,7 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
-    target_params: Any        # None unless algorithm in (ct, cd)
+    target_params: Any        # None unless the algorithm keeps a target network (ct, cd)
     rng: jax.Array            # uint32 key data of config.prng_impl
 
     def to_dict(self) -> dict:
@@ -50,8 +51,8 @@ class TrainState:
 
 
 def uses_target(algorithm: str) -> bool:
-    """Original CT and CD keep an EMA target network."""
-    return algorithm in ("ct", "cd")
+    """Whether the algorithm keeps an EMA target network (its entry has a target_decay)."""
+    return algorithms.get(algorithm).target_decay is not None
 
 
 def state_from_params(params, tx, algorithm: str, seed: int, impl: str = "threefry2x32") -> TrainState:
@@ -91,7 +92,7 @@ def tree_shardings(abstract_tree, mesh: Mesh, fsdp: bool, min_size: int = 2 ** 1
 def prng_impl(config) -> str:
     """The PRNG of params init, noise and dropout: threefry2x32 (default; the same numbers under
     any sharding) or rbg (XLA RngBitGenerator: compiles several times faster on CPU)."""
-    return config.get("prng_impl", "threefry2x32") or "threefry2x32"
+    return config.prng_impl
 
 
 def _init_fn(init_params_fn, tx, config, params):
