@@ -46,6 +46,7 @@ CACHE_ENV = "CMJAX_CACHE"
 CACHE_NAME = "conv_lowering.json"
 MARGIN = 0.95  # another lowering replaces "xla" only when it takes < MARGIN of xla's time
 REPEATS = 5  # timed calls per lowering (interleaved); the minimum is kept, robust to a busy machine
+PRUNE = 2.0  # after each round, lowerings slower than PRUNE x the best so far are not timed again
 
 
 def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -146,9 +147,26 @@ def write_cache(path: Path, machine: str, shape_key: str, entry: dict) -> None:
             pass
 
 
+def time_calls(calls: dict[str, Callable[[], object]], timer: Callable[[], float] = time.perf_counter,
+               repeats: int = REPEATS) -> dict[str, float]:
+    """Min seconds per call of each zero-argument call, timed in interleaved rounds.
+
+    After each round, calls slower than PRUNE x the best so far are dropped (they cannot win).
+    """
+    best = {name: float("inf") for name in calls}
+    active = list(calls)
+    for _ in range(repeats):
+        for name in active:
+            start = timer()
+            calls[name]()
+            best[name] = min(best[name], timer() - start)
+        active = [name for name in active if best[name] <= PRUNE * min(best.values())]
+    return best
+
+
 def measure(shape: ConvShape, candidates=LOWERINGS, timer: Callable[[], float] = time.perf_counter,
             repeats: int = REPEATS) -> dict[str, float]:
-    """Seconds per call of each lowering on random data of ``shape`` (min over interleaved repeats)."""
+    """Seconds per call of each lowering on random data of ``shape`` (see ``time_calls``)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(shape.batch, shape.height, shape.width, shape.in_channels)).astype(np.float32)
     kernel = rng.normal(size=(shape.kernel,) * 2 + (shape.in_channels, shape.out_channels)).astype(np.float32)
@@ -158,13 +176,8 @@ def measure(shape: ConvShape, candidates=LOWERINGS, timer: Callable[[], float] =
         fns = {name: jax.jit(CONV[name]) for name in candidates}
         for fn in fns.values():
             jax.block_until_ready(fn(x, kernel))  # compile + warm up
-        best = {name: float("inf") for name in candidates}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = timer()
-                jax.block_until_ready(fn(x, kernel))
-                best[name] = min(best[name], timer() - start)
-    return best
+        calls = {name: lambda fn=fn: jax.block_until_ready(fn(x, kernel)) for name, fn in fns.items()}
+        return time_calls(calls, timer, repeats)
 
 
 def pick(seconds: dict[str, float]) -> str:

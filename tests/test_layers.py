@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cmjax.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, choose_lowering, machine_key, measure,
-                                 pick)
+                                 pick, time_calls)
 from cmjax.layers import Conv, GroupNorm, avg_pool_2x2, upsample_nearest
 from tests.torch_peers import nchw, nhwc
 
@@ -118,6 +118,19 @@ def test_measure_times_every_lowering_with_the_given_timer():
     ticks = iter(range(1000))
     seconds = measure(ConvShape(1, 3, 4, 4, 4, 3, "float32"), timer=lambda: float(next(ticks)), repeats=2)
     assert seconds == {name: 1.0 for name in LOWERINGS}  # each timed call spans one tick
+
+
+def test_timing_drops_a_call_that_cannot_win():
+    spans = {"xla": 5.0, "im2col": 1.0, "im2row": 1.5}
+    clock, counts = [0.0], {name: 0 for name in spans}
+
+    def call(name):
+        counts[name] += 1
+        clock[0] += spans[name]
+
+    calls = {name: lambda name=name: call(name) for name in spans}
+    assert time_calls(calls, timer=lambda: clock[0], repeats=3) == spans
+    assert counts == {"xla": 1, "im2col": 3, "im2row": 3}  # xla > PRUNE x the best after round one
 
 
 def test_group_norm_matches_torch():
