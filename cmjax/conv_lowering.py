@@ -22,6 +22,10 @@ reads it at trace time afterwards.
 TPU keep ``lax.conv`` unless it is clearly beaten. A cache file that cannot be read or parsed is
 treated as empty (and rewritten on the next store); writes go to a temporary file and are renamed
 into place, merged with what another process may have stored meanwhile.
+
+Caveats: the timing is of the forward convolution alone (a training step's backward pass is not
+measured); processes of one multi-host program must trace the same program, so there set
+CMJAX_CONV_LOWERING (or share one cache file) rather than let each host measure on its own.
 """
 from __future__ import annotations
 
