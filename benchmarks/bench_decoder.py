@@ -2,15 +2,21 @@
 
 Both sides get the same random weights (a diffusers ConsistencyDecoderVAE, converted in memory)
 and the same noise; the script prints steady-state seconds per decode for each, their ratio,
-cmjax's compile time, the peak memory of each phase and the max abs difference of the images.
+cmjax's compile time, the peak memory and the max abs difference of the images.
 
-    python benchmarks/bench_decoder.py                 # batch 2 of 4x6 latents (32x48 px), CPU
-    python benchmarks/bench_decoder.py --latent 64x64 --batch 4 --dtype bf16   # on a GPU
+    python benchmarks/bench_decoder.py      # batch 2 of 4x6 latents (32x48 px), batch 1 of 16x16 (128x128 px)
+    python benchmarks/bench_decoder.py --cases 64x64:4 --dtype bf16   # on a GPU
+
+cmjax and diffusers calls are interleaved (medians of ``--repeats``); the CPU model, AVX-512,
+XLA flags, the conv lowering mode and the load average are printed with every result. The first
+call on a new machine also measures each convolution's lowering (``cmjax.conv_lowering``), so
+its time is reported with the number of shapes measured in it; run twice for the warm-cache compile.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import threading
 import time
@@ -44,6 +50,151 @@ class PeakRSS:
         self._thread.join()
 
 
+def machine_line() -> str:
+    """CPU model (with or without AVX-512), XLA flags, threads and load: printed with every result."""
+    from cmjax.conv_lowering import cpu_model
+
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"[{cpu_model()}; {os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+            f"lowering={os.environ.get('CMJAX_CONV_LOWERING', 'measure')}; load {load}]")
+
+
+def _hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Compiled HLO instruction name -> (result shape, op_name metadata)."""
+    ops = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo_text, re.M):
+        ops[m.group(1)] = (m.group(2).split("{")[0], m.group(3))
+    return ops
+
+
+def _where(op_name: str) -> str:
+    """'down_blocks.1 conv1' from a flax op_name path (level and the layer inside the block)."""
+    level = re.search(r"(down_blocks\.\d|up_blocks\.\d|mid_block|conv_in|conv_norm_out|conv_out|time_\w+)", op_name)
+    layer = re.search(r"/(norm\d|conv\d|conv_shortcut|time_emb_proj)/", op_name)
+    return " ".join(g.group(1) for g in (level, layer) if g) or op_name.split("/")[-1]
+
+
+def profile_cmjax(run, lowered, top: int) -> None:
+    """XLA's own trace of one decode: time per compiled instruction, then per level/layer."""
+    import collections
+    import glob
+    import tempfile
+
+    ops = _hlo_ops(lowered.compile().as_text())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            run()
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    per_op = collections.Counter()
+    for plane in data.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for e in line.events:
+                if e.name in ops:
+                    per_op[e.name] += e.duration_ns / 1e9
+    total = sum(per_op.values())
+    print(f"XLA profile: {total:.2f} s in {len(per_op)} instructions (summed over threads)")
+    for name, t in per_op.most_common(top):
+        shape, op_name = ops[name]
+        print(f"  {t:7.3f} s {100 * t / total:5.1f}%  {name:28s} {shape:28s} {_where(op_name)}  "
+              f"[{op_name.split('/')[-1]}]")
+    groups = collections.Counter()
+    for name, t in per_op.items():
+        shape, op_name = ops[name]
+        kind = op_name.split("/")[-1]
+        groups[f"{_where(op_name).split()[0]} {'conv/dot' if kind in ('conv_general_dilated', 'dot_general') else kind}"] += t
+    print("  by level and op kind:")
+    for key, t in groups.most_common(top):
+        print(f"  {t:7.3f} s {100 * t / total:5.1f}%  {key}")
+
+
+def profile_torch(run, top: int) -> None:
+    """torch.profiler of one diffusers decode: self CPU time per op and input shape."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    print("torch profile, by op:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    print("torch profile, by op and input shape:")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> None:
+    import torch
+
+    import cmjax
+    from cmjax.conv_lowering import cache_path, read_cache
+    from tests.torch_peers import reference_decode
+
+    print(f"\ndecode: batch {batch} of {h}x{w} latents -> {8 * h}x{8 * w} px, 2 steps, cmjax {args.dtype}, "
+          f"torch {args.torch_dtype}")
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(batch, h, w, 4)).astype(np.float32)
+    noise = [rng.normal(size=(batch, 8 * h, 8 * w, 3)).astype(np.float32) for _ in range(2)]
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+
+    def run_cmjax():
+        return jax.block_until_ready(cmjax.decode(decoder, latents, noise=noise, dtype=dtype))
+
+    cached = sum(len(v) for v in read_cache(cache_path()).values())
+    with PeakRSS() as mem_compile:
+        start = time.perf_counter()
+        ours = np.asarray(run_cmjax())
+        compile_s = time.perf_counter() - start
+    measured = sum(len(v) for v in read_cache(cache_path()).values()) - cached
+    print(f"cmjax first call (compile + run) {compile_s:.2f} s, {measured} conv shapes measured in it "
+          f"(lowering cache {cache_path()}); peak RSS {mem_compile.peak / 2**30:.2f} GiB")
+
+    run_torch = None
+    if not args.no_torch:
+        tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.torch_dtype]
+
+        def run_torch():
+            if device == "cpu" and tdtype == torch.float32:
+                return reference_decode(vae, latents, noise)
+            with torch.no_grad():  # GPU / half precision: diffusers' own decode, its own noise
+                z = torch.from_numpy(latents.transpose(0, 3, 1, 2)).to(device=device, dtype=tdtype)
+                out = vae.decode(z, generator=torch.Generator(device).manual_seed(0)).sample
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return out.float().cpu().numpy().transpose(0, 2, 3, 1)
+
+        theirs = run_torch()  # warm-up
+
+    # Interleaved, so that a burst of load on a shared machine hits both sides alike.
+    t_cmjax, t_torch = [], []
+    with PeakRSS() as mem:
+        for _ in range(args.repeats):
+            t_cmjax += timed(run_cmjax, 1)
+            if run_torch is not None:
+                t_torch += timed(run_torch, 1)
+    print(f"cmjax:     steady {statistics.median(t_cmjax):.3f} s (min {min(t_cmjax):.3f}, "
+          f"all {' '.join(f'{t:.2f}' for t in t_cmjax)})")
+    if run_torch is None:
+        print(machine_line())
+        return
+    print(f"diffusers: steady {statistics.median(t_torch):.3f} s (min {min(t_torch):.3f}, "
+          f"all {' '.join(f'{t:.2f}' for t in t_torch)}); peak RSS of both {mem.peak / 2**30:.2f} GiB")
+    ratio = statistics.median(t_cmjax) / statistics.median(t_torch)
+    pairs = sorted(a / b for a, b in zip(t_cmjax, t_torch))
+    print(f"ratio cmjax/diffusers: {ratio:.3f} (median of medians; per interleaved pair "
+          f"{pairs[0]:.2f}-{pairs[-1]:.2f})")
+    if device == "cpu" and args.torch_dtype == "fp32":
+        print(f"max |cmjax - diffusers| over the images: {np.abs(ours - theirs).max():.2e}")
+    print(machine_line())
+    if args.profile:
+        from cmjax.decoder import _decode_jit
+
+        lowered = _decode_jit.lower(decoder.params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
+                                    timesteps=cmjax.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
+        profile_cmjax(run_cmjax, lowered, args.profile)
+        profile_torch(run_torch, args.profile)
+
+
 def timed(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -55,13 +206,19 @@ def timed(fn, repeats: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latent", default="4x6", help="latent HxW (pixels are 8x)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--cases", default="4x6:2,16x16:1",
+                        help="comma-separated latent HxW:batch (pixels are 8x), e.g. 4x6:2,16x16:1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="cmjax compute dtype")
     parser.add_argument("--torch-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--lowering", choices=["measure", "xla", "im2col", "im2row"],
+                        help="force cmjax's conv lowering (sets CMJAX_CONV_LOWERING)")
     parser.add_argument("--no-torch", action="store_true", help="time cmjax only")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one decode on each side and print the top N costs")
     args = parser.parse_args()
+    if args.lowering:
+        os.environ["CMJAX_CONV_LOWERING"] = args.lowering
 
     import torch
     from diffusers import ConsistencyDecoderVAE
@@ -70,13 +227,11 @@ def main() -> None:
     from cmjax.convert.mapping import torch_to_flax
     from cmjax.decoder import abstract_params
 
-    h, w = (int(v) for v in args.latent.split("x"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; torch {torch.__version__} "
           f"on {device}, {torch.get_num_threads()} threads")
-    print(f"decode: batch {args.batch} of {h}x{w} latents -> {8 * h}x{8 * w} px, 2 steps, cmjax {args.dtype}, "
-          f"torch {args.torch_dtype}")
+    print(machine_line())
 
     torch.manual_seed(0)
     vae = ConsistencyDecoderVAE().eval()
@@ -88,50 +243,14 @@ def main() -> None:
     decoder = cmjax.Decoder(config, params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"UNet params: {n_params:,}")
+    if not args.no_torch:
+        tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.torch_dtype]
+        vae = vae.to(device=device, dtype=tdtype)
 
-    rng = np.random.default_rng(0)
-    latents = rng.normal(size=(args.batch, h, w, 4)).astype(np.float32)
-    noise = [rng.normal(size=(args.batch, 8 * h, 8 * w, 3)).astype(np.float32) for _ in range(2)]
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-
-    def run_cmjax():
-        return jax.block_until_ready(cmjax.decode(decoder, latents, noise=noise, dtype=dtype))
-
-    with PeakRSS() as mem_compile:
-        start = time.perf_counter()
-        ours = np.asarray(run_cmjax())
-        compile_s = time.perf_counter() - start
-    with PeakRSS() as mem_cmjax:
-        t_cmjax = timed(run_cmjax, args.repeats)
-    print(f"cmjax:     first call (compile + run) {compile_s:.2f} s; steady {statistics.median(t_cmjax):.3f} s "
-          f"(min {min(t_cmjax):.3f}); peak RSS {mem_cmjax.peak / 2**30:.2f} GiB")
-
-    if args.no_torch:
-        return
-    from tests.torch_peers import reference_decode
-
-    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.torch_dtype]
-    vae = vae.to(device=device, dtype=tdtype)
-
-    def run_torch():
-        if device == "cpu" and tdtype == torch.float32:
-            return reference_decode(vae, latents, noise)
-        with torch.no_grad():  # GPU / half precision: diffusers' own decode, its own noise
-            z = torch.from_numpy(latents.transpose(0, 3, 1, 2)).to(device=device, dtype=tdtype)
-            out = vae.decode(z, generator=torch.Generator(device).manual_seed(0)).sample
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out.float().cpu().numpy().transpose(0, 2, 3, 1)
-
-    theirs = run_torch()  # warm-up
-    with PeakRSS() as mem_torch:
-        t_torch = timed(run_torch, args.repeats)
-    print(f"diffusers: steady {statistics.median(t_torch):.3f} s (min {min(t_torch):.3f}); "
-          f"peak RSS {mem_torch.peak / 2**30:.2f} GiB")
-    ratio = statistics.median(t_cmjax) / statistics.median(t_torch)
-    print(f"ratio cmjax/diffusers: {ratio:.3f}  (goal <= 1.0)")
-    if device == "cpu" and tdtype == torch.float32:
-        print(f"max |cmjax - diffusers| over the images: {np.abs(ours - theirs).max():.2e}")
+    for case in args.cases.split(","):
+        size, _, batch = case.partition(":")
+        h, w = (int(v) for v in size.split("x"))
+        run_case(decoder, vae, h, w, int(batch or 1), args, device)
 
 
 if __name__ == "__main__":

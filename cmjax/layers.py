@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cmjax.conv_lowering import CONV, ConvShape, choose_lowering
+
 Dtype = Any
 
 
@@ -46,21 +48,17 @@ class GroupNorm(nn.Module):
         return out.astype(self.dtype)
 
 
-# On CPU, XLA's convolution is slow when the image is tiny and the channels many (the decoder's
-# deepest levels on small inputs); one matmul over 9 shifted copies ("im2col") is 2-5x faster there
-# (measured, benchmarks/bench_decoder.py and REFERENCE 4). Up to this many pixels (H*W) it is used.
-IM2COL_MAX_PIXELS = 128
-
-
 class Conv(nn.Module):
     """2-D convolution, NHWC, stride 1, torch's padding (k//2 each side). Params: ``kernel`` HWIO, ``bias``.
 
-    ``im2col``: None picks by backend and size (CPU and H*W <= IM2COL_MAX_PIXELS); True/False force.
+    ``lowering``: "xla", "im2col" or "im2row" forces one (``cmjax.conv_lowering``); None uses
+    $CMJAX_CONV_LOWERING, else the lowering measured fastest for this shape on this machine
+    (cached on disk, measured once at trace time on a miss).
     """
 
     features: int
     kernel_size: int = 3
-    im2col: bool | None = None
+    lowering: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -71,20 +69,13 @@ class Conv(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        b, h, w, c = x.shape
-        use_im2col = self.im2col
-        if use_im2col is None:
-            use_im2col = jax.default_backend() == "cpu" and h * w <= IM2COL_MAX_PIXELS
         if k == 1:
             y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-        elif use_im2col:
-            p = k // 2
-            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            cols = jnp.concatenate([padded[:, dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)], -1)
-            y = cols @ kernel.reshape(k * k * c, self.features)  # (dy, dx, c) order = HWIO flattening
         else:
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((k // 2, k // 2),) * 2,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            # init only needs shapes: it never measures (eval_shape of an init traces every conv)
+            lowering = self.lowering or ("xla" if self.is_initializing() else None)
+            shape = ConvShape(*x.shape, self.features, k, jnp.dtype(self.dtype).name)
+            y = CONV[choose_lowering(shape, lowering)](x, kernel)
         return y + bias.astype(self.dtype)
 
 
