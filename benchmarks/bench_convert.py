@@ -28,7 +28,7 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import jax, numpy as np
-from cmjax.convert import convert
+from cmjax.weights.convert import convert
 base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t1 = time.perf_counter()
 convert(sys.argv[1], sys.argv[2])
@@ -56,9 +56,9 @@ def build_safetensors(folder: Path) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from cmjax.convert.mapping import torch_key_for
-    from cmjax.convert.openai import PAIR_EMBEDDING, PAIR_WEIGHTS, diffusers_to_openai_name
-    from cmjax.decoder import DecoderConfig, abstract_params
+    from cmjax.weights.mapping import torch_key_for
+    from cmjax.weights.openai import PAIR_EMBEDDING, PAIR_WEIGHTS, diffusers_to_openai_name
+    from cmjax.decoding.decoder import DecoderConfig, abstract_params
 
     rng = np.random.default_rng(0)
     state = {}

@@ -13,7 +13,7 @@ process's peak RSS (CPU) or the device's peak bytes in use (GPU). MFU counts 67.
 (``--peak-tflops`` to override). ``--torch`` also times diffusers' ConsistencyDecoderVAE (fp16 on
 GPU, fp32 on CPU) with the same random weights and batch, and prints the time ratio.
 
-``tiling`` decodes the same latents and noise untiled and tiled (cmjax.tiling) and prints the PSNR
+``tiling`` decodes the same latents and noise untiled and tiled (cmjax.decoding.tiling) and prints the PSNR
 between them, the max abs difference, time and memory of each. ``memory`` only compiles both
 programs and prints XLA's memory analysis (nothing runs, so it works for sizes that do not fit).
 """
@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoder import PeakRSS  # noqa: E402
 
-from cmjax import parallel, tiling  # noqa: E402
+from cmjax import parallel
+from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.batch import outputs, program  # noqa: E402
-from cmjax.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
+from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
 TFLOP_2STEP_512 = 67.3  # REFERENCE 4: a 2-step 512x512 decode of the released model
@@ -184,7 +185,7 @@ def tiling_error(args) -> None:
 def memory_only(args) -> None:
     h, w = (int(v) for v in args.latent.split("x"))
     cfg = TINY if args.model == "tiny" else DecoderConfig()
-    from cmjax.decoder import abstract_params
+    from cmjax.decoding.decoder import abstract_params
 
     params = abstract_params(cfg, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     latents = jax.ShapeDtypeStruct((1, h, w, 4), jnp.float32)

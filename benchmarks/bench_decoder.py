@@ -9,7 +9,7 @@ cmjax's compile time, the peak memory and the max abs difference of the images.
 
 cmjax and diffusers calls are interleaved (medians of ``--repeats``); the CPU model, AVX-512,
 XLA flags, the conv lowering mode and the load average are printed with every result. The first
-call on a new machine also measures each convolution's lowering (``cmjax.conv_lowering``), so
+call on a new machine also measures each convolution's lowering (``cmjax.models.conv_lowering``), so
 its time is reported with the number of shapes measured in it; run twice for the warm-cache compile.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class PeakRSS:
 
 def machine_line() -> str:
     """CPU model (with or without AVX-512), XLA flags, threads and load: printed with every result."""
-    from cmjax.conv_lowering import cpu_model
+    from cmjax.models.conv_lowering import cpu_model
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"[{cpu_model()}; {os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
@@ -127,7 +127,7 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     import torch
 
     import cmjax
-    from cmjax.conv_lowering import cache_path, read_cache
+    from cmjax.models.conv_lowering import cache_path, read_cache
     from tests.torch_peers import reference_decode
 
     print(f"\ndecode: batch {batch} of {h}x{w} latents -> {8 * h}x{8 * w} px, 2 steps, cmjax {args.dtype}, "
@@ -187,10 +187,10 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
         print(f"max |cmjax - diffusers| over the images: {np.abs(ours - theirs).max():.2e}")
     print(machine_line())
     if args.profile:
-        from cmjax.decoder import _decode_jit
+        from cmjax.decoding.decoder import _decode_jit
 
         lowered = _decode_jit.lower(decoder.params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
-                                    timesteps=cmjax.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
+                                    timesteps=cmjax.decoding.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
         profile_cmjax(run_cmjax, lowered, args.profile)
         profile_torch(run_torch, args.profile)
 
@@ -224,8 +224,8 @@ def main() -> None:
     from diffusers import ConsistencyDecoderVAE
 
     import cmjax
-    from cmjax.convert.mapping import torch_to_flax
-    from cmjax.decoder import abstract_params
+    from cmjax.weights.mapping import torch_to_flax
+    from cmjax.decoding.decoder import abstract_params
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmjax import checkpoint, parallel  # noqa: E402
-from cmjax import vae as vae_lib  # noqa: E402
+from cmjax.weights import checkpoint
+from cmjax import parallel  # noqa: E402
+from cmjax.models import vae as vae_lib  # noqa: E402
 from cmjax.training import families, optim, step as step_lib  # noqa: E402
 from cmjax.training import state as state_lib  # noqa: E402
 from configs import decoder_newspace  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
 
     # the parts, each compiled on its own: one decoder forward, and the VAE encoder
     dcfg = fam.config
-    from cmjax.decoder import abstract_params, make_network
+    from cmjax.decoding.decoder import abstract_params, make_network
 
     net = make_network(dcfg, dtype=families.DTYPES[c.compute_dtype])
     fwd = jax.jit(lambda p, x, t: net.apply({"params": p}, x, t))

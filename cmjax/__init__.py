@@ -7,11 +7,11 @@
     latents = cmjax.encode_images(vae, images)       # raw posterior mean (B,H/8,W/8,C), C = 4 or 16
     gan = cmjax.decode_gan(vae, latents)             # the VAE's own decoder
 """
-from cmjax.checkpoint import load_decoder, load_vae, save_decoder
-from cmjax.decoder import Decoder, DecoderConfig, decode, decode_latents
-from cmjax.unet import ConsistencyUNet, UNetConfig
-from cmjax.vae import decode_gan
-from cmjax.vae import encode as encode_images
+from cmjax.weights.checkpoint import load_decoder, load_vae, save_decoder
+from cmjax.decoding.decoder import Decoder, DecoderConfig, decode, decode_latents
+from cmjax.models.unet import ConsistencyUNet, UNetConfig
+from cmjax.models.vae import decode_gan
+from cmjax.models.vae import encode as encode_images
 
 __all__ = ["ConsistencyUNet", "Decoder", "DecoderConfig", "UNetConfig", "decode", "decode_gan", "decode_latents",
            "encode_images", "load_decoder", "load_vae", "save_decoder"]

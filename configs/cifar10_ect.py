@@ -7,7 +7,7 @@ t ~ lognormal(-1.1, 2.0), c = 0 (distance ||.||_2, i.e. adaptive weighting p = 1
 (t^2 + sd^2) / (t sd)^2, EMA 0.9999, 2-step sampling at sigma (80, 0.821).  ECT starts from a
 pretrained EDM model: train configs/cifar10_edm.py first and pass its workdir as
 ``--config.ect.init=WORKDIR`` (the paper transfers NVlabs' EDM CIFAR-10 weights, which cmjax
-does not convert).  The network is cmjax.image_unet, not DDPM++.
+does not convert).  The network is cmjax.models.image_unet, not DDPM++.
 """
 from configs import cifar10_ict
 

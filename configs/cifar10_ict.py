@@ -1,6 +1,6 @@
 """iCT on CIFAR-10 with the paper's settings (Song & Dhariwal 2023): batch 1024, RAdam lr 1e-4,
 dropout 0.3, 400k steps, doubling curriculum s0=10 -> s1=1280, lognormal pairs, pseudo-Huber,
-eval EMA 0.99993. (The paper's network is NCSN++; this uses cmjax.image_unet.)"""
+eval EMA 0.99993. (The paper's network is NCSN++; this uses cmjax.models.image_unet.)"""
 from configs import default
 
 

@@ -5,7 +5,7 @@ u(z, r, t) conditioned on (t, t - r); (r, t) from two logit-normal draws lognorm
 for 75% of the batch; adaptive weight power p = 0.75 (c = 1e-3); Adam lr 6e-4 (betas 0.9, 0.999)
 with 10k warm-up iterations; batch 1024; 800k iterations; dropout 0.2; EMA 0.99995.  These values
 are as recalled from the paper (no copy of the PDF or of Gsunshine/meanflow here): check them
-before quoting a result.  The network is cmjax.image_unet with two time inputs.
+before quoting a result.  The network is cmjax.models.image_unet with two time inputs.
 """
 from configs import cifar10_ict
 

@@ -7,7 +7,7 @@ betas (0.9, 0.99); batch 512; dropout 0.2; positional time embeddings with c_noi
 2-step sampling at t = (arctan(80 / 0.5), 1.1).  P_mean/P_std were checked against a public
 re-implementation's comment citing App. G.2; the optimizer, batch, dropout, EMA and length are as
 recalled from the paper (no copy of the PDF here): check them before quoting a result.  The
-network is cmjax.image_unet, not NCSN++.
+network is cmjax.models.image_unet, not NCSN++.
 """
 from configs import cifar10_ict
 

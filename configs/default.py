@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.patch_seed = 0
 
     c.model = ml_collections.ConfigDict()
-    # image family (cmjax.image_unet.ImageUNetConfig)
+    # image family (cmjax.models.image_unet.ImageUNetConfig)
     c.model.base_channels = 128
     c.model.channel_mult = (1, 2, 2, 2)
     c.model.num_res_blocks = 2
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.fourier_scale = 0.02
     c.model.embedding_size = 128
     c.model.time_inputs = 1      # 2 for meanflow: u(z, r, t) embeds t and t - r
-    # decoder family (cmjax.unet.UNetConfig; init_checkpoint overrides it)
+    # decoder family (cmjax.models.unet.UNetConfig; init_checkpoint overrides it)
     c.model.unet = ml_collections.ConfigDict()
     c.model.unet.block_out_channels = (320, 640, 1024, 1024)
     c.model.unet.layers_per_block = 3

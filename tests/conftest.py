@@ -1,7 +1,7 @@
 """Test-wide settings.
 
 Convolutions use XLA's own lowering unless a test asks for another: the measured choice
-(``cmjax.conv_lowering``) would time kernels during tests and depend on the machine. Subprocesses
+(``cmjax.models.conv_lowering``) would time kernels during tests and depend on the machine. Subprocesses
 started by tests inherit the setting.
 """
 import os

@@ -226,10 +226,10 @@ def save_pair(module: ConvUNetVAE, folder: Path, dtype=np.float32) -> Path:
 
 def diffusers_peer(module: ConvUNetVAE):
     """A tiny diffusers ConsistencyDecoderVAE whose decoder_unet holds ``module``'s weights, renamed
-    with cmjax.convert.openai (strict load_state_dict: every parameter must be covered)."""
+    with cmjax.weights.openai (strict load_state_dict: every parameter must be covered)."""
     from diffusers import ConsistencyDecoderVAE
 
-    from cmjax.convert.openai import openai_state_to_diffusers
+    from cmjax.weights.openai import openai_state_to_diffusers
 
     channels = tuple(int(m.f_1.w.shape[0]) for n, m in module.blocks.items() if n.endswith("_conv_0")
                      and n.startswith("down_"))

@@ -109,14 +109,14 @@ def test_train_py_help_exits_zero_in_a_fresh_process():
 
 
 def _parsers():
-    import cmjax.convert.__main__ as convert_cli
-    import cmjax.edit
-    import cmjax.eval
-    import cmjax.export
+    import cmjax.cli.convert as convert_cli
+    import cmjax.cli.edit
+    import cmjax.cli.eval
+    import cmjax.weights.export
 
-    out = {"convert": convert_cli._parser(), "export": cmjax.export.parser(), "edit": cmjax.edit.parser(),
+    out = {"convert": convert_cli._parser(), "export": cmjax.weights.export.parser(), "edit": cmjax.cli.edit.parser(),
            "train": train_cli._parser()}
-    eval_parser = cmjax.eval.parser()
+    eval_parser = cmjax.cli.eval.parser()
     sub = next(a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction))
     out.update({f"eval {name}": p for name, p in sub.choices.items()})
     return out
@@ -139,8 +139,8 @@ def test_every_option_has_help_with_its_default():
 
 
 def test_help_exits_zero_and_says_what_each_command_needs(capsys):
-    import cmjax.edit
-    import cmjax.eval
+    import cmjax.cli.edit
+    import cmjax.cli.eval
 
     def help_of(main, argv):
         with pytest.raises(SystemExit) as e:
@@ -148,20 +148,20 @@ def test_help_exits_zero_and_says_what_each_command_needs(capsys):
         assert e.value.code == 0
         return " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
 
-    out = help_of(cmjax.eval.main, ["fid", "--help"])
+    out = help_of(cmjax.cli.eval.main, ["fid", "--help"])
     assert "--num-samples NUM_SAMPLES samples drawn for each FID (default: 10000)" in out
     assert "--sample-batch-size SAMPLE_BATCH_SIZE samples drawn per call (global) (default: 250)" in out
     assert "--seed SEED sampling seed (default: 0)" in out
     assert "--steps STEPS sampling steps (default 1, unlike decode.py's 2 and edit's 10)" in out
-    out = help_of(cmjax.edit.main, ["--help"])
+    out = help_of(cmjax.cli.edit.main, ["--help"])
     assert "TASK (see cmjax.editing):" in out and "--steps STEPS noise levels of the iterative tasks (default 10;" in out
     for markup in (":mod:", ":func:", "``"):
         assert markup not in out
-        assert markup not in help_of(cmjax.eval.main, ["--help"])
+        assert markup not in help_of(cmjax.cli.eval.main, ["--help"])
 
 
 def test_plain_text_strips_sphinx_markup():
     from cmjax.cli import plain_text
 
-    assert plain_text("see :mod:`cmjax.editing` and :func:`~cmjax.fid.fid`, ``--steps`` 2") == \
-        "see cmjax.editing and cmjax.fid.fid, --steps 2"
+    assert plain_text("see :mod:`cmjax.editing` and :func:`~cmjax.evaluation.fid.fid`, ``--steps`` 2") == \
+        "see cmjax.editing and cmjax.evaluation.fid.fid, --steps 2"

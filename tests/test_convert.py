@@ -23,8 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.convert import ConversionError, convert, detect_source  # noqa: E402
-from cmjax.convert.openai import diffusers_to_openai_name, openai_to_diffusers_name  # noqa: E402
+from cmjax.weights.convert import ConversionError, convert, detect_source  # noqa: E402
+from cmjax.weights.openai import diffusers_to_openai_name, openai_to_diffusers_name  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import nhwc, reference_decode, save_vae, tiny_consistency_vae  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_every_format_converts_and_decodes_like_diffusers(fmt, sources, peer, tm
     # the params on disk are what the diffusers peer holds, bit for bit
     loaded = cmjax.load_decoder(tmp_path / "ckpt")
     want = {k: v.numpy() for k, v in peer.decoder_unet.state_dict().items()}
-    from cmjax.convert.mapping import flax_to_torch
+    from cmjax.weights.mapping import flax_to_torch
 
     got = flax_to_torch(jax.tree.map(np.asarray, loaded.params))
     assert set(got) == set(want)
@@ -164,10 +164,10 @@ def test_diffusers_folder_with_bin_weights(tmp_path):
 
 def test_full_size_architecture_inferred_from_openai_names():
     """The released network's names and shapes (no weights allocated): (320, 640, 1024, 1024), 3 layers."""
-    from cmjax.convert.diffusers import infer_config
-    from cmjax.convert.openai import count_levels, openai_state_to_diffusers
-    from cmjax.decoder import DecoderConfig, abstract_params
-    from cmjax.convert.mapping import torch_key_for
+    from cmjax.weights.diffusers import infer_config
+    from cmjax.weights.openai import count_levels, openai_state_to_diffusers
+    from cmjax.decoding.decoder import DecoderConfig, abstract_params
+    from cmjax.weights.mapping import torch_key_for
 
     shapes = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(DecoderConfig()))[0]:
@@ -230,7 +230,7 @@ def test_code_running_pickle_is_refused_and_does_not_run(tmp_path):
     msg = assert_refused(evil, tmp_path, str(evil), "forbidden global", "system")
     assert "refusing to run code" in msg
     assert not marker.exists()
-    from cmjax.convert.__main__ import main
+    from cmjax.cli.convert import main
 
     assert main([str(evil), str(tmp_path / "cli_dst")]) == 1
     assert not marker.exists() and not (tmp_path / "cli_dst").exists()
@@ -324,7 +324,7 @@ def test_cli_recognises_formats_without_importing_torch(sources, tmp_path):
     """One process converts a TorchScript archive, a pickle and a safetensors pair: torch stays out."""
     code = (
         "import sys\n"
-        "from cmjax.convert.__main__ import main\n"
+        "from cmjax.cli.convert import main\n"
         "for i, src in enumerate(sys.argv[1:]):\n"
         "    assert main([src, f'" + str(tmp_path) + "/out{i}']) == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -341,7 +341,7 @@ def test_cli_recognises_formats_without_importing_torch(sources, tmp_path):
 
 
 def test_cli_help_and_existing_dst(tmp_path, sources, capsys):
-    from cmjax.convert.__main__ import main
+    from cmjax.cli.convert import main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -361,7 +361,7 @@ def test_cli_help_and_existing_dst(tmp_path, sources, capsys):
 
 
 def test_kind_override(tmp_path, sources):
-    pytest.importorskip("cmjax.convert.vae")
+    pytest.importorskip("cmjax.weights.sd_vae")
     vae = tiny_consistency_vae(seed=2)
     folder = save_vae(vae, tmp_path / "cdvae")
     assert detect_source(folder).kind == "decoder"
@@ -376,7 +376,7 @@ def test_kind_override(tmp_path, sources):
 
 
 def test_sd_vae_folder_is_recognised(tmp_path):
-    pytest.importorskip("cmjax.convert.vae")
+    pytest.importorskip("cmjax.weights.sd_vae")
     from diffusers import AutoencoderKL
 
     from tests.torch_peers import perturb_

@@ -341,8 +341,8 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def vae_ckpts(tmp_path_factory) -> Path:
-    from cmjax import checkpoint
-    from cmjax import vae as vae_lib
+    from cmjax.weights import checkpoint
+    from cmjax.models import vae as vae_lib
 
     cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     full = vae_lib.VAE(cfg, random_params(vae_lib.abstract_params(cfg), seed=1))

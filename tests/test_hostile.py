@@ -23,10 +23,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cmjax import checkpoint, data
-from cmjax.convert.mapping import flax_to_torch
-from cmjax.decoder import ConfigError, DecoderConfig, abstract_params
-from cmjax.unet import UNetConfig
+from cmjax.weights import checkpoint
+from cmjax import data
+from cmjax.weights.mapping import flax_to_torch
+from cmjax.decoding.decoder import ConfigError, DecoderConfig, abstract_params
+from cmjax.models.unet import UNetConfig
 from tests import hostile_files as hf
 from tests.random_decoder import random_decoder
 
@@ -41,8 +42,8 @@ _DRIVER = r"""
 import contextlib, io, json, resource, signal, sys, time, traceback
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 import numpy as np, jax
-from cmjax.convert.__main__ import main
-from cmjax.checkpoint import load_decoder
+from cmjax.cli.convert import main
+from cmjax.weights.checkpoint import load_decoder
 cases, original = json.load(open(sys.argv[1])), dict(np.load(sys.argv[2]))
 
 def alarm(*_):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmjax.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, choose_lowering, machine_key, measure,
+from cmjax.models.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, choose_lowering, machine_key, measure,
                                  pick, time_calls)
-from cmjax.layers import Conv, GroupNorm, avg_pool_2x2, upsample_nearest
+from cmjax.models.layers import Conv, GroupNorm, avg_pool_2x2, upsample_nearest
 from tests.torch_peers import nchw, nhwc
 
 

@@ -1,4 +1,4 @@
-"""Tests for reconstruction metrics (cmjax.metrics) and `python -m cmjax.eval recon`.
+"""Tests for reconstruction metrics (cmjax.evaluation.metrics) and `python -m cmjax.eval recon`.
 
 What they pin:
   * PSNR against hand values (20 dB for a 0.1 error in [0, 1]; value ranges; clipping; inf);
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from cmjax import metrics
+from cmjax.evaluation import metrics
 
 
 def test_psnr_hand_values():
@@ -109,8 +109,10 @@ def random_params(abstract, seed: int):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
-    from cmjax import checkpoint, decoder as decoder_lib, vae as vae_lib
-    from cmjax.unet import UNetConfig
+    from cmjax.weights import checkpoint
+    from cmjax.decoding import decoder as decoder_lib
+    from cmjax.models import vae as vae_lib
+    from cmjax.models.unet import UNetConfig
 
     root = tmp_path_factory.mktemp("recon")
     dcfg = decoder_lib.DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -129,8 +131,9 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def test_recon_cli_table_json_and_grid(tiny_checkpoints, tmp_path, capsys):
-    from cmjax import decoder as decoder_lib, vae as vae_lib
-    from cmjax.eval import main, reconstruction_metrics
+    from cmjax.decoding import decoder as decoder_lib
+    from cmjax.models import vae as vae_lib
+    from cmjax.cli.eval import main, reconstruction_metrics
 
     root, dec, vae = tiny_checkpoints
     out = tmp_path / "out"
@@ -168,7 +171,7 @@ def test_recon_cli_table_json_and_grid(tiny_checkpoints, tmp_path, capsys):
 
 
 def test_recon_cli_errors_name_the_file(tiny_checkpoints, tmp_path, capsys):
-    from cmjax.eval import main
+    from cmjax.cli.eval import main
 
     root, _, _ = tiny_checkpoints
     assert main(["recon", "--images", str(root / "images"), "--decoder", str(tmp_path / "missing"),

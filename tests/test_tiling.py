@@ -1,4 +1,4 @@
-"""cmjax.tiling: tile layout, blend weights, and tiled decodes against untiled ones (tiny random model)."""
+"""cmjax.decoding.tiling: tile layout, blend weights, and tiled decodes against untiled ones (tiny random model)."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmjax import tiling
-from cmjax.decoder import decode_latents
+from cmjax.decoding import tiling
+from cmjax.decoding.decoder import decode_latents
 from tests.random_decoder import TINY, random_decoder
 
 

@@ -1,4 +1,4 @@
-"""Tests for cmjax.convert.torch_pickle (torch-free checkpoint reading) and cmjax.convert.openai.
+"""Tests for cmjax.weights.torch_pickle (torch-free checkpoint reading) and cmjax.weights.openai.
 
 torch is used here only to write reference files and to state what ``state_dict()`` holds.
 """
@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from cmjax.convert.openai import openai_state_to_diffusers, openai_to_diffusers_name  # noqa: E402
-from cmjax.convert.torch_pickle import CheckpointError, load_torch_file  # noqa: E402
+from cmjax.weights.openai import openai_state_to_diffusers, openai_to_diffusers_name  # noqa: E402
+from cmjax.weights.torch_pickle import CheckpointError, load_torch_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -512,7 +512,7 @@ def test_missing_storage(tmp_path):
 def test_module_does_not_import_torch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"a": torch.randn(2, 2).bfloat16(), "b": torch.ones(3)}, path)
-    code = ("import sys; from cmjax.convert.torch_pickle import load_torch_file; "
+    code = ("import sys; from cmjax.weights.torch_pickle import load_torch_file; "
             f"d = load_torch_file({str(path)!r}); assert list(d) == ['a', 'b']; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

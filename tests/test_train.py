@@ -30,7 +30,8 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from cmjax import consistency as C
-from cmjax import data, parallel, schedule
+from cmjax import data, parallel
+from cmjax.decoding import schedule
 from cmjax.training import checkpointing, families, input_pipeline, optim, reporting
 from cmjax.training import state as state_lib
 from cmjax.training import step as step_lib
@@ -160,8 +161,8 @@ def test_decoder_grid_is_the_vp_schedule_in_edm_coordinates():
         assert ts[0] == 0 and ts[-1] == 1008 and np.all(np.diff(ts) > 0) and np.all(ts % 16 == 0)
         sig = np.asarray(grid.sigma_at(jnp.arange(n), n))
         np.testing.assert_array_equal(np.asarray(grid.timestep_of(sig)), ts)  # exact inverse
-    # The consistency function in EDM coordinates is cmjax.decoder.denoise on the VP state.
-    from cmjax.decoder import denoise
+    # The consistency function in EDM coordinates is cmjax.decoding.decoder.denoise on the VP state.
+    from cmjax.decoding.decoder import denoise
     params = jax.jit(fam.init_params)(jax.random.key(0))
     x0 = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
     z = jax.random.normal(jax.random.key(2), x0.shape)
@@ -209,8 +210,8 @@ def test_one_train_step(family, algorithm, tmp_path):
     if accumulate:
         config.optim.grad_accum_steps = 2
     if (family, algorithm) == ("decoder", "edm"):
-        from cmjax import vae as vae_lib
-        from cmjax.checkpoint import save_vae
+        from cmjax.models import vae as vae_lib
+        from cmjax.weights.checkpoint import save_vae
 
         vcfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
         params = jax.jit(lambda k: vae_lib.init_params(vcfg, k, parts=("encoder",)))(jax.random.key(5))
@@ -503,12 +504,12 @@ def test_digits_few_step_algorithms_learn(algorithm, tmp_path):
 
 def test_decoder_finetune_psnr_rises(tmp_path):
     """Fine-tune a tiny decoder checkpoint (cmjax.save_decoder of a random init) with iCT on 16x16
-    digits for 120 steps. The SD VAE (cmjax.vae) is not used here: latents come from a fixed random
+    digits for 120 steps. The SD VAE (cmjax.models.vae) is not used here: latents come from a fixed random
     linear 8x8-patch encoder (data.latents='patch'). The 1-step and 2-step reconstruction PSNR of a
     fixed eval batch (16 images) must rise by > 2 dB (measured: 7.44 -> 10.21 dB 1-step, 7.19 ->
     10.52 dB 2-step); the exported EMA decoder loads with cmjax.load_decoder."""
-    from cmjax.checkpoint import load_decoder, save_decoder
-    from cmjax.decoder import Decoder
+    from cmjax.weights.checkpoint import load_decoder, save_decoder
+    from cmjax.decoding.decoder import Decoder
 
     c = decoder_tiny.get_config()
     c.ict.s0, c.ict.s1 = 10, 10

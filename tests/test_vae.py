@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmjax import checkpoint
-from cmjax import vae as vae_lib
-from cmjax.convert.mapping import ConversionError, torch_to_flax
-from cmjax.convert.vae import detect_vae_format, load_pytorch_vae
+from cmjax.weights import checkpoint
+from cmjax.models import vae as vae_lib
+from cmjax.weights.mapping import ConversionError, torch_to_flax
+from cmjax.weights.sd_vae import detect_vae_format, load_pytorch_vae
 from tests.torch_peers import nchw, nhwc, perturb_, save_vae, tiny_consistency_vae
 
 ATOL = 1e-5  # fp32: cmjax and PyTorch agree to float32 rounding (relative to the output's scale)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import cmjax
-from cmjax import checkpoint
-from cmjax import decoder as decoder_lib
-from cmjax import vae as vae_lib
-from cmjax.convert.vae import load_pytorch_vae
+from cmjax.weights import checkpoint
+from cmjax.decoding import decoder as decoder_lib
+from cmjax.models import vae as vae_lib
+from cmjax.weights.sd_vae import load_pytorch_vae
 from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 from tests.torch_peers import nchw, nhwc
 
@@ -126,7 +126,7 @@ def test_architecture_inferred_without_quant_convs(tmp_path):
 def test_load_vae_checkpoint_and_pytorch_folder(space, tmp_path):
     """`python -m cmjax.convert FOLDER DST` writes a cmjax checkpoint (the new fields round-trip);
     cmjax.load_vae reads it, or converts the diffusers folder itself."""
-    from cmjax.convert.__main__ import main as convert_main
+    from cmjax.cli.convert import main as convert_main
 
     _, _, folder, vae = space
     assert convert_main([str(folder), str(tmp_path / "ck"), "-q"]) == 0
@@ -208,7 +208,8 @@ def test_latent_stats_command_matches_numpy(tmp_path, capsys):
     per-channel mean/std equal numpy's over the scaled posterior means of the same crops."""
     from PIL import Image
 
-    from cmjax import data, eval as eval_lib
+    from cmjax import data
+    from cmjax.cli import eval as eval_lib
 
     cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, **SPACES["flux"])
     vae = vae_lib.VAE(cfg, vae_lib.init_params(cfg, jax.random.key(3)))
@@ -317,7 +318,8 @@ def test_newspace_decoder_psnr_rises(tmp_path):
     own latents score 0.5 dB more than from another digit's (measured 10.52 vs 9.71 dB)."""
     import os
 
-    from cmjax import data, eval as eval_lib
+    from cmjax import data
+    from cmjax.cli import eval as eval_lib
     from cmjax.training import families, reporting, train_and_evaluate
     from configs import decoder_newspace, decoder_tiny
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from cmjax import consistency as C
 from cmjax import continuous as CT
-from cmjax.image_unet import positional_features
+from cmjax.models.image_unet import positional_features
 from cmjax.training.families import Family
 
 

@@ -209,7 +209,7 @@ def load_teacher(path: str, config, family, mesh: Mesh, fsdp: bool):
     abstract = jax.eval_shape(family.init_params, jax.random.key(0))
     shardings = tree_shardings(abstract, mesh, fsdp, config.fsdp_min_size)
     if os.path.isfile(os.path.join(path, "cmjax.json")):
-        from cmjax.checkpoint import load_decoder
+        from cmjax.weights.checkpoint import load_decoder
         params = load_decoder(path).params
         return jax.device_put(params, shardings), shardings
     which = "ema_params" if config.cd.teacher_ema else "params"
@@ -227,7 +227,7 @@ def load_encoder(config, family, mesh: Mesh):
         w = patch_encoder_matrix(config.data.patch_seed)
         return jax.device_put(w, rep), rep
     if kind == "vae":  # a cmjax SD VAE checkpoint (python -m cmjax.convert); the encoder half is used
-        from cmjax.checkpoint import load_vae
+        from cmjax.weights.checkpoint import load_vae
 
         params = load_vae(config.data.vae_checkpoint, sharding=rep).params
         return params, jax.tree.map(lambda _: rep, params)

@@ -5,11 +5,11 @@ a noise level ``sigma`` and ``y = x + sigma * z``.  A family says how its networ
 ``(y, sigma)`` into ``x0_hat`` and which noise levels exist.
 
 * ``image``: an unconditional CM with the EDM/CM parameterisation (REFERENCE 2.1), sigma in
-  [0.002, 80], the Karras grid, network :class:`cmjax.image_unet.ImageUNet`.
+  [0.002, 80], the Karras grid, network :class:`cmjax.models.image_unet.ImageUNet`.
 
 * ``decoder``: the latent-conditioned consistency decoder in its own parameterisation
   (REFERENCE 1.1): 1024 discrete timesteps of a cosine VP schedule,
-  ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and ``x0_hat = cmjax.decoder.denoise(...)``.
+  ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and ``x0_hat = cmjax.decoding.decoder.denoise(...)``.
 
   How CT / iCT are adapted to this discrete-time VP parameterisation:
     - ``x_t / sqrt(abar_t) = x0 + sigma_t eps`` with ``sigma_t = sqrt(1/abar_t - 1)``, so a VP
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import consistency as C
-from cmjax import schedule
-from cmjax.decoder import DecoderConfig, denoise, decode_latents, normalize_latents
-from cmjax.image_unet import ImageUNet, ImageUNetConfig
-from cmjax.layers import upsample_nearest
-from cmjax.unet import ConsistencyUNet, UNetConfig
+from cmjax.decoding import schedule
+from cmjax.decoding.decoder import DecoderConfig, denoise, decode_latents, normalize_latents
+from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
+from cmjax.models.layers import upsample_nearest
+from cmjax.models.unet import ConsistencyUNet, UNetConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -162,7 +162,7 @@ def decoder_model_config(config) -> DecoderConfig:
     """The DecoderConfig: from the fine-tune checkpoint if one is named (moved to the latent space of
     ``data.vae_checkpoint`` when ``model.retarget_latents``), else from config.model."""
     if config.model.get("init_checkpoint"):
-        from cmjax.checkpoint import read_config
+        from cmjax.weights.checkpoint import read_config
         base = read_config(config.model.init_checkpoint)
     else:
         u = config.model.unet
@@ -218,7 +218,7 @@ def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
     (a JSON written by ``python -m cmjax.eval latent-stats`` with that VAE; empty: mean 0, std 1)."""
     import json
 
-    from cmjax.checkpoint import read_vae_config
+    from cmjax.weights.checkpoint import read_vae_config
 
     vae_config, _ = read_vae_config(config.data.vae_checkpoint)
     mean = std = None
@@ -244,7 +244,7 @@ def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
     a 4-channel space such as SDXL's: its channels are not SD 1.x's); None without an init checkpoint."""
     if not config.model.get("init_checkpoint"):
         return None
-    from cmjax.checkpoint import load_decoder
+    from cmjax.weights.checkpoint import load_decoder
 
     init = load_decoder(config.model.init_checkpoint)
     if not config.model.get("retarget_latents"):
@@ -326,7 +326,7 @@ def decoder_family(config) -> Family:
     latents_kind = config.data.latents
     vae_cfg = None
     if latents_kind == "vae":  # the SD VAE encoder on the fly; its config from its checkpoint
-        from cmjax.checkpoint import read_vae_config
+        from cmjax.weights.checkpoint import read_vae_config
         vae_cfg, parts = read_vae_config(config.data.vae_checkpoint)
         if "encoder" not in parts or vae_cfg.downsample_factor != dcfg.upsample_factor:
             raise ValueError(f"{config.data.vae_checkpoint}: needs an encoder with downsample factor "
@@ -358,7 +358,7 @@ def decoder_family(config) -> Family:
         if latents_kind == "patch":
             return patch_encode(frozen["encoder"], batch["image"])
         if latents_kind == "vae":
-            from cmjax.vae import encode_latents
+            from cmjax.models.vae import encode_latents
             return encode_latents(frozen["encoder"], batch["image"], config=vae_cfg, dtype=dtype)
         raise ValueError(f"batch has no 'latent' and data.latents={latents_kind!r}")
 

@@ -100,7 +100,7 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
     upscale = max(1, 64 // family.image_shape[0])
     fid_cb = None
     if family.name == "image" and config.fid_every > 0:
-        from cmjax import fid as fid_lib  # lazy: Inception is only built when FID is asked for
+        from cmjax.evaluation import fid as fid_lib  # lazy: Inception is only built when FID is asked for
 
         ref = fid_lib.reference_statistics(config.fid_reference, resolution=family.image_shape[0],
                                            max_images=config.fid_max_ref_images or None,
@@ -272,8 +272,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 def _export_decoder(family: Family, state: TrainState, path: str) -> None:
     """The EMA params as a cmjax decoder checkpoint (what decode.py / cmjax.load_decoder read)."""
-    from cmjax.checkpoint import save_decoder
-    from cmjax.decoder import Decoder
+    from cmjax.weights.checkpoint import save_decoder
+    from cmjax.decoding.decoder import Decoder
 
     params = jax.device_get(state.ema_params)
     save_decoder(Decoder(family.config, params), path, source="cmjax training run", overwrite=True)

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from cmjax import parallel, tiling
-from cmjax import vae as vae_lib
-from cmjax.decoder import DecoderConfig, decode_latents
+from cmjax import parallel
+from cmjax.decoding import tiling
+from cmjax.models import vae as vae_lib
+from cmjax.decoding.decoder import DecoderConfig, decode_latents
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 

@@ -27,11 +27,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cmjax import checkpoint, data, parallel, schedule, tiling
+from cmjax.weights import checkpoint
+from cmjax import data, parallel
+from cmjax.decoding import schedule, tiling
 from cmjax.cli import HelpFormatter
-from cmjax.convert.download import fetch_hub_decoder, resolve_checkpoint
-from cmjax.convert.vae import load_pytorch_vae
-from cmjax.decoder import DecoderConfig
+from cmjax.weights.hub import fetch_hub_decoder, resolve_checkpoint
+from cmjax.weights.sd_vae import load_pytorch_vae
+from cmjax.decoding.decoder import DecoderConfig
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 
@@ -393,7 +395,7 @@ def _report(lead: bool):
 
 def load_decoder_checkpoint(name_or_path: str, mesh=None):
     """A cmjax Decoder from a checkpoint folder, a PyTorch checkpoint or a name ("openai"), via
-    ``cmjax.convert.download.resolve_checkpoint`` (download + conversion on first use)."""
+    ``cmjax.weights.hub.resolve_checkpoint`` (download + conversion on first use)."""
     path = _lead_first(lambda lead: resolve_checkpoint(name_or_path, progress=lead, report=_report(lead)))
     return checkpoint.load_decoder(path, sharding=parallel.replicated(mesh) if mesh is not None else None)
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmjax import vae as vae_lib
-from cmjax.decoder import Decoder, DecoderConfig, abstract_params
+from cmjax.models import vae as vae_lib
+from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
 
 FORMAT = "cmjax-decoder"
 VAE_FORMAT = "cmjax-vae"
@@ -196,7 +196,7 @@ def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool 
     ``verify``: check the params against the digest recorded when the checkpoint was written
     (hashes every byte once, a few seconds for the 2.5 GB decoder); False skips it.
     """
-    from cmjax.convert.download import resolve_checkpoint  # cmjax.convert imports this module
+    from cmjax.weights.hub import resolve_checkpoint  # cmjax.convert imports this module
 
     path = resolve_checkpoint(path).absolute()
     meta = _read_meta(path, FORMAT, "decoder")
@@ -231,7 +231,7 @@ def load_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = Tr
     path = Path(path).absolute()
     if path.is_file() or (path.is_dir() and not (path / CONFIG_FILE).is_file()
                           and (path / "config.json").is_file()):  # a PyTorch file or diffusers folder
-        from cmjax.convert.vae import load_pytorch_vae  # cmjax.convert imports this module
+        from cmjax.weights.sd_vae import load_pytorch_vae  # cmjax.convert imports this module
 
         vae = load_pytorch_vae(path)
         params = vae.params if sharding is None else jax.device_put(vae.params, sharding)

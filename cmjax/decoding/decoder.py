@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import schedule
-from cmjax.layers import upsample_nearest
-from cmjax.unet import ConsistencyUNet, UNetConfig
+from cmjax.decoding import schedule
+from cmjax.models.layers import upsample_nearest
+from cmjax.models.unet import ConsistencyUNet, UNetConfig
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
 LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
@@ -258,7 +258,7 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array | Callable[
     returns it unclamped too).
 
     ``denoise_fn(params, x_t, z_up, t, config, dtype) -> x0`` is the consistency function the loop
-    calls, by default ``denoise`` on the whole image; ``cmjax.tiling.tiled_denoise`` computes it
+    calls, by default ``denoise`` on the whole image; ``cmjax.decoding.tiling.tiled_denoise`` computes it
     over overlapping tiles. This loop is the one sampler of the decoder.
     """
     denoise_fn = denoise if denoise_fn is None else denoise_fn

@@ -25,7 +25,7 @@ pipeline_stable_diffusion_3.py`` and ``pipelines/flux/pipeline_flux.py`` apply t
 All GroupNorms use eps 1e-6 (diffusers hard-codes it for the VAE); the resnets take no timestep.
 
 Params form one flat dict whose top-level names are diffusers module paths, so that
-``cmjax.convert.mapping.torch_to_flax`` maps an ``AutoencoderKL`` state dict onto it directly:
+``cmjax.weights.mapping.torch_to_flax`` maps an ``AutoencoderKL`` state dict onto it directly:
 ``encoder.down_blocks.0.resnets.1.conv1.weight`` -> params["encoder.down_blocks.0.resnets.1"]
 ["conv1"]["kernel"]; the parameters diffusers keeps directly on the encoder (``encoder.conv_in``,
 ``encoder.conv_norm_out``, ``encoder.conv_out``) live under params["encoder"]; the attention's
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.layers import GroupNorm, ResnetBlock, conv, dense, upsample_nearest
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, upsample_nearest
 
 Dtype = Any
 

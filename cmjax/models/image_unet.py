@@ -11,7 +11,7 @@
          upsampling resnet except on the first level] -> GroupNorm -> SiLU -> conv_out
       -> F (B, H, W, out_channels)
 
-Built from ``cmjax.layers`` (the ResnetBlock shared with the decoder; dropout inside it, active
+Built from ``cmjax.models.layers`` (the ResnetBlock shared with the decoder; dropout inside it, active
 when ``train=True`` with a ``"dropout"`` RNG). H and W must be multiples of ``2^(levels-1)``.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.layers import GroupNorm, ResnetBlock, conv, dense
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense
 
 Dtype = Any
 

@@ -4,7 +4,7 @@ The flow, for every source format: recognise what SRC is (``detect_source``) -> 
 as NumPy, never through torch and never running pickled code -> rename them to diffusers names
 (OpenAI's are renamed by ``openai.openai_state_to_diffusers``) -> map names and layouts onto the
 model's own abstract params, checking every key and shape (``mapping.torch_to_flax``) -> write an
-orbax checkpoint atomically (``cmjax.checkpoint``): on any error nothing is left at DST.
+orbax checkpoint atomically (``cmjax.weights.checkpoint``): on any error nothing is left at DST.
 
 Sources of a consistency decoder (``kind="decoder"``):
 
@@ -20,7 +20,7 @@ Sources of a consistency decoder (``kind="decoder"``):
 ============================  ==============================================================
 
 SD VAE sources (``kind="vae"``: diffusers ``AutoencoderKL``, LDM checkpoints) go to
-``cmjax.convert.vae.load_pytorch_vae``.
+``cmjax.weights.sd_vae.load_pytorch_vae``.
 """
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.checkpoint import save_decoder
-from cmjax.convert import diffusers as diffusers_fmt
-from cmjax.convert.mapping import ConversionError
-from cmjax.convert.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
+from cmjax.weights.checkpoint import save_decoder
+from cmjax.weights import diffusers as diffusers_fmt
+from cmjax.weights.mapping import ConversionError
+from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
-from cmjax.convert.torch_pickle import CheckpointError, check_regular_file, load_torch_file
-from cmjax.decoder import Decoder
+from cmjax.weights.torch_pickle import CheckpointError, check_regular_file, load_torch_file
+from cmjax.decoding.decoder import Decoder
 
 KINDS = ("decoder", "vae")
 DIFFUSERS, OPENAI_TORCHSCRIPT, OPENAI_SAFETENSORS, TORCH_PICKLE, TORCHSCRIPT = (
@@ -130,7 +130,7 @@ def _naming(names: list[str]) -> tuple[str, str]:
             "conv_in.weight" in names and any(k.startswith("down_blocks.") for k in names)):
         return "decoder", "diffusers"
     try:
-        from cmjax.convert.vae import detect_vae_format
+        from cmjax.weights.sd_vae import detect_vae_format
     except ImportError:  # the SD VAE converter is not part of this cmjax
         detect_vae_format = None
     if detect_vae_format is not None:
@@ -307,8 +307,8 @@ def _make_contiguous(tree: dict) -> None:
 
 def _vae_api():
     try:
-        from cmjax.checkpoint import save_vae
-        from cmjax.convert.vae import load_pytorch_vae
+        from cmjax.weights.checkpoint import save_vae
+        from cmjax.weights.sd_vae import load_pytorch_vae
     except ImportError as e:
         raise ConversionError(f"SD VAE conversion is not available in this cmjax ({e})") from e
     return load_pytorch_vae, save_vae

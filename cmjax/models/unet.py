@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.layers import GroupNorm, ResnetBlock, conv, dense
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense
 
 Dtype = Any
 

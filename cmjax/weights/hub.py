@@ -237,7 +237,7 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
         from huggingface_hub.errors import EntryNotFoundError
     except ImportError as e:
         raise DownloadError(f"fetching {repo} needs huggingface_hub (pip install huggingface_hub): {e}") from e
-    from cmjax.convert.diffusers import WEIGHT_FILES
+    from cmjax.weights.diffusers import WEIGHT_FILES
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     say = report or (lambda _m: None)
@@ -301,8 +301,8 @@ class _SilentTqdm:
 
 def _convert_into_cache(src: Path, name: str, *, report: Report | None) -> Path:
     """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there."""
-    from cmjax.checkpoint import CONFIG_FILE
-    from cmjax.convert import convert
+    from cmjax.weights.checkpoint import CONFIG_FILE
+    from cmjax.weights.convert import convert
 
     dst = cache_dir() / "checkpoints" / name
     if (dst / CONFIG_FILE).is_file():
@@ -331,8 +331,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, progress: bool = True
     Raises FileNotFoundError for a path that does not exist and is no known name;
     DownloadError / ConversionError on a failed download or conversion.
     """
-    from cmjax.checkpoint import CONFIG_FILE
-    from cmjax.convert.openai import PAIR_WEIGHTS
+    from cmjax.weights.checkpoint import CONFIG_FILE
+    from cmjax.weights.openai import PAIR_WEIGHTS
 
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()

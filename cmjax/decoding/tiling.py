@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import schedule
-from cmjax.decoder import DecoderConfig, decode_latents, denoise
+from cmjax.decoding import schedule
+from cmjax.decoding.decoder import DecoderConfig, decode_latents, denoise
 
 
 def default_overlap(tile: int) -> int:

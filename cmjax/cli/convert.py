@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from cmjax.convert import ConversionError, convert
-    from cmjax.convert.download import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
+    from cmjax.weights.convert import ConversionError, convert
+    from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
 
     def report(msg: str) -> None:
         if not args.quiet:

@@ -1,13 +1,13 @@
 """Frechet Inception Distance, offline: features, statistics, the distance, cached references.
 
     extractor = FeatureExtractor()                         # Inception params from the cache (see
-                                                           # cmjax.inception), replicated on a mesh
+                                                           # cmjax.models.inception), replicated on a mesh
     ref = reference_statistics("tfds:cifar10:train", extractor=extractor, resolution=32)
     gen = sample_statistics(sample_fn, 10_000, extractor=extractor, key=jax.random.key(0))
     fid(ref, gen)
 
 Data flow: images uint8 (or float in [0, 255]) ``(N, H, W, C)``, C in {1, 3} -> batches sharded
-over the mesh's ``data`` axis -> jitted :func:`cmjax.inception.fid_features` (resize to 299,
+over the mesh's ``data`` axis -> jitted :func:`cmjax.models.inception.fid_features` (resize to 299,
 scale, InceptionV3 pool-3) -> ``(N, 2048)`` features -> ``mu (2048,)``, ``sigma (2048, 2048)``
 (float64, ``np.cov`` with N - 1) -> ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 
@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
-from cmjax import inception, parallel
+from cmjax.models import inception
+from cmjax import parallel
 
 __all__ = [
     "FIDStats", "FeatureExtractor", "statistics", "frechet_distance", "fid", "to_uint8",
@@ -198,7 +199,7 @@ class FeatureExtractor:
     """Inception pool-3 features, jitted, batches split over a mesh's ``data`` axis.
 
     Args:
-      params: Inception params (default :func:`cmjax.inception.load_params`: cache, else convert).
+      params: Inception params (default :func:`cmjax.models.inception.load_params`: cache, else convert).
       mesh: 1-D mesh (default every device, :func:`cmjax.parallel.make_mesh`); params replicated.
       batch_size: images per forward, rounded up to a multiple of the device count. A last,
         smaller batch is padded to it, so one program is compiled per input image size.
@@ -236,7 +237,7 @@ class FeatureExtractor:
         if np.issubdtype(images.dtype, np.floating) and images.size and float(images.max()) <= 1.0 + 1e-6 \
                 and float(images.min()) < 0.0:
             raise ValueError("float images look like [-1, 1]; FeatureExtractor takes [0, 255] "
-                             "(convert with cmjax.fid.to_uint8)")
+                             "(convert with cmjax.evaluation.fid.to_uint8)")
         if len(images) == 0:
             return np.zeros((0, inception.FEATURE_DIM), np.float32)
         return np.concatenate([self._forward(images[i:i + self.batch_size])
