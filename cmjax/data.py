@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -275,9 +275,10 @@ def make_train_loader(
     source,
     *,
     global_batch_size: int,
-    image_size: int,
     seed: int,
+    image_size: int | None = None,
     channels: int = 3,
+    transforms: Sequence[grain.transforms.Map] | None = None,
     shard_by_host: bool = True,
     num_epochs: int | None = None,
     worker_count: int = 0,
@@ -288,9 +289,10 @@ def make_train_loader(
     Args:
         source: random-access source (`len`, `[i]`) of {"image": uint8 (H, W, C), ...}.
         global_batch_size: batch size summed over all hosts.
-        image_size: S, the side of the square crops.
         seed: seeds the shuffle and the random crops/flips; same seed, same stream.
-        channels: 1 or 3 output channels.
+        image_size: S, the side of the square crops of the default transforms.
+        channels: 1 or 3 output channels of the default transforms.
+        transforms: the per-record operations, instead of ``train_transforms(image_size, channels)``.
         shard_by_host: each JAX process reads a disjoint 1/process_count of every epoch. If False,
             every host reads the whole dataset in the same order and yields whole global
             batches.
@@ -321,8 +323,9 @@ def make_train_loader(
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard_options, shuffle=True,
         num_epochs=num_epochs, seed=seed)
-    operations = [*train_transforms(image_size, channels),
-                  grain.transforms.Batch(host_batch_size, drop_remainder=True)]
+    if transforms is None:
+        transforms = train_transforms(image_size, channels)
+    operations = [*transforms, grain.transforms.Batch(host_batch_size, drop_remainder=True)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count, shard_options=shard_options)
 

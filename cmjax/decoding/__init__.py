@@ -1,8 +1,10 @@
-"""Decoding: latents -> images with a consistency decoder.
+"""Decoding SD latents into images with the consistency decoder.
 
-    batch/   decode.py's library: many input files on every device of every host
-             (inputs -> program -> outputs, driven by run)
-
-The sampler itself (``cmjax.decoding.decoder``, ``cmjax.decoding.schedule``, ``cmjax.decoding.tiling``) is used from its
-current modules.
+    schedule.py   the decoder's 1024-step cosine schedule, c_in / c_skip / c_out, the timestep grid
+    decoder.py    the decode path: normalise latents -> x8 upsample -> the one sampler loop
+                  (lax.scan over the steps, taking a denoise function) -> images in [-1, 1];
+                  ``decode`` is the checked public entry, ``decode_latents`` the pure function
+    tiling.py     a tiled denoise function for large images (overlapping latent tiles, blended)
+    batch/        what decode.py runs: inputs (files, headers) -> program (per-item noise, sharded
+                  jit) -> outputs (atomic PNG/.npy) -> run (planning, multi-host, CLI)
 """

@@ -39,8 +39,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from cmjax import data, parallel
 from cmjax.models import inception
-from cmjax import parallel
+from cmjax.weights import hub
+from cmjax.weights import inception as inception_weights
 
 __all__ = [
     "FIDStats", "FeatureExtractor", "statistics", "frechet_distance", "fid", "to_uint8",
@@ -199,7 +201,7 @@ class FeatureExtractor:
     """Inception pool-3 features, jitted, batches split over a mesh's ``data`` axis.
 
     Args:
-      params: Inception params (default :func:`cmjax.models.inception.load_params`: cache, else convert).
+      params: Inception params (default :func:`cmjax.models.inception_weights.load_params`: cache, else convert).
       mesh: 1-D mesh (default every device, :func:`cmjax.parallel.make_mesh`); params replicated.
       batch_size: images per forward, rounded up to a multiple of the device count. A last,
         smaller batch is padded to it, so one program is compiled per input image size.
@@ -216,7 +218,7 @@ class FeatureExtractor:
         self.num_devices = int(self.mesh.size)
         self.batch_size = int(math.ceil(max(int(batch_size), 1) / self.num_devices) * self.num_devices)
         self.mode = mode
-        params = inception.load_params() if params is None else params
+        params = inception_weights.load_params() if params is None else params
         self.params = parallel.put_replicated(params, self.mesh)
         self._data = parallel.data_sharding(self.mesh)
         self._fn = _features_fn(mode, self.mesh)
@@ -266,7 +268,6 @@ def open_source(spec: str | os.PathLike, *, data_dir: Optional[str] = None):
     ``spec``: an image folder, ``tfds:NAME[:SPLIT]`` (split default ``train``; the dataset must be
     prepared under ``data_dir``), or ``digits``.
     """
-    from cmjax import data
 
     spec = os.fspath(spec)
     if spec.startswith(TFDS_PREFIX):
@@ -299,7 +300,6 @@ def source_batches(source, *, resolution: Optional[int] = None, max_images: Opti
     (:class:`cmjax.data.CenterCrop`); without it every image must have the first one's size.
     RGBA is reduced to RGB (alpha dropped). Errors name the offending file.
     """
-    from cmjax import data
 
     n = len(source) if max_images is None else min(int(max_images), len(source))
     crop = data.CenterCrop(int(resolution)) if resolution else None
@@ -348,7 +348,7 @@ def stats_cache_path(spec: str, source, *, resolution: Optional[int], max_images
     """Where the reference statistics of ``spec`` are cached (see the module docstring)."""
     h = hashlib.sha256()
     n = len(source) if max_images is None else min(int(max_images), len(source))
-    h.update(f"v{STATS_VERSION}|{mode}|res={resolution}|n={n}|{inception.CACHE_NAME}\n".encode())
+    h.update(f"v{STATS_VERSION}|{mode}|res={resolution}|n={n}|{inception_weights.CACHE_NAME}\n".encode())
     if spec.startswith(TFDS_PREFIX) or spec == DIGITS:
         h.update(f"{spec}|{data_dir or ''}|len={len(source)}".encode())
         name = spec
@@ -359,7 +359,7 @@ def stats_cache_path(spec: str, source, *, resolution: Optional[int], max_images
             st = os.stat(p)
             h.update(f"\n{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
         name = os.path.basename(root.rstrip(os.sep))
-    root_dir = Path(cache_dir) if cache_dir is not None else inception.cache_root() / "fid_stats"
+    root_dir = Path(cache_dir) if cache_dir is not None else hub.cache_dir() / "fid_stats"
     return root_dir / f"{_slug(name)}-{resolution or 'native'}-{h.hexdigest()[:16]}.npz"
 
 

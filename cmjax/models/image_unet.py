@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, spatial_attention
 
 Dtype = Any
 
@@ -97,9 +97,7 @@ class AttentionBlock(nn.Module):
         b, h, w, c = x.shape
         y = GroupNorm(self.num_groups, name="norm", **kw)(x).reshape(b, h * w, c)
         q, k, v = jnp.split(dense(3 * c, "qkv", **kw)(y), 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
-        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        y = jnp.einsum("bqk,bkc->bqc", attn, v)
+        y = spatial_attention(q, k, v)
         y = nn.Dense(c, name="proj_out", kernel_init=nn.initializers.zeros, **kw)(y)
         return x + y.reshape(b, h, w, c)
 

@@ -149,3 +149,13 @@ class ResnetBlock(nn.Module):
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
         return x.astype(self.dtype) + h
+
+
+def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Single-head attention over positions: softmax(q k^T / sqrt(C)) v, (B, N, C) each -> (B, N, C).
+
+    Logits and softmax in float32 (diffusers' ``upcast_softmax``), the weighted sum in v's dtype.
+    Shared by the SD VAE's mid-block attention and the image UNet's attention blocks.
+    """
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)

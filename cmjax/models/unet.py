@@ -1,14 +1,15 @@
 """The consistency decoder's UNet (OpenAI "ConvUNetVAE", diffusers ``UNet2DModel``), NHWC.
 
-Topology (REFERENCE 1.5), for ``block_out_channels = (c0, c1, c2, c3)``:
+Topology (openai/consistencydecoder's ConvUNetVAE; diffusers ``UNet2DModel`` with
+``down_block_types=("ResnetDownsampleBlock2D",)*4``), for ``block_out_channels = (c0, c1, c2, c3)``:
   conv_in -> [per level: layers_per_block resnets, then a down-resnet except on the last level]
   -> mid (2 resnets) -> [per level, deepest first: layers_per_block + 1 resnets on
   concat([h, skip]), then an up-resnet except on the last] -> GroupNorm -> SiLU -> conv_out.
 No attention. The timestep is an integer index into a learned embedding table.
 
-Submodule names follow diffusers (``down_blocks_0/resnets_1/conv1``), so a diffusers key
-``down_blocks.0.resnets.1.conv1.weight`` maps to the param path
-``down_blocks_0/resnets_1/conv1/kernel``.
+Each block's module name is its diffusers path, dots included, so a diffusers key
+``down_blocks.0.resnets.1.conv1.weight`` is the param path
+``("down_blocks.0.resnets.1", "conv1", "kernel")`` (see :mod:`cmjax.weights.mapping`).
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, upsample_nearest
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, spatial_attention, upsample_nearest
 
 Dtype = Any
 
@@ -173,9 +173,7 @@ class SelfAttention(nn.Module):
         b, h, w, c = x.shape
         normed = GroupNorm(self.num_groups, self.epsilon, name="group_norm", **kw)(x).reshape(b, h * w, c)
         q, k, v = (dense(c, name, **kw)(normed) for name in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        attended = jnp.einsum("bqk,bkc->bqc", weights, v)
+        attended = spatial_attention(q, k, v)
         return x.astype(self.dtype) + self.to_out(attended).reshape(b, h, w, c)
 
 

@@ -7,8 +7,8 @@
     -> grain Batch(global_batch // process_count) -> host-local numpy batch
     -> cmjax.data.to_global_batch -> global jax.Array split over the mesh's data axis
 
-The sharding and iterator-state conventions are those of ``cmjax.data.make_train_loader``
-(which is this loader with the flip always on and no pairs).
+Sharding, batching and iterator state are ``cmjax.data.make_train_loader``'s; this module only
+chooses the source and the per-record transforms from the config.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
 from cmjax import data
@@ -75,29 +74,14 @@ def make_loader(config, source=None, *, seed_offset: int = 0, num_epochs=None) -
     """A grain DataLoader of host-local batches {"image": float32 (B_host, S, S, C), "latent"?}."""
     d = config.data
     source = make_source(config) if source is None else source
-    shard = grain.sharding.ShardOptions(shard_index=jax.process_index(),
-                                        shard_count=jax.process_count(), drop_remainder=True)
-    if config.batch_size % shard.shard_count:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by {shard.shard_count} hosts")
-    host_batch = config.batch_size // shard.shard_count
-    if len(source) // shard.shard_count < host_batch:
-        raise ValueError(f"{len(source)} records cannot fill a per-host batch of {host_batch}")
     if isinstance(source, NpzPairSource):
         if source.images.shape[1] != d.image_size:
             raise ValueError(f"{source.path}: images are {source.images.shape[1]} px, data.image_size={d.image_size}")
         ops = [PairToFloat()]
     else:
-        ops = [data.RandomCrop(d.image_size)]
-        if d.random_flip:
-            ops.append(data.RandomFlip())
-        ops.append(data.ToFloat(d.channels))
-    if d.worker_count > 0:
-        data._ensure_absl_flags_parsed()
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                                          num_epochs=num_epochs, seed=int(config.seed) + seed_offset)
-    return grain.DataLoader(data_source=source, sampler=sampler,
-                            operations=[*ops, grain.transforms.Batch(host_batch, drop_remainder=True)],
-                            worker_count=d.worker_count, shard_options=shard)
+        ops = [data.RandomCrop(d.image_size), *([data.RandomFlip()] if d.random_flip else []), data.ToFloat(d.channels)]
+    return data.make_train_loader(source, global_batch_size=config.batch_size, seed=int(config.seed) + seed_offset,
+                                  transforms=ops, num_epochs=num_epochs, worker_count=d.worker_count)
 
 
 def eval_batch(config, source=None, num: int | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,13 @@
+"""Flax modules and nothing else: no file I/O, no downloads. Each is a pure function of a params pytree.
+
+    layers.py        GroupNorm (fp32 statistics), conv (lax.conv, or im2col on CPU), dense,
+                     ResnetBlock (scale-shift time conditioning, down/up resampling), attention
+       |
+       +-> unet.py        ConsistencyUNet: the consistency decoder's network (diffusers UNet2DModel names)
+       +-> image_unet.py  ImageUNet: small unconditional image consistency models
+       +-> vae.py         the SD VAE: encoder (images -> latent moments) and GAN decoder
+    inception.py     the FID InceptionV3 (TF graph of 2015-12-05), pool-3 features
+
+Weights come from :mod:`cmjax.weights`; the networks are driven by :mod:`cmjax.decoding` and
+:mod:`cmjax.training`.
+"""
