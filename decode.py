@@ -1,13 +1,11 @@
-"""Decode SD latents (or images, via the SD VAE) into PNGs with the consistency decoder.
+#!/usr/bin/env python
+"""Decode SD latents (or images) into PNGs with the consistency decoder: see cmjax/cli/decode.py.
 
-    python decode.py --checkpoint openai --output out latents/            # .npy/.npz/.safetensors
-    python decode.py --checkpoint openai --images --output out examples/    # photos, via the SD encoder
-
-``python decode.py --help`` lists the options; the code is cmjax/decoding/batch/ (run.py: flags and main).
+    python decode.py --checkpoint openai/consistency-decoder --images --output out examples/
 """
 import sys
 
-from cmjax.decoding.batch import run
+from cmjax.cli import decode
 
 if __name__ == "__main__":
-    sys.exit(run.main())
+    sys.exit(decode.main())

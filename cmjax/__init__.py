@@ -3,15 +3,15 @@
     decoder = cmjax.load_decoder("ckpt/")            # a checkpoint from `python -m cmjax.convert`
     images = cmjax.decode(decoder, latents, key=jax.random.key(0))   # (B,h,w,4) -> (B,8h,8w,3) in [-1,1]
 
-    vae = cmjax.load_vae("sd3-vae/")                 # a cmjax VAE checkpoint or a diffusers AutoencoderKL
+    vae = cmjax.load_vae("sd3-vae/")                 # a cmjax VAE checkpoint, a diffusers AutoencoderKL, ...
     latents = cmjax.encode_images(vae, images)       # raw posterior mean (B,H/8,W/8,C), C = 4 or 16
     gan = cmjax.decode_gan(vae, latents)             # the VAE's own decoder
 """
-from cmjax.weights.checkpoint import load_decoder, load_vae, save_decoder
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode, decode_latents
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
-from cmjax.models.vae import decode_gan
-from cmjax.models.vae import encode as encode_images
+from cmjax.models.vae import decode_gan, encode as encode_images
+from cmjax.weights.checkpoint import save_decoder
+from cmjax.weights.hub import load_decoder, load_vae
 
 __all__ = ["ConsistencyUNet", "Decoder", "DecoderConfig", "UNetConfig", "decode", "decode_gan", "decode_latents",
            "encode_images", "load_decoder", "load_vae", "save_decoder"]

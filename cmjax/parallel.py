@@ -7,11 +7,14 @@ along it, params are replicated (or, for training with FSDP, split along it too)
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+T = TypeVar("T")
 
 DATA_AXIS = "data"
 
@@ -94,3 +97,15 @@ def process_rows(mesh: Mesh, num_rows: int, axis: str = DATA_AXIS) -> np.ndarray
     index_map = data_sharding(mesh, axis).addressable_devices_indices_map((num_rows,))
     spans = sorted({(s[0].start or 0, num_rows if s[0].stop is None else s[0].stop) for s in index_map.values()})
     return np.concatenate([np.arange(a, b) for a, b in spans])
+
+
+def lead_first(fetch: Callable[[bool], T]) -> T:
+    """``fetch(lead)`` on process 0 first, then on the others, which then find its download or
+    conversion in the shared cache instead of racing it; the plain call on a single host.
+    ``lead`` is True on process 0 (e.g. to show a progress bar there only)."""
+    lead = jax.process_index() == 0
+    if jax.process_count() > 1:
+        if lead:
+            fetch(True)
+        multihost_utils.sync_global_devices("cmjax lead_first")
+    return fetch(lead)

@@ -112,9 +112,9 @@ def _parsers():
     import cmjax.cli.convert as convert_cli
     import cmjax.cli.edit
     import cmjax.cli.eval
-    import cmjax.weights.export
+    import cmjax.cli.export
 
-    out = {"convert": convert_cli._parser(), "export": cmjax.weights.export.parser(), "edit": cmjax.cli.edit.parser(),
+    out = {"convert": convert_cli._parser(), "export": cmjax.cli.export.parser(), "edit": cmjax.cli.edit.parser(),
            "train": train_cli._parser()}
     eval_parser = cmjax.cli.eval.parser()
     sub = next(a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -171,7 +171,7 @@ def test_export_refusals_leave_nothing(converted, tmp_path):
 
 
 def test_cli(converted, tmp_path, capsys):
-    from cmjax.weights.export import main
+    from cmjax.cli.export import main
 
     _, folder, ckpt = converted
     assert main([str(ckpt), str(tmp_path / "unet")]) == 0

@@ -22,6 +22,8 @@ from pathlib import Path
 import jax
 
 from cmjax.cli import HelpFormatter
+from cmjax.weights.convert import ConversionError, convert
+from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from cmjax.weights.convert import ConversionError, convert
-    from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
 
     def report(msg: str) -> None:
         if not args.quiet:

@@ -31,6 +31,7 @@ import numpy as np
 from cmjax import editing
 from cmjax.cli import HelpFormatter
 from cmjax.data import save_image_grid
+from cmjax.evaluation import fid as fid_lib
 from cmjax.training.trained import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
@@ -77,8 +78,6 @@ def read_mask(path: str, size: int) -> np.ndarray:
 
 def load_images(spec: str, model: ImageCM, num: int, data_dir: Optional[str] = None) -> np.ndarray:
     """``num`` images of ``spec`` as float32 (num, H, W, C) in [-1, 1] at the model's size and channels."""
-    from cmjax.evaluation import fid as fid_lib
-
     h, w, c = model.image_shape
     if h != w:
         raise ValueError(f"the model's images are {h}x{w}; editing inputs are center-cropped squares")

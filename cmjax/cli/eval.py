@@ -29,12 +29,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-
-from cmjax.cli import HelpFormatter
 import numpy as np
 
-from cmjax import consistency as C
+from cmjax import consistency as C, data, parallel
+from cmjax.cli import HelpFormatter
+from cmjax.decoding import decoder as decoder_lib
+from cmjax.editing import sampling_sigmas
+from cmjax.evaluation import fid as fid_lib, metrics
+from cmjax.models import vae as vae_lib
 from cmjax.training.trained import ImageCM, load_image_cm, read_run_config
+from cmjax.weights import hub
 
 __all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler",
            "reconstruction_metrics", "latent_statistics", "main"]
@@ -56,7 +60,6 @@ def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: 
         if mid_sigma is None:
             raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
         return [float(sigma_max), float(mid_sigma)]
-    from cmjax.editing import sampling_sigmas
 
     return sampling_sigmas(steps, sigma_max)
 
@@ -73,7 +76,6 @@ def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=No
     the result gathered (replicated on every device and host); the samples do not depend on the
     device count (JAX's partitionable threefry).
     """
-    from cmjax import parallel
 
     shape = model.image_shape
     mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -98,8 +100,6 @@ def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=No
 
 def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, np.ndarray]:
     """Per-image PSNR (dB) and SSIM of 8-bit-quantised reconstructions; images (B, H, W, C) in [-1, 1]."""
-    from cmjax.evaluation import metrics
-
     q = metrics.quantize(recon)
     return {"psnr": np.asarray(metrics.psnr(reference, q), np.float64),
             "ssim": np.asarray(metrics.ssim(reference, q), np.float64)}
@@ -108,14 +108,10 @@ def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, 
 def _recon(args) -> int:
     from tqdm.auto import tqdm
 
-    from cmjax.weights import checkpoint
-    from cmjax import data
-    from cmjax.decoding import decoder as decoder_lib
-    from cmjax.models import vae as vae_lib
 
     timesteps = tuple(int(t) for t in args.timesteps.split(",")) if args.timesteps else (1008, 512)
-    dec = checkpoint.load_decoder(args.decoder)
-    vae = checkpoint.load_vae(args.vae)
+    dec = hub.load_decoder(args.decoder)
+    vae = hub.load_vae(args.vae)
     if "encoder" not in vae.parts:
         raise ValueError(f"{args.vae}: this VAE checkpoint has no encoder; recon needs one to make latents")
     has_gan = "decoder" in vae.parts
@@ -184,7 +180,6 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
     (OpenAI's for SD 1.x: ``cmjax.decoding.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
     Returns {"latent_mean", "latent_std" (lists), "num_images", "num_positions"}.
     """
-    from cmjax.models import vae as vae_lib
 
     c = vae.config.latent_channels
     total, total_sq = np.zeros(c, np.float64), np.zeros(c, np.float64)
@@ -207,17 +202,15 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
 
 
 def _latent_stats(args) -> int:
-    from cmjax.weights import checkpoint
-    from cmjax.evaluation import fid
 
-    vae = checkpoint.load_vae(args.vae)
+    vae = hub.load_vae(args.vae)
     if "encoder" not in vae.parts:
         raise ValueError(f"{args.vae}: this VAE has no encoder; latent-stats needs one")
     f = vae.config.downsample_factor
     if args.resolution and args.resolution % f:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {f}")
-    source = fid.open_source(args.images, data_dir=args.data_dir)
-    batches = fid.source_batches(source, resolution=args.resolution, max_images=args.max_images,
+    source = fid_lib.open_source(args.images, data_dir=args.data_dir)
+    batches = fid_lib.source_batches(source, resolution=args.resolution, max_images=args.max_images,
                                  batch_size=args.batch_size)
     stats = latent_statistics(vae, batches)
     out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
@@ -241,13 +234,11 @@ def _latent_stats(args) -> int:
 
 
 def _extractor(args):
-    from cmjax.evaluation import fid as fid_lib
 
     return fid_lib.FeatureExtractor(batch_size=args.batch_size, mode=args.mode)
 
 
 def _ref_stats(args, extractor, resolution):
-    from cmjax.evaluation import fid as fid_lib
 
     return fid_lib.reference_statistics(args.ref, extractor=extractor, resolution=resolution,
                                         max_images=args.max_ref_images, data_dir=args.data_dir,
@@ -271,7 +262,6 @@ def _floats(text: str) -> list[float]:
 
 
 def _fid(args) -> int:
-    from cmjax.evaluation import fid as fid_lib
 
     extractor = _extractor(args)
     if args.samples is not None:
@@ -303,7 +293,6 @@ def _fid(args) -> int:
 
 
 def _sigma_search(args) -> int:
-    from cmjax.evaluation import fid as fid_lib
 
     extractor = _extractor(args)
     model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)

@@ -21,6 +21,8 @@ from typing import Sequence
 import ml_collections
 
 from cmjax.cli import HelpFormatter
+from cmjax.training import NonFiniteLossError, train_and_evaluate
+from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
 
 _PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -28,7 +30,6 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 class UsageError(ValueError):
     """A bad command line: the message is printed as ``train.py: error: ...`` (exit status 2)."""
-
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     """``get_config()`` of a Python config file.
@@ -193,8 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
     from absl import logging as absl_logging
 
-    from cmjax.training import NonFiniteLossError, train_and_evaluate
-    from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     try:

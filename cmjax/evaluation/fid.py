@@ -39,9 +39,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
-from cmjax import data, parallel
+from cmjax import cache, data, parallel
 from cmjax.models import inception
-from cmjax.weights import hub
 from cmjax.weights import inception as inception_weights
 
 __all__ = [
@@ -359,7 +358,7 @@ def stats_cache_path(spec: str, source, *, resolution: Optional[int], max_images
             st = os.stat(p)
             h.update(f"\n{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
         name = os.path.basename(root.rstrip(os.sep))
-    root_dir = Path(cache_dir) if cache_dir is not None else hub.cache_dir() / "fid_stats"
+    root_dir = Path(cache_dir) if cache_dir is not None else cache.cache_dir() / "fid_stats"
     return root_dir / f"{_slug(name)}-{resolution or 'native'}-{h.hexdigest()[:16]}.npz"
 
 

@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmjax.cache import cache_dir
+
 LOWERINGS = ("xla", "im2col", "im2row")
 DEFAULT = "xla"
 MEASURE = "measure"
 OVERRIDE_ENV = "CMJAX_CONV_LOWERING"
-CACHE_ENV = "CMJAX_CACHE"
 CACHE_NAME = "conv_lowering.json"
 MARGIN = 0.95  # another lowering replaces "xla" only when it takes < MARGIN of xla's time
 REPEATS = 5  # timed calls per lowering (interleaved); the minimum is kept, robust to a busy machine
@@ -122,7 +123,7 @@ def machine_key() -> str:
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cmjax").expanduser() / CACHE_NAME
+    return cache_dir() / CACHE_NAME
 
 
 def read_cache(path: Path) -> dict:

@@ -29,8 +29,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from cmjax import consistency as C
-from cmjax import continuous as CT
+from cmjax import consistency as C, continuous as CT
 from cmjax.models.image_unet import positional_features
 from cmjax.training.families import Family
 
@@ -217,17 +216,16 @@ def _scm_loss(family, config, distill: bool):
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
         sg = jax.lax.stop_gradient(params)
-        teacher_velocity = None
-        if distill:  # the EDM teacher's x0 estimate turned into TrigFlow's dx_t/dt
-            def teacher_velocity(x_t, t):
-                ct, st = jnp.cos(t)[:, None, None, None], jnp.sin(t)[:, None, None, None]
-                d = family.denoiser_fn(frozen["teacher"], x_t / ct, CT.edm_sigma(t, s.sigma_data))
-                return (ct * x_t - d) / st
+
+        def teacher_velocity(x_t, t):  # sCD: the EDM teacher's x0 estimate turned into TrigFlow's dx_t/dt
+            ct, st = jnp.cos(t)[:, None, None, None], jnp.sin(t)[:, None, None, None]
+            d = family.denoiser_fn(frozen["teacher"], x_t / ct, CT.edm_sigma(t, s.sigma_data))
+            return (ct * x_t - d) / st
         return CT.scm_loss(_trigflow_net(family, params, dropout_key), _trigflow_net(family, sg, dropout_key),
                            lambda t: logvar_apply(params["logvar"], t), x, loss_key,
                            warmup=CT.tangent_warmup(k, s.tangent_warmup_steps), p_mean=s.p_mean,
                            p_std=s.p_std, norm_c=s.tangent_norm_c if s.tangent_norm_c >= 0 else None,
-                           sigma_data=s.sigma_data, teacher_velocity=teacher_velocity)
+                           sigma_data=s.sigma_data, teacher_velocity=teacher_velocity if distill else None)
     return loss_fn
 
 

@@ -26,7 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cmjax.training.families import patch_encoder_matrix
 from cmjax.training.state import TrainState, abstract_with_shardings, tree_shardings
+from cmjax.weights import hub
 
 STATE, DATA, CONFIG = "state", "data", "config"
 UNREADABLE = "checkpoints_unreadable"
@@ -35,10 +37,8 @@ UNREADABLE = "checkpoints_unreadable"
 class CheckpointSaveError(RuntimeError):
     """Saving a run checkpoint failed (e.g. disk full); the message says where and why."""
 
-
 class CheckpointRestoreError(RuntimeError):
     """No checkpoint of the run can be read back."""
-
 
 def _one_line(e: BaseException) -> str:
     """The exception's type and first line, shortened in the middle (the OS error is at the end)."""
@@ -209,8 +209,7 @@ def load_teacher(path: str, config, family, mesh: Mesh, fsdp: bool):
     abstract = jax.eval_shape(family.init_params, jax.random.key(0))
     shardings = tree_shardings(abstract, mesh, fsdp, config.fsdp_min_size)
     if os.path.isfile(os.path.join(path, "cmjax.json")):
-        from cmjax.weights.checkpoint import load_decoder
-        params = load_decoder(path).params
+        params = hub.load_decoder(path).params
         return jax.device_put(params, shardings), shardings
     which = "ema_params" if config.cd.teacher_ema else "params"
     return restore_params(path, abstract, shardings, which), shardings
@@ -219,16 +218,13 @@ def load_teacher(path: str, config, family, mesh: Mesh, fsdp: bool):
 def load_encoder(config, family, mesh: Mesh):
     """(params, shardings) of the decoder family's frozen latent encoder: the fixed patch matrix
     (data.latents='patch') or SD VAE params (data.latents='vae'); (None, None) for 'file'."""
-    from cmjax.training.families import patch_encoder_matrix
 
     rep = NamedSharding(mesh, P())
     kind = config.data.latents
     if kind == "patch":
         w = patch_encoder_matrix(config.data.patch_seed)
         return jax.device_put(w, rep), rep
-    if kind == "vae":  # a cmjax SD VAE checkpoint (python -m cmjax.convert); the encoder half is used
-        from cmjax.weights.checkpoint import load_vae
-
-        params = load_vae(config.data.vae_checkpoint, sharding=rep).params
+    if kind == "vae":  # an SD VAE named as --vae is anywhere (cmjax.weights.hub); the encoder half is used
+        params = hub.load_vae(config.data.vae_checkpoint, sharding=rep).params
         return params, jax.tree.map(lambda _: rep, params)
     return None, None

@@ -43,10 +43,13 @@ import numpy as np
 
 from cmjax import consistency as C
 from cmjax.decoding import schedule
-from cmjax.decoding.decoder import DecoderConfig, denoise, decode_latents, normalize_latents
+from cmjax.decoding.decoder import DecoderConfig, decode_latents, denoise, normalize_latents
 from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
 from cmjax.models.layers import upsample_nearest
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
+from cmjax.models.vae import encode_latents
+from cmjax.weights import hub
+from cmjax.weights.checkpoint import read_config, read_vae_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -162,8 +165,7 @@ def decoder_model_config(config) -> DecoderConfig:
     """The DecoderConfig: from the fine-tune checkpoint if one is named (moved to the latent space of
     ``data.vae_checkpoint`` when ``model.retarget_latents``), else from config.model."""
     if config.model.get("init_checkpoint"):
-        from cmjax.weights.checkpoint import read_config
-        base = read_config(config.model.init_checkpoint)
+        base = read_config(hub.resolve_checkpoint(config.model.init_checkpoint))
     else:
         u = config.model.unet
         base = DecoderConfig(unet=UNetConfig(block_out_channels=tuple(u.block_out_channels),
@@ -218,9 +220,8 @@ def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
     (a JSON written by ``python -m cmjax.eval latent-stats`` with that VAE; empty: mean 0, std 1)."""
     import json
 
-    from cmjax.weights.checkpoint import read_vae_config
 
-    vae_config, _ = read_vae_config(config.data.vae_checkpoint)
+    vae_config, _ = read_vae_config(hub.resolve_checkpoint(config.data.vae_checkpoint, kind="vae"))
     mean = std = None
     path = config.model.get("latent_stats")
     if path:
@@ -244,9 +245,7 @@ def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
     a 4-channel space such as SDXL's: its channels are not SD 1.x's); None without an init checkpoint."""
     if not config.model.get("init_checkpoint"):
         return None
-    from cmjax.weights.checkpoint import load_decoder
-
-    init = load_decoder(config.model.init_checkpoint)
+    init = hub.load_decoder(config.model.init_checkpoint)
     if not config.model.get("retarget_latents"):
         return init.params
     return retarget_decoder_params(jax.device_get(init.params), init.config, dcfg)
@@ -255,7 +254,6 @@ def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
 @dataclasses.dataclass(frozen=True)
 class DecoderGrid:
     """Discrete timesteps 0, spacing, ..., t_max and their EDM sigmas (float32 tables)."""
-
     sigmas: np.ndarray          # (num_train_timesteps,) sqrt(1/abar - 1), strictly increasing
     sqrt_abar: np.ndarray       # (num_train_timesteps,)
     spacing: int
@@ -326,8 +324,7 @@ def decoder_family(config) -> Family:
     latents_kind = config.data.latents
     vae_cfg = None
     if latents_kind == "vae":  # the SD VAE encoder on the fly; its config from its checkpoint
-        from cmjax.weights.checkpoint import read_vae_config
-        vae_cfg, parts = read_vae_config(config.data.vae_checkpoint)
+        vae_cfg, parts = read_vae_config(hub.resolve_checkpoint(config.data.vae_checkpoint, kind="vae"))
         if "encoder" not in parts or vae_cfg.downsample_factor != dcfg.upsample_factor:
             raise ValueError(f"{config.data.vae_checkpoint}: needs an encoder with downsample factor "
                              f"{dcfg.upsample_factor} (has parts {parts}, factor {vae_cfg.downsample_factor})")
@@ -358,7 +355,6 @@ def decoder_family(config) -> Family:
         if latents_kind == "patch":
             return patch_encode(frozen["encoder"], batch["image"])
         if latents_kind == "vae":
-            from cmjax.models.vae import encode_latents
             return encode_latents(frozen["encoder"], batch["image"], config=vae_cfg, dtype=dtype)
         raise ValueError(f"batch has no 'latent' and data.latents={latents_kind!r}")
 

@@ -23,22 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data as data_lib
-from cmjax import parallel
+from cmjax import data as data_lib, parallel
+from cmjax.decoding.decoder import Decoder
+from cmjax.evaluation import fid as fid_lib
 from cmjax.training import algorithms, checkpointing, families, input_pipeline, reporting, resume
 from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family
 from cmjax.training.optim import make_optimizer
 from cmjax.training.state import TrainState, create_train_state, prng_impl, train_state_layout
 from cmjax.training.step import make_train_step
-
+from cmjax.weights.checkpoint import save_decoder
 
 _LAST_VALUE = ("num_scales", "lr", "target_ema")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the run stopped before checkpointing that state."""
-
 
 def validate_config(config, family: Optional[Family] = None) -> None:
     """Fail early, with a message naming the field, on settings that cannot work."""
@@ -53,7 +53,6 @@ def validate_config(config, family: Optional[Family] = None) -> None:
 
 class _StopFlag:
     """Set by SIGTERM (preemption); the loop then saves and returns cleanly."""
-
     def __init__(self):
         self.requested = False
         self._previous = None
@@ -100,7 +99,6 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
     upscale = max(1, 64 // family.image_shape[0])
     fid_cb = None
     if family.name == "image" and config.fid_every > 0:
-        from cmjax.evaluation import fid as fid_lib  # lazy: Inception is only built when FID is asked for
 
         ref = fid_lib.reference_statistics(config.fid_reference, resolution=family.image_shape[0],
                                            max_images=config.fid_max_ref_images or None,
@@ -272,8 +270,5 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 def _export_decoder(family: Family, state: TrainState, path: str) -> None:
     """The EMA params as a cmjax decoder checkpoint (what decode.py / cmjax.load_decoder read)."""
-    from cmjax.weights.checkpoint import save_decoder
-    from cmjax.decoding.decoder import Decoder
-
     params = jax.device_get(state.ema_params)
     save_decoder(Decoder(family.config, params), path, source="cmjax training run", overwrite=True)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmjax.models import vae as vae_lib
 from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
+from cmjax.models import vae as vae_lib
 
 FORMAT = "cmjax-decoder"
 VAE_FORMAT = "cmjax-vae"
@@ -188,17 +188,14 @@ def read_config(path: str | os.PathLike) -> DecoderConfig:
 def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
     """Load a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
 
-    ``path`` may also be a published name ("openai": OpenAI's decoder.pt; "openai/consistency-decoder":
-    the Hugging Face repo) or a PyTorch checkpoint: it is downloaded and/or converted once into the
-    cache (``$CMJAX_CACHE``, default ~/.cache/cmjax) and loaded from there.
+    Only directories: names and PyTorch files are resolved by :func:`cmjax.weights.hub.load_decoder`
+    (``cmjax.load_decoder``), which calls this.
     ``sharding``: an optional ``jax.sharding.Sharding`` for every param (e.g. replicated over a
     mesh); by default params land on the default device.
     ``verify``: check the params against the digest recorded when the checkpoint was written
     (hashes every byte once, a few seconds for the 2.5 GB decoder); False skips it.
     """
-    from cmjax.weights.hub import resolve_checkpoint  # cmjax.convert imports this module
-
-    path = resolve_checkpoint(path).absolute()
+    path = Path(path).absolute()
     meta = _read_meta(path, FORMAT, "decoder")
     config = read_config(path)
     return Decoder(config, _restore(path, abstract_params(config), sharding, meta, verify))
@@ -224,18 +221,10 @@ def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[s
 
 
 def load_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
-    """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by ``save_vae``
-    (``cmjax.load_vae``); ``sharding`` and ``verify`` as in load_decoder. A PyTorch VAE (a diffusers
-    ``AutoencoderKL`` folder, an LDM/single-file checkpoint) is converted in memory, as
-    ``python -m cmjax.convert`` would."""
+    """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by
+    ``save_vae``; ``sharding`` and ``verify`` as in load_decoder. PyTorch VAEs and names are
+    resolved by :func:`cmjax.weights.hub.load_vae` (``cmjax.load_vae``), which calls this."""
     path = Path(path).absolute()
-    if path.is_file() or (path.is_dir() and not (path / CONFIG_FILE).is_file()
-                          and (path / "config.json").is_file()):  # a PyTorch file or diffusers folder
-        from cmjax.weights.sd_vae import load_pytorch_vae  # cmjax.convert imports this module
-
-        vae = load_pytorch_vae(path)
-        params = vae.params if sharding is None else jax.device_put(vae.params, sharding)
-        return vae_lib.VAE(vae.config, params)
     config, parts = read_vae_config(path)
     meta = _read_meta(path, VAE_FORMAT, "VAE")
     return vae_lib.VAE(config, _restore(path, vae_lib.abstract_params(config, parts), sharding, meta, verify))

@@ -33,13 +33,14 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.weights.checkpoint import save_decoder
+from cmjax.decoding.decoder import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
+from cmjax.weights.checkpoint import save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError
 from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
+from cmjax.weights.sd_vae import detect_vae_format, load_pytorch_vae
 from cmjax.weights.torch_pickle import CheckpointError, check_regular_file, load_torch_file
-from cmjax.decoding.decoder import Decoder
 
 KINDS = ("decoder", "vae")
 DIFFUSERS, OPENAI_TORCHSCRIPT, OPENAI_SAFETENSORS, TORCH_PICKLE, TORCHSCRIPT = (
@@ -130,14 +131,9 @@ def _naming(names: list[str]) -> tuple[str, str]:
             "conv_in.weight" in names and any(k.startswith("down_blocks.") for k in names)):
         return "decoder", "diffusers"
     try:
-        from cmjax.weights.sd_vae import detect_vae_format
-    except ImportError:  # the SD VAE converter is not part of this cmjax
-        detect_vae_format = None
-    if detect_vae_format is not None:
-        try:
-            return "vae", f"SD VAE ({detect_vae_format(dict.fromkeys(names))})"
-        except ConversionError:
-            pass
+        return "vae", f"SD VAE ({detect_vae_format(dict.fromkeys(names))})"
+    except ConversionError:
+        pass
     raise ConversionError(f"no consistency-decoder or SD VAE tensor names (saw {len(names)} tensors, e.g. "
                           f"{sorted(names)[:6]})")
 
@@ -305,15 +301,6 @@ def _make_contiguous(tree: dict) -> None:
             del value
 
 
-def _vae_api():
-    try:
-        from cmjax.weights.checkpoint import save_vae
-        from cmjax.weights.sd_vae import load_pytorch_vae
-    except ImportError as e:
-        raise ConversionError(f"SD VAE conversion is not available in this cmjax ({e})") from e
-    return load_pytorch_vae, save_vae
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None = None, keep_dtype: bool = False,
             overwrite: bool = False, report: Report | None = None):
     """Convert ``src`` into the cmjax checkpoint directory ``dst``; nothing is left at dst on failure.
@@ -341,7 +328,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None 
                    f"{'/'.join(lower)} weights upcast to float32 (--keep-dtype keeps them)")
     origin = str(Path(src).absolute())
     if (kind or source.kind) == "vae":
-        load_pytorch_vae, save_vae = _vae_api()
         source.tensors = None  # the VAE converter reads the file itself
         done = _timed(report, "read and checked the SD VAE")
         model = load_pytorch_vae(source.path, dtype=dtype)

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cmjax.weights.mapping import ConversionError, torch_to_flax
 from cmjax.decoding.decoder import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
 from cmjax.models.unet import UNetConfig
+from cmjax.weights.mapping import ConversionError, torch_to_flax
 
 UNET_PREFIX = "decoder_unet."
 VAE_PREFIXES = ("encoder.", "quant_conv.")

@@ -1,4 +1,4 @@
-"""python -m cmjax.export CKPT DST: a cmjax decoder checkpoint -> a diffusers model folder.
+"""A cmjax decoder checkpoint -> a diffusers model folder (``python -m cmjax.export CKPT DST``).
 
 What is written depends on whether SD encoder weights are available:
 
@@ -22,20 +22,21 @@ ConsistencyDecoderVAE export, and are reported when a UNet2DModel export leaves 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory
-from cmjax.cli import HelpFormatter
-from cmjax.weights.mapping import ConversionError, flax_to_torch
 from cmjax.decoding.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.decoding.schedule import SIGMA_DATA
+from cmjax.models import vae as vae_lib
+from cmjax.weights import hub
+from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, load_vae
+from cmjax.weights.diffusers import find_weights, read_safetensors
+from cmjax.weights.mapping import flax_to_torch
+from cmjax.weights.sd_vae import load_pytorch_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Written into config.json; the first diffusers release with ConsistencyDecoderVAE.
@@ -47,7 +48,6 @@ Report = Callable[[str], None]
 
 class ExportError(ValueError):
     """A checkpoint that cannot be written in the requested diffusers form; the message says why."""
-
 
 # --------------------------------------------------------------------------------------------
 # diffusers configs
@@ -141,7 +141,6 @@ def _encoder_fields(block_out_channels, layers_per_block, norm_num_groups, in_ch
 def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int] | None:
     """Encoder tensors, config fields and latent channels of a diffusers ConsistencyDecoderVAE
     folder (or its weights file with config.json beside it); None if ``src`` is not one."""
-    from cmjax.weights.diffusers import find_weights, read_safetensors
 
     folder = src if src.is_dir() else src.parent
     config_path = folder / "config.json"
@@ -177,13 +176,6 @@ def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     direct = _consistency_vae_encoder(src)
     if direct is not None:
         return (*direct, None)
-    try:
-        from cmjax.models import vae as vae_lib
-        from cmjax.weights.checkpoint import load_vae
-        from cmjax.weights.sd_vae import load_pytorch_vae
-    except ImportError as e:
-        raise ExportError(f"{src}: reading an SD VAE needs cmjax's VAE modules ({e}); give a diffusers "
-                          "ConsistencyDecoderVAE folder instead") from e
     is_cmjax = src.is_dir() and (src / CONFIG_FILE).is_file()
     vae = load_vae(src) if is_cmjax else load_pytorch_vae(src, dtype=None)
     encoder_params, _ = vae_lib.split_params(vae.params)
@@ -215,8 +207,6 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     ``dtype``: "float32" or "float16", of every tensor written. Nothing is left at ``dst`` on failure.
     Returns ``dst``.
     """
-    from cmjax.weights.checkpoint import load_decoder
-
     say = report or (lambda _m: None)
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -226,7 +216,7 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     if not (Path(ckpt) / CONFIG_FILE).is_file():
         raise ExportError(f"{ckpt}: not a cmjax decoder checkpoint (no {CONFIG_FILE}); convert PyTorch weights "
                           "with `python -m cmjax.convert SRC DST` first")
-    decoder = load_decoder(ckpt)
+    decoder = hub.load_decoder(ckpt)
     cfg = decoder.config
     cast = DTYPES[dtype]
     unet = {k: v.astype(cast, copy=False) for k, v in flax_to_torch(decoder.params).items()}
@@ -264,52 +254,3 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     _write(dst, consistency_vae_config(cfg, fields), tensors, overwrite)
     say(f"wrote {dst}: ConsistencyDecoderVAE (decoder from {ckpt}, encoder from {encoder_from})")
     return dst
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m cmjax.export``."""
-    parser = argparse.ArgumentParser(prog="python -m cmjax.export", description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("ckpt", metavar="CKPT", help="a cmjax decoder checkpoint directory")
-    parser.add_argument("dst", metavar="DST", help="the diffusers folder to create")
-    parser.add_argument("--encoder-from", metavar="SRC", help="SD encoder weights: a diffusers "
-                        "ConsistencyDecoderVAE folder, a cmjax VAE checkpoint or an SD VAE checkpoint; "
-                        "without it only the UNet is written (a UNet2DModel folder)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written "
-                        "weights (default float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-
-    def report(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
-        export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
-                       overwrite=args.overwrite, report=report)
-    except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.encoder_from is None:
-        _hint_encoder(Path(args.ckpt))
-    return 0
-
-
-def _hint_encoder(ckpt: Path) -> None:
-    """If the checkpoint was converted from a ConsistencyDecoderVAE folder still on disk, say so."""
-    try:
-        source = Path(json.loads((ckpt / CONFIG_FILE).read_text()).get("source", ""))
-        folder = source if source.is_dir() else source.parent
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return
-    if cfg.get("_class_name") == "ConsistencyDecoderVAE":
-        print(f"hint: {folder} has the SD encoder: --encoder-from {folder} writes a full ConsistencyDecoderVAE",
-              file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

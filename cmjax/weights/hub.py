@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
-import logging
 import sys
 import time
 import urllib.error
@@ -41,12 +41,21 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from cmjax import parallel
+from cmjax.cache import cache_dir
+from cmjax.decoding.decoder import Decoder
+from cmjax.models.vae import VAE
+from cmjax.weights import checkpoint
+from cmjax.weights.checkpoint import CONFIG_FILE
+from cmjax.weights.convert import KINDS, convert
+from cmjax.weights.diffusers import WEIGHT_FILES
+from cmjax.weights.openai import PAIR_WEIGHTS
+
 OPENAI_DECODER_URL = ("https://openaipublic.azureedge.net/diff-vae/"
                       "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb/decoder.pt")
 HUB_REPO = "openai/consistency-decoder"
 OPENAI = "openai"
 NAMES = (OPENAI, HUB_REPO)
-CACHE_ENV = "CMJAX_CACHE"
 URL_ENV = "CMJAX_OPENAI_URL"
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -64,11 +73,6 @@ Report = Callable[[str], None]
 
 class DownloadError(OSError):
     """A download failed or did not verify; the message names the URL or file."""
-
-
-def cache_dir() -> Path:
-    """The cache root: $CMJAX_CACHE, else ~/.cache/cmjax."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cmjax").expanduser()
 
 
 def openai_url() -> str:
@@ -237,8 +241,6 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
         from huggingface_hub.errors import EntryNotFoundError
     except ImportError as e:
         raise DownloadError(f"fetching {repo} needs huggingface_hub (pip install huggingface_hub): {e}") from e
-    from cmjax.weights.diffusers import WEIGHT_FILES
-
     endpoint = os.environ.get("HF_ENDPOINT") or None
     say = report or (lambda _m: None)
     say(f"fetching {repo} from {endpoint or 'the Hugging Face Hub'}")
@@ -299,62 +301,85 @@ class _SilentTqdm:
         return cls._cls
 
 
-def _convert_into_cache(src: Path, name: str, *, report: Report | None) -> Path:
+def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None) -> Path:
     """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there."""
-    from cmjax.weights.checkpoint import CONFIG_FILE
-    from cmjax.weights.convert import convert
-
     dst = cache_dir() / "checkpoints" / name
     if (dst / CONFIG_FILE).is_file():
         return dst
     if report:
         report(f"converting {src} into {dst} (first use)")
     try:
-        convert(src, dst, kind="decoder", report=report)
+        convert(src, dst, kind=kind, report=report)
     except FileExistsError:
         if not (dst / CONFIG_FILE).is_file():  # a half-made directory that is not ours: refuse to guess
             raise
     return dst
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, *, progress: bool = True,
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder", progress: bool = True,
                        report: Report | None = None) -> Path:
-    """The cmjax decoder checkpoint directory for a name or a path, fetched and converted if needed.
+    """The cmjax checkpoint directory (a ``kind`` = "decoder" or "vae") for a name or a path, fetched
+    and converted if needed: the one way every command names a checkpoint (--checkpoint, --vae, ...).
 
     * an existing cmjax checkpoint directory (or any other directory holding no recognisable
-      PyTorch checkpoint): returned unchanged, for ``load_decoder`` to read or reject;
-    * a PyTorch checkpoint file or folder (``decoder.pt``, a diffusers folder, ...): converted
-      once into the cache (keyed by its path, size and modification time);
-    * ``"openai"``: OpenAI's decoder.pt, downloaded, SHA-256 verified, converted once;
-    * ``"openai/consistency-decoder"``: the Hub repo (diffusers, fp16 upcast to fp32), converted once.
+      PyTorch checkpoint): returned unchanged, for ``checkpoint.load_*`` to read or reject;
+    * a PyTorch checkpoint file or folder (``decoder.pt``, a diffusers folder, an LDM VAE, ...):
+      converted once into the cache (keyed by kind, path, size and modification time);
+    * ``"openai"``: OpenAI's decoder.pt, downloaded, SHA-256 verified, converted once (decoder only);
+    * ``"openai/consistency-decoder"``: the Hub repo (diffusers, fp16 upcast to fp32), converted
+      once: its UNet as the decoder, or its bundled SD encoder as an encoder-only VAE.
 
     Raises FileNotFoundError for a path that does not exist and is no known name;
     DownloadError / ConversionError on a failed download or conversion.
     """
-    from cmjax.weights.checkpoint import CONFIG_FILE
-    from cmjax.weights.openai import PAIR_WEIGHTS
-
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
+    suffix = "" if kind == "decoder" else f"-{kind}"
     if path.exists():
         if path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(
                 (path / n).exists() for n in ("config.json", PAIR_WEIGHTS, "decoder.pt"))):
             return path
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return _convert_into_cache(path, f"local-{_slug(path.name)}-{key}", report=report)
-    if text == OPENAI:
+        return _convert_into_cache(path, f"local-{_slug(path.name)}-{key}{suffix}", kind, report=report)
+    if text == OPENAI and kind == "decoder":
         url = openai_url()
         pt = fetch_openai_decoder(progress=progress, report=report)
-        return _convert_into_cache(pt, f"openai-{expected_sha256(url)[:16]}", report=report)
+        return _convert_into_cache(pt, f"openai-{expected_sha256(url)[:16]}", kind, report=report)
     if text == HUB_REPO:
-        dst = cache_dir() / "checkpoints" / f"hf-{_slug(HUB_REPO)}"
+        dst = cache_dir() / "checkpoints" / f"hf-{_slug(HUB_REPO)}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
             return dst
         folder = fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
-        return _convert_into_cache(folder, dst.name, report=report)
-    raise FileNotFoundError(f"{text}: no such checkpoint directory or file, and not a known checkpoint name "
-                            f"({', '.join(repr(n) for n in NAMES)})")
+        return _convert_into_cache(folder, dst.name, kind, report=report)
+    names = NAMES if kind == "decoder" else (HUB_REPO,)
+    raise FileNotFoundError(f"{text}: no such checkpoint directory or file, and not a known {kind} checkpoint name "
+                            f"({', '.join(repr(n) for n in names)})")
+
+
+def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> Path:
+    return parallel.lead_first(lambda lead: resolve_checkpoint(
+        name_or_path, kind=kind, progress=progress and lead, report=report if lead else None))
+
+
+def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
+                 report: Report | None = None) -> Decoder:
+    """``cmjax.load_decoder``: a Decoder from any name or path :func:`resolve_checkpoint` takes
+    (downloaded and converted on first use; on several hosts, process 0 first)."""
+    path = _resolve_on_every_host(name_or_path, "decoder", progress, report)
+    return checkpoint.load_decoder(path, sharding=sharding, verify=verify)
+
+
+def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
+             report: Report | None = None) -> VAE:
+    """``cmjax.load_vae``: an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from any name or path
+    :func:`resolve_checkpoint` takes: a cmjax VAE checkpoint, a diffusers AutoencoderKL or
+    ConsistencyDecoderVAE folder, an LDM/single-file checkpoint, or "openai/consistency-decoder"
+    (its bundled SD encoder only)."""
+    path = _resolve_on_every_host(name_or_path, "vae", progress, report)
+    return checkpoint.load_vae(path, sharding=sharding, verify=verify)
 
 
 def _slug(text: str) -> str:
@@ -362,5 +387,5 @@ def _slug(text: str) -> str:
 
 
 __all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",
-           "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "offline",
+           "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "load_decoder", "load_vae", "offline",
            "resolve_checkpoint"]

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmjax.cache import cache_dir
 from cmjax.models import inception
 from cmjax.weights.checkpoint import atomic_directory
-from cmjax.weights.hub import cache_dir
 from cmjax.weights.mapping import unflatten
 from cmjax.weights.torch_pickle import load_torch_file
 

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from cmjax.decoding.decoder import Decoder
 from cmjax.weights.diffusers import decoder_from_diffusers_state, read_safetensors
 from cmjax.weights.mapping import ConversionError
 from cmjax.weights.torch_pickle import load_torch_file
-from cmjax.decoding.decoder import Decoder
 
 __all__ = ["openai_to_diffusers_name", "openai_state_to_diffusers", "diffusers_to_openai_name", "looks_like_openai",
            "count_levels", "find_timestep_table", "decoder_from_openai_state", "load_openai_decoder",

@@ -34,10 +34,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cmjax.models.vae import DECODER, ENCODER, VAE, VAEConfig, abstract_params
 from cmjax.weights.diffusers import WEIGHT_FILES, find_weights, read_safetensors
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 from cmjax.weights.torch_pickle import CheckpointError, load_torch_file
-from cmjax.models.vae import DECODER, ENCODER, VAE, VAEConfig, abstract_params
 
 DIFFUSERS, LDM, CONSISTENCY = "diffusers", "ldm", "consistency-decoder"
 LDM_PREFIXES = ("first_stage_model.", "vae.")

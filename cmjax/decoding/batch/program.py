@@ -27,8 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from cmjax import parallel
 from cmjax.decoding import tiling
-from cmjax.models import vae as vae_lib
 from cmjax.decoding.decoder import DecoderConfig, decode_latents
+from cmjax.models import vae as vae_lib
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
