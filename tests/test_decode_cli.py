@@ -23,7 +23,7 @@ from PIL import Image
 import cmjax
 from cmjax import data
 from cmjax.decoding.batch import inputs, program
-from cmjax.cli import decode as decode_cli
+from cmjax.cli import decode as decode_cmd
 from cmjax.decoding.batch import run as batch_run
 from tests.random_decoder import random_decoder, random_params
 
@@ -260,7 +260,7 @@ def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
 
 def run_main(capsys, *argv) -> tuple[int, str]:
     """decode.py's main in this process: (exit status, stderr)."""
-    status = decode_cli.main([*map(str, argv), "--no-progress"])
+    status = decode_cmd.main([*map(str, argv), "--no-progress"])
     return status, capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import cmjax
 from cmjax.decoding.batch import inputs, program
-from cmjax.cli import decode as decode_cli
+from cmjax.cli import decode as decode_cmd
 from tests.random_decoder import TINY, random_decoder
 from tests.test_decode_cli import ckpt, cli_args, env, run_main  # noqa: F401 - ckpt and env are fixtures
 
@@ -140,5 +140,5 @@ def test_timesteps_are_checked_against_the_model(tmp_path, capsys):
     assert status == 2 and "t64: timesteps [1008, 512] are not on the distilled grid" in err
     assert "64 training timesteps" in err and not (tmp_path / "o").exists()
     args = argparse.Namespace(timesteps=None, steps=None)
-    assert decode_cli.timesteps_from_args(args, 64) == (63, 32)
-    assert decode_cli.timesteps_from_args(args) == (1008, 512)
+    assert decode_cmd.timesteps_from_args(args, 64) == (63, 32)
+    assert decode_cmd.timesteps_from_args(args) == (1008, 512)
