@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoder import PeakRSS  # noqa: E402
 
-from cmjax import parallel
+from cmjax import data, parallel  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.batch import outputs, program  # noqa: E402
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
+from cmjax.evaluation import metrics  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
 TFLOP_2STEP_512 = 67.3  # REFERENCE 4: a 2-step 512x512 decode of the released model
@@ -177,9 +178,9 @@ def tiling_error(args) -> None:
     ref = runs.pop("untiled")
     for name, out in runs.items():
         diff = np.abs(out - ref)
-        print(f"{name} vs untiled: PSNR {tiling.psnr(out, ref):.2f} dB (range [-1, 1]); max |diff| {diff.max():.4f}, "
+        print(f"{name} vs untiled: PSNR {metrics.mean_psnr(out, ref, clip=False):.2f} dB (range [-1, 1]); max |diff| {diff.max():.4f}, "
               f"mean {diff.mean():.5f}; uint8 PSNR "
-              f"{tiling.psnr(outputs.to_uint8(out), outputs.to_uint8(ref), 255.0):.2f} dB")
+              f"{metrics.mean_psnr(data.to_uint8(out), data.to_uint8(ref), value_range=(0, 255)):.2f} dB")
 
 
 def memory_only(args) -> None:

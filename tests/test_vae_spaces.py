@@ -18,6 +18,7 @@ import torch
 import cmjax
 from cmjax.weights import checkpoint
 from cmjax.decoding import decoder as decoder_lib
+from cmjax.evaluation import metrics
 from cmjax.models import vae as vae_lib
 from cmjax.weights.sd_vae import load_pytorch_vae
 from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
@@ -359,7 +360,7 @@ def test_newspace_decoder_psnr_rises(tmp_path):
     # it reads the new latents: each image's own latents reconstruct it better than another image's
     x = digits[-64:].astype(np.float32) / 127.5 - 1.0
     z = cmjax.encode_images(vae, x)
-    own = reporting.psnr(cmjax.decode(dec, z, key=jax.random.key(0)), x)
-    other = reporting.psnr(cmjax.decode(dec, jnp.roll(z, 1, axis=0), key=jax.random.key(0)), x)
+    own = metrics.mean_psnr(cmjax.decode(dec, z, key=jax.random.key(0)), x, clip=False)
+    other = metrics.mean_psnr(cmjax.decode(dec, jnp.roll(z, 1, axis=0), key=jax.random.key(0)), x, clip=False)
     print("own latents", own, "another image's latents", other)
     assert own > other + 0.5, (own, other)

@@ -136,8 +136,3 @@ def decode_latents_tiled(params: Any, latents: jax.Array, noise, *, config: Deco
     return decode_latents(params, latents, noise, config=config, timesteps=timesteps, clip_denoised=clip_denoised,
                           dtype=dtype, denoise_fn=tiled)
 
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB between two images of the same shape (default range [-1, 1])."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)

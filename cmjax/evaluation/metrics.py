@@ -17,10 +17,11 @@ command of ``python -m cmjax.eval`` does.
 """
 from __future__ import annotations
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 
-__all__ = ["psnr", "ssim", "quantize", "to_unit"]
+__all__ = ["mean_psnr", "psnr", "ssim", "quantize", "to_unit"]
 
 
 def to_unit(x, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = True) -> jax.Array:
@@ -53,10 +54,13 @@ def psnr(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = T
 
     The peak is the width of ``value_range`` (so 2 for [-1, 1] images, 255 for [0, 255]).
     """
-    import dm_pix
-
     a, b = _check_pair(a, b)
     return dm_pix.psnr(to_unit(a, value_range, clip), to_unit(b, value_range, clip))
+
+
+def mean_psnr(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = True) -> float:
+    """:func:`psnr` averaged over the images, as a Python float (for logs and summaries)."""
+    return float(jnp.mean(psnr(a, b, value_range=value_range, clip=clip)))
 
 
 def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = True,
@@ -65,8 +69,6 @@ def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = T
 
     ``filter_size`` shrinks to the largest odd size <= min(H, W) for small images.
     """
-    import dm_pix
-
     a, b = _check_pair(a, b)
     size = min(filter_size, a.shape[-3], a.shape[-2])
     size = size if size % 2 else size - 1

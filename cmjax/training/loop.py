@@ -25,7 +25,7 @@ import numpy as np
 
 from cmjax import data as data_lib, parallel
 from cmjax.decoding.decoder import Decoder
-from cmjax.evaluation import fid as fid_lib
+from cmjax.evaluation import fid as fid_lib, metrics as eval_metrics
 from cmjax.training import algorithms, checkpointing, families, input_pipeline, reporting, resume
 from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family
@@ -114,7 +114,7 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
         for s, fn in fns.items():
             out = np.asarray(fn(params, jax.random.key(config.seed + 17, impl=prng_impl(config))))
             if inputs is not None:
-                metrics[f"psnr_{s}step"] = reporting.psnr(out, inputs)
+                metrics[f"psnr_{s}step"] = eval_metrics.mean_psnr(out, inputs, clip=False)
                 rows.append(out)
             elif jax.process_index() == 0:
                 reporting.save_grid(os.path.join(workdir, "samples", f"{step:08d}_{s}step.png"), out,

@@ -129,13 +129,6 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: 
     data.save_image_grid(path, rows, pad=1, upscale=upscale)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over images of PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
-    return float(np.mean(10.0 * np.log10(4.0 / np.maximum(mse, 1e-12))))
-
-
 def nearest_neighbour_distance(samples: np.ndarray, data: np.ndarray) -> float:
     """Mean over samples of the L2 distance (over all pixels) to the nearest data image."""
     s = np.asarray(samples, np.float64).reshape(len(samples), -1)

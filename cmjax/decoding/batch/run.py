@@ -29,6 +29,7 @@ from cmjax.decoding import schedule, tiling
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 from cmjax.decoding.decoder import DecoderConfig
+from cmjax.evaluation import metrics
 
 COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
 
@@ -346,8 +347,8 @@ def _finish(batch: _Batch, ok: list[bool], out: Any, options: DecodeOptions, sum
 
 def _write_compare(item: Item, path: Path, original, gan, consistency, summary: Summary) -> None:
     """input | SD GAN decoder | consistency decoder, labelled, with PSNRs against the input below."""
-    psnr_gan = tiling.psnr(np.clip(gan, -1, 1), original)
-    psnr_cd = tiling.psnr(np.clip(consistency, -1, 1), original)
+    psnr_gan = metrics.mean_psnr(gan, original)  # clipped to [-1, 1], as the PNG is
+    psnr_cd = metrics.mean_psnr(consistency, original)
     summary.psnr.setdefault("gan", []).append(psnr_gan)
     summary.psnr.setdefault("consistency", []).append(psnr_cd)
     tqdm.write(f"{item.name}: PSNR SD GAN decoder {psnr_gan:.2f} dB, consistency decoder {psnr_cd:.2f} dB")
