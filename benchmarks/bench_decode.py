@@ -9,7 +9,7 @@
 ``throughput`` times the jitted, sharded batch step that decode.py runs (per-image noise made inside,
 batch split over all devices): images/s, compile time, XLA's memory analysis of the program, the
 process's peak RSS (CPU) or the device's peak bytes in use (GPU). MFU counts 67.3 TFLOP per 2-step
-512x512 decode (REFERENCE 4), scaled by pixels and steps, against the dense bf16 peak of the device
+512x512 decode (counted from the UNet's convolutions), scaled by pixels and steps, against the dense bf16 peak of the device
 (``--peak-tflops`` to override). ``--torch`` also times diffusers' ConsistencyDecoderVAE (fp16 on
 GPU, fp32 on CPU) with the same random weights and batch, and prints the time ratio.
 
@@ -42,7 +42,7 @@ from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noq
 from cmjax.evaluation import metrics  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
-TFLOP_2STEP_512 = 67.3  # REFERENCE 4: a 2-step 512x512 decode of the released model
+TFLOP_2STEP_512 = 67.3  # a 2-step 512x512 decode of the released model: 2 x 33.6 TFLOP of UNet convs
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
                     "TPU v5p": 459.0, "TPU v4": 275.0, "TPU v6": 918.0}
 

@@ -2,7 +2,8 @@
 parameter names, to write the formats OpenAI's weights come in (TorchScript ``decoder.pt``, the
 extracted ``consistency_decoder.safetensors`` + ``embedding.safetensors``, torch.save pickles).
 
-Names and computation follow REFERENCE 1.5/1.6 (as recovered by diffusers' conversion script):
+Names and computation follow OpenAI's TorchScript (as recovered by diffusers'
+``scripts/convert_consistency_decoder.py``):
 ``embed_image.f``, ``embed_time.{emb,f_1,f_2}``, ``blocks.{down_i_conv_j, down_i_downsamp, mid_k,
 up_i_conv_j, up_i_upsamp}.{gn_1,f_1,f_t,gn_2,f_2,f_s}``, ``output.{gn,f}``; convs and linears hold
 ``w``/``b``, GroupNorms ``g``/``b`` (32 groups, which the files do not record). The forward takes

@@ -32,14 +32,14 @@ def peer(tmp_path_factory):
 
 def test_schedule_constants_match_reference():
     s = schedule.decoder_schedule()
-    expected = {  # REFERENCE 1.1: t -> (c_in, c_skip, c_out, sqrt(1 - abar))
+    expected = {  # OpenAI's tables (decoder.pt's constants): t -> (c_in, c_skip, c_out, sqrt(1 - abar))
         1008: (1.000196, 0.005709, 0.499967, 0.999739),
         512: (1.259124, 0.278100, 0.448572, 0.712515),
         16: (1.996070, 0.995419, 0.036178, 0.036248),
     }
     for t, values in expected.items():
         got = (s.c_in[t], s.c_skip[t], s.c_out[t], s.sqrt_one_minus_alphas_cumprod[t])
-        # REFERENCE's t=16 values come from a float32 running product; torch (which we match bit
+        # These t=16 values come from a float32 running product; torch (which we match bit
         # for bit, see the next test) accumulates cumprod in float64. Near t=0 sigma^2 = 1/abar - 1
         # cancels, so the two differ there by 4e-6 (the float64 truth, 0.0361755, lies between).
         np.testing.assert_allclose(got, values, atol=1.5e-6 if t > 16 else 5e-6, err_msg=f"t={t}")

@@ -107,7 +107,7 @@ def write_safetensors(path, state):
 
 
 def test_full_size_param_counts():
-    """SD 1.x sizes (REFERENCE 1.7), counted by diffusers: encoder + quant_conv 34,163,664,
+    """SD 1.x sizes (CompVis/stable-diffusion v1-inference.yaml), counted by diffusers: encoder + quant_conv 34,163,664,
     decoder + post_quant_conv 49,490,199, all 83,653,863."""
     enc, dec = vae_lib.split_params(vae_lib.abstract_params(vae_lib.VAEConfig()))
     count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731

@@ -1,4 +1,5 @@
-"""The consistency decoder's noise schedule and preconditioning (REFERENCE 1.1, 1.2).
+"""The consistency decoder's noise schedule and preconditioning (openai/consistencydecoder's
+``consistencydecoder/__init__.py``; diffusers ``schedulers/scheduling_consistency_decoder.py``).
 
 1024 train timesteps with the cosine alpha-bar of guided-diffusion; the distilled model was
 trained on a grid of 64 slots of 16 (t = 16, 32, ..., 1008). All tables are float32 NumPy arrays
@@ -45,7 +46,8 @@ class DecoderSchedule:
 
 @functools.lru_cache(maxsize=None)
 def decoder_schedule(num_timesteps: int = NUM_TRAIN_TIMESTEPS, sigma_data: float = SIGMA_DATA) -> DecoderSchedule:
-    """The tables of REFERENCE 1.1: sigma = sqrt(1/abar - 1) and the EDM-style c_skip/c_out/c_in."""
+    """The per-timestep tables: sigma = sqrt(1/abar - 1) and the EDM-style c_skip/c_out/c_in
+    (Karras et al. 2022, Table 1, with sigma_data 0.5), as OpenAI's decoder computes them."""
     # float32 alphas, product accumulated in float64 and rounded once: what torch.cumprod does on
     # CPU. A float32 running product drifts by ~5e-7 relative, which near t=0 (where sigma has
     # cancellation) moves c_out by 1e-4 relative.
