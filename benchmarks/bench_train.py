@@ -10,7 +10,7 @@ For each config the script builds the real state and jitted step (cmjax.training
 ``--warmup`` steps (the first compiles), then times ``--steps`` steps on a fixed batch resident on
 the device, so input-pipeline time is excluded. MFU = FLOPs per step / step time / peak, with
 FLOPs from XLA's cost analysis of the compiled step (for CT/iCT about 4 network forwards per image:
-the student's forward and backward plus the target's forward; REFERENCE 4 gives 8.41 TFLOP per
+the student's forward and backward plus the target's forward; the UNet's convolutions count 8.41 TFLOP per
 forward at 256x256 for the full decoder) and the peak from --peak-tflops (default: 989 TFLOP/s,
 bf16 dense, on H100/H200; none on CPU, where no MFU is printed). ``step_peak_mib`` is XLA's
 buffer assignment for the compiled step (arguments + outputs + temporaries - donated aliases).

@@ -16,7 +16,7 @@ Conventions
 Sources (facts only, no code taken): Song et al., "Consistency Models" (2023) and
 openai/consistency_models(_cifar10); Song & Dhariwal, "Improved Techniques for Training
 Consistency Models" (iCT, 2023); Karras et al., "Elucidating the Design Space of
-Diffusion-Based Generative Models" (EDM, 2022).  See REFERENCE.md section 2.
+Diffusion-Based Generative Models" (EDM, 2022).
 
 Traced number of scales
 -----------------------
@@ -97,7 +97,7 @@ def _mean_flat(v: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
-# 1. Parameterisation (REFERENCE 2.1)
+# 1. Parameterisation (CM paper, appendix C; EDM, Table 1)
 # --------------------------------------------------------------------------------------
 
 def karras_sigma_at(i, num_scales, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
@@ -105,7 +105,7 @@ def karras_sigma_at(i, num_scales, sigma_min: float = SIGMA_MIN, sigma_max: floa
     """Value of the **increasing** Karras grid at (possibly traced) integer index ``i``.
 
     ``t_i = (eps^(1/rho) + i/(N-1) * (T^(1/rho) - eps^(1/rho)))^rho`` for ``i in [0, N-1]``,
-    i.e. REFERENCE 2.1's formula with the index reversed (``t_0 = eps``, ``t_{N-1} = T``).
+    i.e. the CM paper's formula with the index reversed (``t_0 = eps``, ``t_{N-1} = T``).
     The endpoints are returned exactly (``t_0 == float32(eps)``, ``t_{N-1} == float32(T)``)
     so that the boundary condition ``f(x, eps) = x`` holds bit-exactly on the grid.
 
@@ -130,7 +130,7 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
     """The Karras (EDM) grid of ``n`` noise levels, **increasing**: ``(n,)`` float32.
 
     ``t_i = (eps^(1/rho) + i/(n-1) * (T^(1/rho) - eps^(1/rho)))^rho``, ``i = 0..n-1``;
-    ``t_0 = sigma_min`` and ``t_{n-1} = sigma_max`` exactly.  REFERENCE 2.1 writes the same
+    ``t_0 = sigma_min`` and ``t_{n-1} = sigma_max`` exactly.  The CM paper writes the same
     grid decreasing (``i = 0`` at T); for samplers use ``karras_sigmas(n)[::-1]``.
 
     Args:
@@ -145,7 +145,7 @@ def cm_scalings(t, sigma_min: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA
                 ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Consistency-model preconditioning ``(c_skip, c_out, c_in)`` at noise level ``t``.
 
-    REFERENCE 2.1 (CM paper, appendix C):
+    CM paper, appendix C:
       ``c_skip = sd^2 / ((t - eps)^2 + sd^2)``,
       ``c_out  = (t - eps) * sd / sqrt(t^2 + sd^2)``,
       ``c_in   = 1 / sqrt(t^2 + sd^2)``.
@@ -219,7 +219,7 @@ def _ct_num_scales_exact(k: int, K: int, s0: int, s1: int) -> int:
 
 
 def ct_num_scales(k: IntLike, K: IntLike, s0: int = 2, s1: int = 150):
-    """Original CT curriculum (CM paper / openai code, REFERENCE 2.2).
+    """Original CT curriculum (CM paper; openai/consistency_models_cifar10's ``jcm/losses.py``).
 
     ``N(k) = ceil(sqrt(k/K * ((s1+1)^2 - s0^2) + s0^2) - 1) + 1``, so ``N(0) = s0`` and
     ``N(K) = s1 + 1`` (s1 counts intervals: 151 grid points for the defaults).  As in
@@ -254,7 +254,7 @@ def ct_ema_decay(k: IntLike, K: IntLike, mu0: float = 0.9, s0: int = 2, s1: int 
 
 
 def ict_num_scales(k: IntLike, K: IntLike, s0: int = 10, s1: int = 1280):
-    """iCT exponential curriculum (REFERENCE 2.2).
+    """iCT exponential curriculum (Song & Dhariwal 2023, "Improved Techniques for Training CMs").
 
     ``K' = floor(K / (log2 floor(s1/s0) + 1))``, ``N(k) = min(s0 * 2^floor(k/K'), s1) + 1``.
     For K = 400000: K' = 50000 and N = 11, 21, 41, ..., 641, then capped at 1281 from
@@ -431,7 +431,7 @@ def ict_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
              sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
              p_mean: float = -1.1, p_std: float = 2.0, c: Optional[float] = None,
              grid_fn: Optional[GridFn] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Improved consistency training loss (iCT, Song & Dhariwal 2023; REFERENCE 2.2).
+    """Improved consistency training loss (iCT, Song & Dhariwal 2023).
 
     ``L = mean_b lambda_b * d(f_theta(x + t_{n+1} z, t_{n+1}), sg(f_theta(x + t_n z, t_n)))``
     with ``n ~`` discrete lognormal, the same ``z`` at both levels, pseudo-Huber ``d`` over the
@@ -476,7 +476,7 @@ def ct_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
             c: Optional[float] = None, grid_fn: Optional[GridFn] = None
             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Original consistency training loss (CM paper, Alg. 3; REFERENCE 2.2), ``lambda = 1``.
+    """Original consistency training loss (CM paper, Alg. 3), ``lambda = 1``.
 
     ``L = mean_b d(f_theta(x + t_{n+1} z, t_{n+1}), sg(f_target(x + t_n z, t_n)))`` with
     ``n ~ U{0, ..., N-2}`` on the increasing Karras grid and one ``z`` for both points.
@@ -524,7 +524,7 @@ def cd_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, denoiser_fn: De
             sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
             c: Optional[float] = None, grid_fn: Optional[GridFn] = None
             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Consistency distillation loss (CM paper, Alg. 2; REFERENCE 2.2), ``lambda = 1``.
+    """Consistency distillation loss (CM paper, Alg. 2), ``lambda = 1``.
 
     ``x_hi = x + t_{n+1} z``; ``x_lo = heun_step(D, x_hi, t_{n+1}, t_n)`` with the teacher EDM
     denoiser ``denoiser_fn(x, sigma (B,)) -> D(x)``; loss
@@ -576,7 +576,7 @@ def edm_denoising_loss(denoiser_fn: DenoiserFn, x: jax.Array, key: jax.Array,
 
 
 # --------------------------------------------------------------------------------------
-# 5. Sampling (REFERENCE 2.3)
+# 5. Sampling (CM paper, Alg. 1)
 # --------------------------------------------------------------------------------------
 
 def sample_multistep(consistency_fn: ConsistencyFn, key: jax.Array, shape: Sequence[int],

@@ -1,4 +1,4 @@
-"""Zero-shot image editing with a consistency model (CM paper, Algorithm 4; REFERENCE 2.4).
+"""Zero-shot image editing with a consistency model (CM paper, Algorithm 4).
 
 Every function here is pure over a consistency function ``f(x_t (B,H,W,C), t (B,)) -> x0_hat``
 (any model: ``cmjax.consistency.consistency_function`` over a network with its params closed

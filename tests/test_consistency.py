@@ -17,7 +17,7 @@ EPS, T, SD, RHO = 0.002, 80.0, 0.5, 7.0
 
 
 def py_karras_decreasing(i, n, eps=EPS, tmax=T, rho=RHO):
-    """REFERENCE 2.1, written with i = 0 at T."""
+    """The CM paper's Karras grid (appendix C), written with i = 0 at T."""
     return (tmax ** (1 / rho) + i / (n - 1) * (eps ** (1 / rho) - tmax ** (1 / rho))) ** rho
 
 
@@ -54,7 +54,7 @@ def test_karras_endpoints_monotone_and_values():
     assert s.shape == (n,) and s.dtype == np.float32
     assert s[0] == np.float32(EPS) and s[-1] == np.float32(T)
     assert np.all(np.diff(s) > 0)
-    # increasing grid = REFERENCE's decreasing grid reversed
+    # increasing grid = the paper's decreasing grid reversed
     ref = np.array([py_karras_decreasing(i, n) for i in range(n)])[::-1]
     np.testing.assert_allclose(s, ref, rtol=2e-5)
     # hand value: N=3 midpoint ((eps^(1/7) + T^(1/7)) / 2)^7

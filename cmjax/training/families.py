@@ -4,11 +4,11 @@ The losses in ``cmjax.consistency`` live in **EDM coordinates**: a clean image `
 a noise level ``sigma`` and ``y = x + sigma * z``.  A family says how its network turns
 ``(y, sigma)`` into ``x0_hat`` and which noise levels exist.
 
-* ``image``: an unconditional CM with the EDM/CM parameterisation (REFERENCE 2.1), sigma in
+* ``image``: an unconditional CM with the EDM/CM parameterisation (CM paper, appendix C), sigma in
   [0.002, 80], the Karras grid, network :class:`cmjax.models.image_unet.ImageUNet`.
 
 * ``decoder``: the latent-conditioned consistency decoder in its own parameterisation
-  (REFERENCE 1.1): 1024 discrete timesteps of a cosine VP schedule,
+  (openai/consistencydecoder): 1024 discrete timesteps of a cosine VP schedule,
   ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and ``x0_hat = cmjax.decoding.decoder.denoise(...)``.
 
   How CT / iCT are adapted to this discrete-time VP parameterisation:
