@@ -251,7 +251,7 @@ class ToFloat(grain.transforms.Map):
         if image.shape[-1] != self.channels:
             raise ValueError(f"cannot turn an image of shape {record['image'].shape} into "
                              f"{self.channels} channels")
-        out = {"image": image * np.float32(1 / 127.5) - np.float32(1.0)}
+        out = {"image": from_uint8(image)}
         if "label" in record:
             out["label"] = np.asarray(record["label"])
         return out
@@ -373,7 +373,12 @@ def to_global_batch(batch, sharding: jax.sharding.Sharding):
 
 
 # --------------------------------------------------------------------------------------------
-# Pictures for people: uint8 conversion and labelled image grids (eval, edit, training samples).
+# Pictures: the one uint8 <-> [-1, 1] conversion, and labelled image grids (eval, edit, training samples).
+
+
+def from_uint8(images) -> np.ndarray:
+    """uint8 images (or floats in [0, 255]) -> float32 in [-1, 1]: ``x / 127.5 - 1``."""
+    return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def to_uint8(images) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmjax import data
 from cmjax.evaluation import fid as F
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
@@ -397,4 +398,4 @@ def test_sample_statistics_quantise_and_save(tmp_path):
                             progress=False)
     assert s.num_images == 5 and sorted(os.listdir(tmp_path / "png"))[-1] == "000004.png"
     assert np.asarray(Image.open(tmp_path / "png" / "000000.png")).dtype == np.uint8
-    np.testing.assert_array_equal(F.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+    np.testing.assert_array_equal(data.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import editing
+from cmjax import data, editing
 from cmjax.cli import HelpFormatter
 from cmjax.data import save_image_grid
 from cmjax.evaluation import fid as fid_lib
@@ -84,7 +84,7 @@ def load_images(spec: str, model: ImageCM, num: int, data_dir: Optional[str] = N
     source = fid_lib.open_source(spec, data_dir=data_dir)
     batches = list(fid_lib.source_batches(source, resolution=h, max_images=num, batch_size=num))
     u8 = np.concatenate(batches)
-    x = u8.astype(np.float32) / 127.5 - 1.0
+    x = data.from_uint8(u8)
     if c == 1 and x.shape[-1] == 3:
         x = (x @ np.asarray(editing.LUMA, np.float32))[..., None] / np.float32(sum(editing.LUMA))
     elif c == 3 and x.shape[-1] == 1:

@@ -133,7 +133,7 @@ def _recon(args) -> int:
         for b, start in enumerate(range(0, n, args.batch_size)):
             u8 = np.stack([crop.map({"image": source[i]["image"]})["image"]
                            for i in range(start, min(start + args.batch_size, n))])
-            x = jnp.asarray(u8, jnp.float32) / 127.5 - 1.0
+            x = jnp.asarray(data.from_uint8(u8))
             latents = vae_lib.encode(vae, x)
             results = {"consistency": decoder_lib.decode(dec, latents, key=jax.random.fold_in(key, b),
                                                          timesteps=timesteps)}
@@ -187,7 +187,7 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
     for u8 in batches:
         if u8.shape[-1] == 1 and vae.config.in_channels == 3:
             u8 = np.repeat(u8, 3, axis=-1)
-        x = jnp.asarray(u8, jnp.float32) / 127.5 - 1.0
+        x = jnp.asarray(data.from_uint8(u8))
         z = np.asarray(vae_lib.scale_latents(vae_lib.encode(vae, x, dtype=dtype), vae.config), np.float64)
         z = z.reshape(-1, c)
         total += z.sum(0)

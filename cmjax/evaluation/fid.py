@@ -44,7 +44,7 @@ from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
 __all__ = [
-    "FIDStats", "FeatureExtractor", "statistics", "frechet_distance", "fid", "to_uint8",
+    "FIDStats", "FeatureExtractor", "statistics", "frechet_distance", "fid",
     "open_source", "source_batches", "source_statistics", "reference_statistics",
     "sample_features", "sample_statistics", "fid_callback", "ternary_search_sigma", "stats_cache_path",
 ]
@@ -172,12 +172,6 @@ def fid(a: FIDStats, b: FIDStats) -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
 
 
-def to_uint8(images) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255] (host array)."""
-    x = np.asarray(images, np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------------------------
 # Features
 
@@ -238,7 +232,7 @@ class FeatureExtractor:
         if np.issubdtype(images.dtype, np.floating) and images.size and float(images.max()) <= 1.0 + 1e-6 \
                 and float(images.min()) < 0.0:
             raise ValueError("float images look like [-1, 1]; FeatureExtractor takes [0, 255] "
-                             "(convert with cmjax.evaluation.fid.to_uint8)")
+                             "(convert with cmjax.data.to_uint8)")
         if len(images) == 0:
             return np.zeros((0, inception.FEATURE_DIM), np.float32)
         return np.concatenate([self._forward(images[i:i + self.batch_size])
@@ -397,7 +391,7 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
     """Features of ``num`` generated images: ``sample_fn(fold_in(key, i), batch_size)`` for batch i.
 
     ``sample_fn`` is always called with the same ``n = batch_size`` (one compilation); the last
-    batch is trimmed. Images are quantised to uint8 first (:func:`to_uint8`); with ``save_dir``
+    batch is trimmed. Images are quantised to uint8 first (:func:`cmjax.data.to_uint8`); with ``save_dir``
     they are also written there as ``000000.png``, ... . Returns ``(num, 2048)``.
     """
     from PIL import Image
@@ -410,7 +404,7 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
     def batches():
         done = 0
         for i in range(int(math.ceil(num / batch_size))):
-            u8 = to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
+            u8 = data.to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
             if save_dir is not None and jax.process_index() == 0:
                 for j, im in enumerate(u8):
                     Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(

@@ -52,7 +52,7 @@ class PairToFloat(grain.transforms.Map):
     def map(self, record):
         image = np.asarray(record["image"])
         if image.dtype == np.uint8:
-            image = image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+            image = data.from_uint8(image)
         return {"image": image.astype(np.float32), "latent": np.asarray(record["latent"], np.float32)}
 
 

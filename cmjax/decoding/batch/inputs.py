@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
+from cmjax import data
 from cmjax.data import to_rgb
 
 LATENT_SUFFIXES = (".npy", ".npz", ".safetensors")
@@ -338,7 +339,7 @@ class Reader:
             rgb = np.asarray(to_rgb(img), np.uint8)
         h, w = item.shape
         top, left = (rgb.shape[0] - h) // 2, (rgb.shape[1] - w) // 2
-        return rgb[top:top + h, left:left + w].astype(np.float32) / 127.5 - 1.0
+        return data.from_uint8(rgb[top:top + h, left:left + w])
 
 
 def _read_safetensors(path: Path, key: str, index: int | None) -> np.ndarray:
