@@ -40,6 +40,7 @@ from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.batch import outputs, program  # noqa: E402
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
+from cmjax.models.layers import compute_dtype  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
 TFLOP_2STEP_512 = 67.3  # a 2-step 512x512 decode of the released model: 2 x 33.6 TFLOP of UNet convs
@@ -193,7 +194,7 @@ def memory_only(args) -> None:
     noise = jax.ShapeDtypeStruct((args.steps, 1, 8 * h, 8 * w, 3), jnp.float32)
     timesteps = (1008, 512)[:args.steps]
     overlap = tiling.default_overlap(args.tile) if args.overlap is None else args.overlap
-    dtype = program.DTYPES[args.dtype]
+    dtype = compute_dtype(args.dtype)
     print(f"{args.model} decoder, {8 * h}x{8 * w} px, {args.dtype}, compile only on {jax.devices()[0].device_kind}")
     for name, fn in [("tiled", functools.partial(tiling.decode_latents_tiled, tile=args.tile, overlap=overlap)),
                      ("untiled", decode_latents)]:

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmjax.weights import checkpoint
+from cmjax.weights import checkpoint  # noqa: E402
 from cmjax import parallel  # noqa: E402
 from cmjax.models import vae as vae_lib  # noqa: E402
+from cmjax.models.layers import compute_dtype  # noqa: E402
 from cmjax.training import families, optim, step as step_lib  # noqa: E402
 from cmjax.training import state as state_lib  # noqa: E402
 from configs import decoder_newspace  # noqa: E402
@@ -74,11 +75,11 @@ def main() -> None:
     dcfg = fam.config
     from cmjax.decoding.decoder import abstract_params, make_network
 
-    net = make_network(dcfg, dtype=families.DTYPES[c.compute_dtype])
+    net = make_network(dcfg, dtype=compute_dtype(c.compute_dtype))
     fwd = jax.jit(lambda p, x, t: net.apply({"params": p}, x, t))
     x = jax.ShapeDtypeStruct((1, s, s, dcfg.unet.in_channels), jnp.float32)
     forward = flops_of(fwd.lower(abstract_params(dcfg), x, jax.ShapeDtypeStruct((1,), jnp.int32)).compile())
-    enc = jax.jit(lambda p, im: vae_lib.encode_latents(p, im, config=vcfg, dtype=families.DTYPES[c.compute_dtype]))
+    enc = jax.jit(lambda p, im: vae_lib.encode_latents(p, im, config=vcfg, dtype=compute_dtype(c.compute_dtype)))
     encoder = flops_of(enc.lower(frozen["encoder"], batch["image"]).compile())
     n_params = sum(a.size for a in jax.tree.leaves(abstract_state.params))
     print(json.dumps({"vae": args.vae, "latent_channels": dcfg.latent_channels, "image_size": s,

@@ -18,6 +18,18 @@ from cmjax.models.conv_lowering import CONV, ConvShape, choose_lowering
 
 Dtype = Any
 
+# Every dtype name cmjax's configs and flags use, long and short: compute_dtype("bf16") is bfloat16.
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def compute_dtype(name: str) -> Any:
+    """The JAX dtype for a name in :data:`DTYPES`; ValueError naming the choices otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})") from None
+
 
 class GroupNorm(nn.Module):
     """GroupNorm over the channel axis (last), statistics in float32, like torch.nn.GroupNorm.

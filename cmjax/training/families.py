@@ -45,13 +45,12 @@ from cmjax import consistency as C
 from cmjax.decoding import schedule
 from cmjax.decoding.decoder import DecoderConfig, decode_latents, denoise, normalize_latents
 from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
-from cmjax.models.layers import upsample_nearest
+from cmjax.models.layers import compute_dtype, upsample_nearest
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
 from cmjax.models.vae import encode_latents
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import read_config, read_vae_config
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +118,7 @@ def image_model_config(config) -> ImageUNetConfig:
 
 def image_family(config) -> Family:
     mcfg = image_model_config(config)
-    dtype = DTYPES[config.compute_dtype]
+    dtype = compute_dtype(config.compute_dtype)
     size, channels = config.data.image_size, config.data.channels
     net = ImageUNet(mcfg, dtype=dtype)
     smp = config.sampling
@@ -315,7 +314,7 @@ def patch_encode(w: jax.Array, images: jax.Array, patch: int = 8) -> jax.Array:
 
 def decoder_family(config) -> Family:
     dcfg = decoder_model_config(config)
-    dtype = DTYPES[config.compute_dtype]
+    dtype = compute_dtype(config.compute_dtype)
     size = config.data.image_size
     grid = decoder_grid(dcfg, config.model.spacing, config.model.t_max)
     sqrt_abar = jnp.asarray(grid.sqrt_abar)

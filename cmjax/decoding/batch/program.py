@@ -29,8 +29,9 @@ from cmjax import parallel
 from cmjax.decoding import tiling
 from cmjax.decoding.decoder import DecoderConfig, decode_latents
 from cmjax.models import vae as vae_lib
+from cmjax.models.layers import compute_dtype
 
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+DTYPES = ("bf16", "fp32")  # what --dtype offers; layers.compute_dtype maps the name
 
 
 def identity_key_data(identity: str | bytes) -> np.ndarray:
@@ -104,7 +105,7 @@ def make_decode_fn(config: DecoderConfig, mesh, *, seed: int, timesteps: Sequenc
     sharded over ``mesh``'s data axis; B a multiple of devices x ``micro_batch``. ``tile``/``overlap``
     in latents (None: untiled); ``dtype`` a key of DTYPES."""
     fn = functools.partial(_decode_rows, config=config, seed=seed, timesteps=tuple(timesteps),
-                           clip_denoised=clip_denoised, dtype=DTYPES[dtype], tile=tile, overlap=overlap)
+                           clip_denoised=clip_denoised, dtype=compute_dtype(dtype), tile=tile, overlap=overlap)
     return _sharded(_in_micro_batches(fn, micro_batch), mesh)
 
 
@@ -114,7 +115,7 @@ def make_images_fn(decoder, vae, mesh, *, compare: bool, seed: int, timesteps: S
     """Jitted ({"decoder", "vae"} params, images (B, H, W, 3) in [-1, 1], key_data) -> (consistency,
     gan, images), each (B, H, W, 3) float32: the images are encoded (posterior mean) by the SD VAE
     encoder, decoded by the consistency decoder and, with ``compare``, by the VAE's GAN decoder."""
-    compute = DTYPES[dtype]
+    compute = compute_dtype(dtype)
     decode_fn = functools.partial(_decode_rows, config=decoder.config, seed=seed, timesteps=tuple(timesteps),
                                   clip_denoised=clip_denoised, dtype=compute, tile=tile, overlap=overlap)
 
