@@ -32,16 +32,13 @@ import orbax.checkpoint as ocp
 
 from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
+from cmjax.weights.errors import CheckpointError
 
 FORMAT = "cmjax-decoder"
 VAE_FORMAT = "cmjax-vae"
 VERSION = 1
 CONFIG_FILE = "cmjax.json"
 PARAMS_DIR = "params"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be read; the message names the path and the problem."""
 
 
 @contextlib.contextmanager

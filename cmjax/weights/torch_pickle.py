@@ -52,6 +52,8 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from cmjax.weights.errors import CheckpointError
+
 __all__ = ["CheckpointError", "check_regular_file", "load_torch_file"]
 
 # Bytes copied per read when streaming a storage out of the zip: keeps the transient extra
@@ -77,10 +79,6 @@ _LEGACY_PROTOCOL = 1001
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")
 _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be read; the message names the file and the problem."""
 
 
 # --------------------------------------------------------------------------------------------
