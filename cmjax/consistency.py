@@ -579,6 +579,56 @@ def edm_denoising_loss(denoiser_fn: DenoiserFn, x: jax.Array, key: jax.Array,
 # 5. Sampling (CM paper, Alg. 1)
 # --------------------------------------------------------------------------------------
 
+def sampling_sigmas(num_steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, rho: float = RHO,
+                    *, mid_sigma: float | None = None) -> list[float]:
+    """``num_steps`` decreasing noise levels from ``sigma_max``: the Karras grid of ``num_steps + 1``
+    points without its last point ``sigma_min`` (where ``f`` is the identity). For two steps,
+    ``mid_sigma`` (e.g. 0.821 for CIFAR-10, as the CM and iCT papers) replaces the grid's second level."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if num_steps == 1:
+        return [float(sigma_max)]
+    if num_steps == 2 and mid_sigma is not None:
+        return [float(sigma_max), float(mid_sigma)]
+    grid = np.asarray(karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho), np.float64)[::-1]
+    return [float(s) for s in grid[:-1]]
+
+
+def check_sigmas(sigmas: Sequence[float], sigma_min: float = SIGMA_MIN) -> list[float]:
+    """``sigmas`` as floats, or ValueError unless they are non-empty, strictly decreasing and >= sigma_min."""
+    sig = [float(s) for s in np.asarray(sigmas, dtype=np.float64).reshape(-1)]
+    if not sig:
+        raise ValueError("sigmas must not be empty")
+    if any(b >= a for a, b in zip(sig[:-1], sig[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
+    if sig[-1] < sigma_min:
+        raise ValueError(f"every sigma must be >= sigma_min={sigma_min}, got {sig}")
+    return sig
+
+
+def multistep_loop(consistency_fn: ConsistencyFn, keys: jax.Array, x: jax.Array, sigmas: Sequence[float],
+                   sigma_min: float = SIGMA_MIN, *, clip_denoised: bool = True,
+                   post: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The loop of Alg. 1 from a noisy ``x`` at ``sigmas[0]``: ``x0 = post(clip(f(x, t_i)))``, then
+    ``x = x0 + sqrt(t_{i+1}^2 - eps^2) z`` with ``z`` from ``keys[i + 1]``; returns the last ``x0``.
+
+    ``post`` is the hook zero-shot editing uses (Alg. 4: put the known part of the image back after
+    every step); ``keys`` holds ``len(sigmas)`` keys, the first unused here.
+    """
+    b = x.shape[0]
+    x0 = x
+    for i, t in enumerate(sigmas):
+        x0 = consistency_fn(x, jnp.full((b,), t, jnp.float32))
+        if clip_denoised:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+        if post is not None:
+            x0 = post(x0)
+        if i + 1 < len(sigmas):
+            std = math.sqrt(max(sigmas[i + 1] ** 2 - sigma_min ** 2, 0.0))
+            x = x0 + std * jax.random.normal(keys[i + 1], x.shape, jnp.float32)
+    return x0
+
+
 def sample_multistep(consistency_fn: ConsistencyFn, key: jax.Array, shape: Sequence[int],
                      sigmas: Sequence[float], sigma_min: float = SIGMA_MIN, *,
                      clip_denoised: bool = True) -> jax.Array:
@@ -591,30 +641,16 @@ def sample_multistep(consistency_fn: ConsistencyFn, key: jax.Array, shape: Seque
       consistency_fn: ``(x_t (B,H,W,C), t (B,)) -> x0_hat``.
       key: split into ``len(sigmas)`` keys, one per noise draw.
       shape: ``(B, H, W, C)``.
-      sigmas: static **decreasing** sequence, first = sigma_max (e.g. ``[80.0, 0.821]``).
+      sigmas: static **decreasing** sequence, first = sigma_max (e.g. ``[80.0, 0.821]``;
+        :func:`sampling_sigmas`).
       clip_denoised: clip every ``x0`` to ``[-1, 1]`` (the reference does).
     Returns:
       ``(B, H, W, C)`` float32 samples.
     """
-    sig = [float(s) for s in np.asarray(sigmas, dtype=np.float64).reshape(-1)]
-    if not sig:
-        raise ValueError("sigmas must not be empty")
-    if any(b >= a for a, b in zip(sig[:-1], sig[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
-    if sig[-1] < sigma_min:
-        raise ValueError("every sigma must be >= sigma_min")
+    sig = check_sigmas(sigmas, sigma_min)
     keys = jax.random.split(key, len(sig))
-    b = shape[0]
     x = sig[0] * jax.random.normal(keys[0], tuple(shape), jnp.float32)
-    x0 = x
-    for i, t in enumerate(sig):
-        x0 = consistency_fn(x, jnp.full((b,), t, jnp.float32))
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        if i + 1 < len(sig):
-            std = math.sqrt(max(sig[i + 1] ** 2 - sigma_min ** 2, 0.0))
-            x = x0 + std * jax.random.normal(keys[i + 1], tuple(shape), jnp.float32)
-    return x0
+    return multistep_loop(consistency_fn, keys, x, sig, sigma_min, clip_denoised=clip_denoised)
 
 
 def sample_onestep(consistency_fn: ConsistencyFn, key: jax.Array, shape: Sequence[int],

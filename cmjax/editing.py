@@ -5,7 +5,7 @@ Every function here is pure over a consistency function ``f(x_t (B,H,W,C), t (B,
 over, or an analytic function) and can be jitted with ``f`` closed over.
 
 Images are NHWC in [-1, 1]. Noise levels follow EDM (``x_t = x + t z``); ``sigmas`` are static,
-strictly **decreasing** sequences (e.g. :func:`sampling_sigmas`).
+strictly **decreasing** sequences (e.g. :func:`cmjax.consistency.sampling_sigmas`).
 
 Algorithm 4: an orthogonal linear map ``A`` and a mask ``Omega`` in A's coefficient space
 (1 = generate, 0 = keep the reference ``y``) define
@@ -30,7 +30,6 @@ stroke painting to an intermediate sigma, then run the multistep loop without re
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -44,7 +43,7 @@ ConsistencyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t (B,)) -> 
 LUMA = (0.2989, 0.5870, 0.1140)
 
 __all__ = [
-    "LUMA", "Edit", "orthonormal_basis", "luma_basis", "patch_basis", "sampling_sigmas",
+    "LUMA", "Edit", "orthonormal_basis", "luma_basis", "patch_basis",
     "inpainting_edit", "colorization_edit", "superres_edit", "replacement", "iterative_edit",
     "inpaint", "colorize", "super_resolve", "denoise", "slerp", "interpolate", "stroke_edit",
     "luma", "patch_means", "upsample_patches",
@@ -170,44 +169,6 @@ def replacement(edit: Edit, y: jax.Array, x: jax.Array) -> jax.Array:
 # Sampling loops
 
 
-def sampling_sigmas(num_steps: int, sigma_max: float = C.SIGMA_MAX, sigma_min: float = C.SIGMA_MIN,
-                    rho: float = C.RHO) -> list[float]:
-    """``num_steps`` decreasing noise levels: the Karras grid of ``num_steps + 1`` points from
-    ``sigma_max`` down, without its last point ``sigma_min`` (where ``f`` is the identity)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    grid = np.asarray(C.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho), np.float64)[::-1]
-    return [float(s) for s in grid[:-1]]
-
-
-def _check_sigmas(sigmas: Sequence[float], sigma_min: float) -> list[float]:
-    sig = [float(s) for s in np.asarray(sigmas, np.float64).reshape(-1)]
-    if not sig:
-        raise ValueError("sigmas must not be empty")
-    if any(b >= a for a, b in zip(sig[:-1], sig[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing, got {sig}")
-    if sig[-1] < sigma_min:
-        raise ValueError(f"every sigma must be >= sigma_min={sigma_min}, got {sig}")
-    return sig
-
-
-def _loop(f: ConsistencyFn, key: jax.Array, x: jax.Array, sigmas: list[float], sigma_min: float,
-          clip: bool, post: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Multistep loop from the noisy ``x`` at ``sigmas[0]``; ``post`` is applied to every x0."""
-    keys = jax.random.split(key, len(sigmas))
-    b = x.shape[0]
-    x0 = x
-    for i, t in enumerate(sigmas):
-        x0 = f(x, jnp.full((b,), t, jnp.float32))
-        if clip:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        x0 = post(x0)
-        if i + 1 < len(sigmas):
-            std = math.sqrt(max(sigmas[i + 1] ** 2 - sigma_min ** 2, 0.0))
-            x = x0 + std * jax.random.normal(keys[i + 1], x.shape, jnp.float32)
-    return x0
-
-
 def iterative_edit(f: ConsistencyFn, key: jax.Array, y: jax.Array, edit: Edit, sigmas: Sequence[float],
                    *, sigma_min: float = C.SIGMA_MIN, clip: bool = True) -> jax.Array:
     """Algorithm 4 for any :class:`Edit`: (B, H, W, C) reference in [-1, 1] -> edited (B, H, W, C).
@@ -216,12 +177,13 @@ def iterative_edit(f: ConsistencyFn, key: jax.Array, y: jax.Array, edit: Edit, s
     the result are exactly ``y``'s (up to float32 rounding of the basis); the result is not
     clipped after the last replacement, so it can leave [-1, 1] slightly where ``A`` mixes pixels.
     """
-    sig = _check_sigmas(sigmas, sigma_min)
+    sig = C.check_sigmas(sigmas, sigma_min)
     y = jnp.asarray(y, jnp.float32)
     y = replacement(edit, y, jnp.zeros_like(y))
     k0, k_loop = jax.random.split(key)
     x = y + sig[0] * jax.random.normal(k0, y.shape, jnp.float32)
-    return _loop(f, k_loop, x, sig, sigma_min, clip, lambda x0: replacement(edit, y, x0))
+    return C.multistep_loop(f, jax.random.split(k_loop, len(sig)), x, sig, sigma_min, clip_denoised=clip,
+                            post=lambda x0: replacement(edit, y, x0))
 
 
 def inpaint(f: ConsistencyFn, key: jax.Array, images: jax.Array, mask, sigmas: Sequence[float],
@@ -299,8 +261,8 @@ def stroke_edit(f: ConsistencyFn, key: jax.Array, strokes: jax.Array, sigmas: Se
     strokes (B, H, W, C) in [-1, 1], a rough painting; ``sigmas`` start at an intermediate level
     (larger keeps less of the strokes), e.g. ``[5.0, 1.0, 0.3]``. Returns (B, H, W, C).
     """
-    sig = _check_sigmas(sigmas, sigma_min)
+    sig = C.check_sigmas(sigmas, sigma_min)
     strokes = jnp.asarray(strokes, jnp.float32)
     k0, k_loop = jax.random.split(key)
     x = strokes + sig[0] * jax.random.normal(k0, strokes.shape, jnp.float32)
-    return _loop(f, k_loop, x, sig, sigma_min, clip, lambda x0: x0)
+    return C.multistep_loop(f, jax.random.split(k_loop, len(sig)), x, sig, sigma_min, clip_denoised=clip)

@@ -184,8 +184,8 @@ def test_stroke_edit_from_a_small_sigma_keeps_the_strokes(images):
 def test_sigmas_are_checked():
     with pytest.raises(ValueError, match="decreasing"):
         E.inpaint(gaussian_cm, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), np.ones((1, 8, 8, 1)), [1.0, 2.0])
-    assert E.sampling_sigmas(1) == [80.0]
-    s = E.sampling_sigmas(4)
+    assert C.sampling_sigmas(1) == [80.0]
+    s = C.sampling_sigmas(4)
     assert len(s) == 4 and s[0] == 80.0 and all(a > b for a, b in zip(s, s[1:])) and s[-1] > C.SIGMA_MIN
 
 

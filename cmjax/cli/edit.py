@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data, editing
+from cmjax import consistency as C, data, editing
 from cmjax.cli import HelpFormatter
 from cmjax.data import save_image_grid
 from cmjax.evaluation import fid as fid_lib
@@ -101,7 +101,7 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
     def run(fn, *xs):  # fn(f, *xs), jitted with the params as an argument (not baked-in constants)
         return jax.jit(lambda p, *a: fn(model.consistency_fn(p), *a))(model.params, *xs)
 
-    sigmas = editing.sampling_sigmas(args.steps, model.sigma_max) if not args.sigmas else \
+    sigmas = C.sampling_sigmas(args.steps, model.sigma_max) if not args.sigmas else \
         [float(s) for s in args.sigmas.split(",")]
     h, w, c = model.image_shape
     if task == "interpolate":
@@ -135,7 +135,7 @@ def run_task(task: str, model: ImageCM, images: Optional[np.ndarray], args) -> t
         out = run(lambda f, x: editing.denoise(f, x, args.sigma), noisy)
         cols, caption = [y, noisy, out], f"input | noisy (sigma {args.sigma}) | denoised (1 step)"
     elif task == "stroke":
-        sig = editing.sampling_sigmas(args.steps, args.sigma_start) if not args.sigmas else sigmas
+        sig = C.sampling_sigmas(args.steps, args.sigma_start) if not args.sigmas else sigmas
         out = run(lambda f, s: editing.stroke_edit(f, key, s, sig), y)
         cols, caption = [y, out], f"strokes | result (from sigma {sig[0]:.3g}, {len(sig)} steps)"
     else:

@@ -34,7 +34,6 @@ import numpy as np
 from cmjax import consistency as C, data, parallel
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import decoder as decoder_lib
-from cmjax.editing import sampling_sigmas
 from cmjax.evaluation import fid as fid_lib, metrics
 from cmjax.models import vae as vae_lib
 from cmjax.training.trained import ImageCM, load_image_cm, read_run_config
@@ -54,14 +53,9 @@ def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: 
     step, ``[sigma_max, mid_sigma]`` for two, and the Karras grid (without its last point) beyond."""
     if sigmas is not None:
         return [float(s) for s in sigmas]
-    if steps == 1:
-        return [float(sigma_max)]
-    if steps == 2:
-        if mid_sigma is None:
-            raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
-        return [float(sigma_max), float(mid_sigma)]
-
-    return sampling_sigmas(steps, sigma_max)
+    if steps == 2 and mid_sigma is None:
+        raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
+    return C.sampling_sigmas(steps, sigma_max, mid_sigma=mid_sigma)
 
 
 def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=None, *,

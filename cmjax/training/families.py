@@ -145,9 +145,7 @@ def image_family(config) -> Family:
 
     def sample(params, key, num: int, num_steps: int):
         """num images (num, H, W, C) float32 in [-1, 1]; 1 step at sigma_max, 2 steps add mid_sigma."""
-        sigmas = [sigma_max] if num_steps == 1 else [sigma_max, float(smp.mid_sigma)]
-        if num_steps > 2:
-            sigmas = [float(s) for s in np.asarray(C.karras_sigmas(num_steps + 1, sigma_min, sigma_max))[::-1][:-1]]
+        sigmas = C.sampling_sigmas(num_steps, sigma_max, sigma_min, mid_sigma=float(smp.mid_sigma))
         fn = lambda y, t: consistency_fn(params, y, t)
         return C.sample_multistep(fn, key, (num, size, size, channels), sigmas, sigma_min)
 
