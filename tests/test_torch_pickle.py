@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from cmjax.weights.openai import openai_state_to_diffusers, openai_to_diffusers_name  # noqa: E402
+from tests import openai_peer  # noqa: E402
 from cmjax.weights.torch_pickle import CheckpointError, load_torch_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,123 +49,22 @@ def assert_same_state(got: dict, want: dict) -> None:
         assert got[k].flags.c_contiguous, k
 
 
-# Small modules named like OpenAI's TorchScript ConvUNetVAE: custom layers with w/b (conv,
-# linear) and g/b (GroupNorm) parameters, blocks in a ModuleDict keyed down_0_conv_0 etc.
-
-
-class Conv(nn.Module):
-    def __init__(self, cin: int, cout: int, k: int = 3):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(cout, cin, k, k))
-        self.b = nn.Parameter(torch.randn(cout))
-        self.pad = k // 2
-
-    def forward(self, x):
-        return nn.functional.conv2d(x, self.w, self.b, padding=self.pad)
-
-
-class Linear(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(cout, cin))
-        self.b = nn.Parameter(torch.randn(cout))
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.w, self.b)
-
-
-class GroupNorm(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.g = nn.Parameter(torch.randn(c))
-        self.b = nn.Parameter(torch.randn(c))
-
-    def forward(self, x):
-        return nn.functional.group_norm(x, 2, self.g, self.b)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int, temb: int, skip: bool):
-        super().__init__()
-        self.gn_1 = GroupNorm(c)
-        self.f_1 = Conv(c, c)
-        self.f_t = Linear(temb, 2 * c)
-        self.gn_2 = GroupNorm(c)
-        self.f_2 = Conv(c, c)
-        self.f_s = Conv(c, c, 1) if skip else nn.Identity()
-        self.training_flag = True  # a non-tensor attribute, must be skipped
-        self.n_groups = 2
-
-    def forward(self, x, t):
-        scale, shift = self.f_t(nn.functional.silu(t)).chunk(2, dim=1)
-        h = self.f_1(nn.functional.silu(self.gn_1(x)))
-        h = self.gn_2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return self.f_s(x) + self.f_2(nn.functional.silu(h))
-
-
-class TimeEmbed(nn.Module):
-    def __init__(self, n: int, c: int, temb: int):
-        super().__init__()
-        self.emb = nn.Embedding(n, c)
-        self.f_1 = Linear(c, temb)
-        self.f_2 = Linear(temb, temb)
-
-    def forward(self, t):
-        return self.f_2(nn.functional.silu(self.f_1(self.emb(t))))
-
-
-class ImageEmbed(nn.Module):
-    def __init__(self, cin: int, c: int):
-        super().__init__()
-        self.f = Conv(cin, c)
-
-    def forward(self, x):
-        return self.f(x)
-
-
-class Unembed(nn.Module):
-    def __init__(self, c: int, cout: int):
-        super().__init__()
-        self.gn = GroupNorm(c)
-        self.f = Conv(c, cout)
-
-    def forward(self, x):
-        return self.f(nn.functional.silu(self.gn(x)))
-
-
-BLOCK_NAMES = ["down_0_conv_0", "down_0_downsamp", "down_1_conv_0", "mid_0", "mid_1",
-               "up_1_conv_0", "up_1_upsamp", "up_0_conv_0"]
-
-
-class TinyDecoder(nn.Module):
-    def __init__(self, c: int = 4, temb: int = 8):
-        super().__init__()
-        self.embed_image = ImageEmbed(3, c)
-        self.embed_time = TimeEmbed(16, c, temb)
-        self.blocks = nn.ModuleDict(
-            {name: ResBlock(c, temb, skip=name.endswith("conv_0")) for name in BLOCK_NAMES})
-        self.output = Unembed(c, 6)
-        # Buffers in the dtypes the loader must decode (a float16 and a bfloat16 table).
-        self.register_buffer("half_table", torch.randn(3, 2).half())
-        self.register_buffer("bf16_table", torch.randn(5).bfloat16())
-
-    def forward(self, x, t):
-        temb = self.embed_time(t)
-        h = self.embed_image(x)
-        for block in self.blocks.values():
-            h = block(h, temb)
-        return self.output(h) + self.half_table.float().sum() + self.bf16_table.float().sum()
+# The tiny module named like OpenAI's TorchScript ConvUNetVAE (tests/openai_peer.py), two levels,
+# plus two buffers in dtypes the loader must decode (a float16 and a bfloat16 table).
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return TinyDecoder().eval()
+    module = openai_peer.make(channels=(32, 64), layers=1, timesteps=16)
+    module.register_buffer("half_table", torch.randn(3, 2).half())
+    module.register_buffer("bf16_table", torch.randn(5).bfloat16())
+    return module
 
 
 @pytest.fixture(scope="module")
 def example_inputs():
-    return torch.randn(1, 3, 8, 8), torch.tensor([3])
+    x, _, features = openai_peer.example_inputs(h=1, w=1)
+    return x, torch.tensor([3]), features
 
 
 # ---------------------------------------------------------------------------------------------
