@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.unet.layers_per_block = 3
     c.model.unet.norm_num_groups = 32
     c.model.init_checkpoint = ""  # a cmjax decoder checkpoint to fine-tune from
+    c.model.retarget_latents = False  # move init_checkpoint to data.vae_checkpoint's latent space
+    c.model.latent_stats = ""         # that space's per-channel statistics (python -m cmjax.eval latent-stats)
     c.model.spacing = 16          # decoder training timesteps: 0, spacing, ..., t_max
     c.model.t_max = 1008
 

@@ -43,13 +43,13 @@ import numpy as np
 
 from cmjax import consistency as C
 from cmjax.decoding import schedule
-from cmjax.decoding.decoder import DecoderConfig, decode_latents, denoise, normalize_latents
+from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents, denoise, normalize_latents
 from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
 from cmjax.models.layers import compute_dtype, upsample_nearest
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
 from cmjax.models.vae import encode_latents
 from cmjax.weights import hub
-from cmjax.weights.checkpoint import read_config, read_vae_config
+from cmjax.weights.checkpoint import read_config, read_vae_config, save_decoder
 
 
 
@@ -75,6 +75,10 @@ class Family:
       apply_fn: image only, (params, dropout_rng|None) -> the raw network
         ``(x_scaled (B,H,W,C), c_noise (B,) or (B, time_inputs)) -> F``, for algorithms with
         their own parameterisation (sCM, MeanFlow; :mod:`cmjax.training.algorithms`).
+      init_checkpoint_params: () -> params to fine-tune from (a converted checkpoint), or None.
+      export_checkpoint: (params, path) -> None: the params as a checkpoint other tools read.
+
+    The trainer asks a family what it can do (``conditional``, the two hooks), never its name.
     """
 
     name: str
@@ -91,6 +95,14 @@ class Family:
     grid: Any = None
     latents_of: Optional[Callable] = None
     apply_fn: Optional[Callable] = None
+    init_checkpoint_params: Optional[Callable] = None
+    export_checkpoint: Optional[Callable] = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether samples are conditioned on a batch's latents (the decoder) rather than drawn
+        unconditionally (image CMs: sample grids and FID)."""
+        return self.latents_of is not None
 
 
 def make_family(config) -> Family:
@@ -161,14 +173,14 @@ def image_family(config) -> Family:
 def decoder_model_config(config) -> DecoderConfig:
     """The DecoderConfig: from the fine-tune checkpoint if one is named (moved to the latent space of
     ``data.vae_checkpoint`` when ``model.retarget_latents``), else from config.model."""
-    if config.model.get("init_checkpoint"):
+    if config.model.init_checkpoint:
         base = read_config(hub.resolve_checkpoint(config.model.init_checkpoint))
     else:
         u = config.model.unet
         base = DecoderConfig(unet=UNetConfig(block_out_channels=tuple(u.block_out_channels),
                                              layers_per_block=u.layers_per_block,
                                              norm_num_groups=u.norm_num_groups))
-    return newspace_decoder_config(config, base) if config.model.get("retarget_latents") else base
+    return newspace_decoder_config(config, base) if config.model.retarget_latents else base
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +232,7 @@ def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
 
     vae_config, _ = read_vae_config(hub.resolve_checkpoint(config.data.vae_checkpoint, kind="vae"))
     mean = std = None
-    path = config.model.get("latent_stats")
+    path = config.model.latent_stats
     if path:
         try:
             with open(path) as f:
@@ -240,10 +252,10 @@ def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
     """The fine-tuning start of the decoder family: ``model.init_checkpoint``'s params, moved to
     ``dcfg``'s latent space by ``retarget_decoder_params`` when ``model.retarget_latents`` (also for
     a 4-channel space such as SDXL's: its channels are not SD 1.x's); None without an init checkpoint."""
-    if not config.model.get("init_checkpoint"):
+    if not config.model.init_checkpoint:
         return None
     init = hub.load_decoder(config.model.init_checkpoint)
-    if not config.model.get("retarget_latents"):
+    if not config.model.retarget_latents:
         return init.params
     return retarget_decoder_params(jax.device_get(init.params), init.config, dcfg)
 
@@ -371,7 +383,10 @@ def decoder_family(config) -> Family:
     return Family(name="decoder", image_shape=(size, size, 3), init_params=init_params,
                   consistency_fn=consistency_fn, denoiser_fn=consistency_fn, grid_fn=grid.sigma_at,
                   max_scales=grid.num_allowed, edm_sigma_sampler=edm_sigma_sampler, prepare=prepare,
-                  sample=sample, config=dcfg, grid=grid, latents_of=latents_of)
+                  sample=sample, config=dcfg, grid=grid, latents_of=latents_of,
+                  init_checkpoint_params=lambda: decoder_init_params(config, dcfg),
+                  export_checkpoint=lambda params, path: save_decoder(
+                      Decoder(dcfg, params), path, source="cmjax training run", overwrite=True))
 
 
 def decoder_timesteps(config, grid: DecoderGrid, num_steps: int) -> tuple[int, ...]:

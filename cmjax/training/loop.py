@@ -24,15 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import data as data_lib, parallel
-from cmjax.decoding.decoder import Decoder
 from cmjax.evaluation import fid as fid_lib, metrics as eval_metrics
-from cmjax.training import algorithms, checkpointing, families, input_pipeline, reporting, resume
+from cmjax.training import algorithms, checkpointing, input_pipeline, reporting, resume
 from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family
 from cmjax.training.optim import make_optimizer
 from cmjax.training.state import TrainState, create_train_state, prng_impl, train_state_layout
 from cmjax.training.step import make_train_step
-from cmjax.weights.checkpoint import save_decoder
 
 _LAST_VALUE = ("num_scales", "lr", "target_ema")
 
@@ -86,7 +84,7 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
     """Returns ``evaluate(params, step, workdir) -> metrics``: sample grids (+ decoder PSNR)."""
     rep = parallel.replicated(mesh)
     num = int(config.num_eval_images)
-    if family.name == "image":
+    if not family.conditional:
         fns = {s: jax.jit(lambda p, k, s=s: model.sample(p, k, num, s), out_shardings=rep)
                for s in (1, 2)}
         inputs = None
@@ -98,7 +96,7 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
                for s in (1, 2)}
     upscale = max(1, 64 // family.image_shape[0])
     fid_cb = None
-    if family.name == "image" and config.fid_every > 0:
+    if not family.conditional and config.fid_every > 0:
 
         ref = fid_lib.reference_statistics(config.fid_reference, resolution=family.image_shape[0],
                                            max_images=config.fid_max_ref_images or None,
@@ -131,8 +129,10 @@ def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host
 def _load_init_params(config, family: Family, model: Model, mesh, frozen) -> Any:
     """Fine-tuning starting points: a converted decoder checkpoint (moved to a new latent space if
     asked), or the EMA params of the run the algorithm starts from (CD: its teacher; ECT: ect.init)."""
-    if family.name == "decoder" and config.model.init_checkpoint:
-        return families.decoder_init_params(config, family.config)
+    if family.init_checkpoint_params is not None:
+        params = family.init_checkpoint_params()
+        if params is not None:
+            return params
     path = algorithms.get(config.algorithm).init_from(config)
     if not path:
         return None
@@ -157,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     if algo.needs_teacher:
         frozen["teacher"], frozen_sh["teacher"] = checkpointing.load_teacher(algo.teacher(config), config, family,
                                                                              mesh, config.fsdp)
-    if family.name == "decoder":
+    if family.conditional:
         enc, enc_sh = checkpointing.load_encoder(config, family, mesh)
         if enc is not None:
             frozen["encoder"], frozen_sh["encoder"] = enc, enc_sh
@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
     evaluate = None
     if config.sample_every > 0:
-        eval_batch = input_pipeline.eval_batch(config, source) if family.name == "decoder" else None
+        eval_batch = input_pipeline.eval_batch(config, source) if family.conditional else None
         evaluate = make_evaluator(config, family, model, mesh, frozen, eval_batch)
     writer = reporting.MetricWriter(workdir, config.tensorboard)
 
@@ -258,17 +258,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         finally:
             writer.close()
     exported = None
-    if family.name == "decoder" and config.export_decoder and step >= total and jax.process_count() == 1:
-        exported = os.path.join(workdir, "decoder_ema")
+    if family.export_checkpoint is not None and config.export_decoder and step >= total and jax.process_count() == 1:
+        exported = os.path.join(workdir, "decoder_ema")  # what decode.py / cmjax.load_decoder read
         if step > first_step or not os.path.isdir(exported):  # a complete run rerun: already exported
-            _export_decoder(family, state, exported)
+            family.export_checkpoint(jax.device_get(state.ema_params), exported)
     manager.close()
     reporting.say(reporting.run_outputs(workdir, step, total, samples=evaluate is not None,
                                         tensorboard=config.tensorboard, exported=exported))
     return state
-
-
-def _export_decoder(family: Family, state: TrainState, path: str) -> None:
-    """The EMA params as a cmjax decoder checkpoint (what decode.py / cmjax.load_decoder read)."""
-    params = jax.device_get(state.ema_params)
-    save_decoder(Decoder(family.config, params), path, source="cmjax training run", overwrite=True)
