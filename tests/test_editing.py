@@ -210,7 +210,7 @@ def digits_run(tmp_path_factory):
 
 
 def test_load_image_cm_from_a_training_run(digits_run):
-    from cmjax.cli.eval import cm_sampler, load_image_cm
+    from cmjax.training.trained import cm_sampler, load_image_cm
 
     model = load_image_cm(digits_run)
     assert model.step == 2 and model.image_shape == (8, 8, 1)

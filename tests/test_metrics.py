@@ -133,7 +133,8 @@ def tiny_checkpoints(tmp_path_factory):
 def test_recon_cli_table_json_and_grid(tiny_checkpoints, tmp_path, capsys):
     from cmjax.decoding import decoder as decoder_lib
     from cmjax.models import vae as vae_lib
-    from cmjax.cli.eval import main, reconstruction_metrics
+    from cmjax.cli.eval import main
+    from cmjax.evaluation.metrics import reconstruction_metrics
 
     root, dec, vae = tiny_checkpoints
     out = tmp_path / "out"

@@ -76,7 +76,7 @@ def test_reading_a_run_logs_no_read_only_notices(tmp_path, caplog):
     directory is read only) are not shown, other warnings are."""
     import logging
 
-    from cmjax.cli.eval import read_run_config
+    from cmjax.training.trained import read_run_config
 
     c = digits_tiny.get_config()
     manager = checkpointing.make_manager(str(tmp_path), async_save=False)

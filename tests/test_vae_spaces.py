@@ -18,7 +18,7 @@ import torch
 import cmjax
 from cmjax.weights import checkpoint
 from cmjax.decoding import decoder as decoder_lib
-from cmjax.evaluation import metrics
+from cmjax.evaluation import latent_stats, metrics
 from cmjax.models import vae as vae_lib
 from cmjax.weights.sd_vae import load_pytorch_vae
 from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
@@ -332,7 +332,7 @@ def test_newspace_decoder_psnr_rises(tmp_path):
     vae = vae_lib.VAE(vcfg, vae_lib.init_params(vcfg, jax.random.key(12), parts=("encoder",)))
     checkpoint.save_vae(vae, tmp_path / "vae")
     digits = np.repeat(data.digits_images(16), 3, axis=-1)
-    stats = eval_lib.latent_statistics(vae, [digits[i:i + 256] for i in range(0, len(digits), 256)])
+    stats = latent_stats.latent_statistics(vae, [digits[i:i + 256] for i in range(0, len(digits), 256)])
     (tmp_path / "stats.json").write_text(json.dumps({**stats, "latent_channels": 16, "scaling_factor": 0.3611,
                                                      "shift_factor": 0.1159}))
 

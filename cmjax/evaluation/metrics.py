@@ -20,8 +20,9 @@ from __future__ import annotations
 import dm_pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["mean_psnr", "psnr", "ssim", "quantize", "to_unit"]
+__all__ = ["mean_psnr", "psnr", "reconstruction_metrics", "ssim", "quantize", "to_unit"]
 
 
 def to_unit(x, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = True) -> jax.Array:
@@ -76,3 +77,10 @@ def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = T
         raise ValueError(f"images of shape {tuple(a.shape)} are too small for SSIM")
     return dm_pix.ssim(to_unit(a, value_range, clip), to_unit(b, value_range, clip), max_val=1.0,
                        filter_size=size, filter_sigma=filter_sigma)
+
+
+def reconstruction_metrics(reference: jax.Array, recon: jax.Array) -> dict[str, np.ndarray]:
+    """Per-image PSNR (dB) and SSIM of 8-bit-quantised reconstructions; images (B, H, W, C) in [-1, 1]."""
+    q = quantize(recon)
+    return {"psnr": np.asarray(psnr(reference, q), np.float64),
+            "ssim": np.asarray(ssim(reference, q), np.float64)}

@@ -52,7 +52,6 @@ from cmjax.weights import hub
 from cmjax.weights.checkpoint import read_config, read_vae_config, save_decoder
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What the trainer needs to know about a model; every callable is pure and jittable.

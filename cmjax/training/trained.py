@@ -11,14 +11,15 @@ sampler; sCT: TrigFlow times; MeanFlow: average-velocity jumps).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cmjax import parallel
+from cmjax import consistency as C, parallel
 from cmjax.training import algorithms, checkpointing, families
 
 
@@ -81,3 +82,44 @@ def load_image_cm(workdir: str, step: Optional[int] = None, which: str = "ema_pa
     rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
     params = checkpointing.restore_params(workdir, abstract, jax.tree.map(lambda _: rep, abstract), which, step)
     return ImageCM(config, family, params, step, model)
+
+
+def multistep_sigmas(steps: int = 1, sigma_max: float = C.SIGMA_MAX, mid_sigma: Optional[float] = None,
+                     sigmas: Optional[Sequence[float]] = None) -> list[float]:
+    """The decreasing noise levels of a sampler: ``sigmas`` as given, else ``[sigma_max]`` for one
+    step, ``[sigma_max, mid_sigma]`` for two, and the Karras grid (without its last point) beyond."""
+    if sigmas is not None:
+        return [float(s) for s in sigmas]
+    if steps == 2 and mid_sigma is None:
+        raise ValueError("two-step sampling needs the intermediate sigma (mid_sigma)")
+    return C.sampling_sigmas(steps, sigma_max, mid_sigma=mid_sigma)
+
+
+def cm_sampler(model: ImageCM, sigmas: Optional[Sequence[float]] = None, mesh=None, *,
+               steps: int = 1) -> Callable[[jax.Array, int], jax.Array]:
+    """``sample(key, n) -> (n, H, W, C)`` float32 in [-1, 1]: multistep CM sampling at ``sigmas``
+    (EDM noise levels, any algorithm's consistency function), or, with ``sigmas=None``, the run's
+    algorithm's own ``steps``-step sampler (iCT: sigma_max, mid_sigma; sCT: TrigFlow times;
+    MeanFlow: average-velocity jumps).
+
+    Jitted once per ``n``, params passed as an argument (not baked-in constants). When ``n``
+    divides over the mesh's devices (default: all), the batch is computed split over them and
+    the result gathered (replicated on every device and host); the samples do not depend on the
+    device count (JAX's partitionable threefry).
+    """
+
+    shape = model.image_shape
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    split = parallel.data_sharding(mesh)
+    if sigmas is None:
+        draw = lambda params, key, n: model.sample(key, n, steps, params)
+    else:
+        sig = tuple(float(s) for s in sigmas)
+        draw = lambda params, key, n: C.sample_multistep(model.consistency_fn(params), key, (n, *shape), sig)
+
+    @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.replicated(mesh))
+    def run(params, key, n):
+        x = draw(params, key, n)
+        return jax.lax.with_sharding_constraint(x, split) if n % mesh.size == 0 else x
+
+    return lambda key, n: run(model.params, key, int(n))
