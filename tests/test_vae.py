@@ -390,7 +390,7 @@ def test_checkpoint_roundtrip(peer, tmp_path):
     assert enc_only.parts == ("encoder",)
     assert_same_params(jax.tree.map(np.asarray, enc_only.params), enc)
     # formats are not confused
-    with pytest.raises(ValueError, match="format 'cmjax-vae' is not 'cmjax-decoder'"):
+    with pytest.raises(ValueError, match="format is 'cmjax-vae', not 'cmjax-decoder'"):
         checkpoint.load_decoder(tmp_path / "vae")
     with pytest.raises(ValueError, match="not a cmjax VAE checkpoint"):
         checkpoint.load_vae(tmp_path)

@@ -279,8 +279,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
     p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--steps", type=int, default=1, help="steps of the run's own sampler (default 1, unlike "
-                   "decode.py's 2 and edit's 10; iCT: 1 = sigma_max, 2 = + --mid-sigma, more = the Karras grid)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, unlike decode.py's 2 and edit's 10) of "
+                   "the run's own sampler; iCT: 1 = sigma_max, 2 = + --mid-sigma, more = the Karras grid")
     p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
     p.add_argument("--sigmas", help="explicit decreasing sigmas, e.g. 80,1.2,0.3 (overrides --steps)")
     p.add_argument("--save-samples", help="also write the samples as PNGs to this folder")
