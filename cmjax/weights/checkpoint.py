@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
-from cmjax.weights.errors import CheckpointError
+from cmjax.weights.errors import CheckpointError, parse_json
 
 FORMAT = "cmjax-decoder"
 VAE_FORMAT = "cmjax-vae"
@@ -120,12 +120,7 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a cmjax {what} checkpoint (no {CONFIG_FILE}); "
                               "convert PyTorch weights first with `python -m cmjax.convert SRC DST`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
-        raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from e
-    except RecursionError:
-        raise CheckpointError(f"{meta_path}: invalid JSON (nested too deeply)") from None
+    meta = parse_json(meta_path.read_bytes(), str(meta_path))
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != fmt:

@@ -7,7 +7,6 @@ safetensors' NumPy interface: no torch.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from cmjax.decoding.decoder import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
 from cmjax.models.unet import UNetConfig
+from cmjax.weights.errors import parse_json
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 
 UNET_PREFIX = "decoder_unet."
@@ -80,12 +80,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple
             seen[k] = v
         return seen
 
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
-        raise ConversionError(f"{bad} (header is not JSON: {e})") from e
-    except RecursionError:
-        raise ConversionError(f"{bad} (header JSON is nested too deeply)") from None
+    header = parse_json(raw, f"{bad} (header)", ConversionError, object_pairs_hook=no_duplicates)
     if not isinstance(header, dict):
         raise ConversionError(f"{bad} (header is not a JSON object)")
     out = {}
@@ -153,12 +148,7 @@ def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.n
 
 def read_config_json(path: Path) -> Any:
     """The content of a config.json; ConversionError naming the file if it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
-        raise ConversionError(f"{path}: invalid JSON ({e})") from e
-    except RecursionError:
-        raise ConversionError(f"{path}: invalid JSON (nested too deeply)") from None
+    return parse_json(Path(path).read_bytes(), str(path), ConversionError)
 
 
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
