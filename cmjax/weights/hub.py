@@ -5,7 +5,10 @@
     resolve_checkpoint("ckpt/")                        a cmjax checkpoint: returned as it is
     resolve_checkpoint("decoder.pt")                   a local PyTorch checkpoint: converted once
 
-each return the path of a cmjax checkpoint directory, converting into the cache the first time.
+each return the path of a cmjax checkpoint directory, converting into the cache the first time
+(``kind="vae"`` does the same for SD VAEs: a diffusers AutoencoderKL folder, an LDM file, or the Hub
+repo's bundled encoder). ``load_decoder`` / ``load_vae`` (``cmjax.load_decoder`` / ``cmjax.load_vae``)
+resolve and then read, process 0 first on several hosts: every command names checkpoints this way.
 
 OpenAI publishes ``decoder.pt`` at a URL whose second-to-last path segment is the file's SHA-256;
 the download is streamed to a temporary file, hashed on the way, and kept only if the hash matches
