@@ -255,6 +255,11 @@ def _add_fid_common(p: argparse.ArgumentParser, ref_required: bool = True) -> No
 
 def _add_model(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--checkpoint", required=required, help="train.py workdir of an image CM")
+    _add_sampling(p)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """Which params of a train.py run, and how many samples to draw from them."""
     p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
     p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
@@ -274,11 +279,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--samples", help="samples: image folder, tfds:NAME[:SPLIT], 'digits' or statistics .npz")
     which.add_argument("--checkpoint", help="train.py workdir of an image CM to sample from")
     p.add_argument("--max-images", type=int, help="use only the first N images of --samples")
-    p.add_argument("--ckpt-step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--params", choices=["ema_params", "params"], default="ema_params", help="which params of the run")
-    p.add_argument("--num-samples", type=int, default=10_000, help="samples drawn for each FID")
-    p.add_argument("--sample-batch-size", type=int, default=250, help="samples drawn per call (global)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_sampling(p)
     p.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, unlike decode.py's 2 and edit's 10) of "
                    "the run's own sampler; iCT: 1 = sigma_max, 2 = + --mid-sigma, more = the Karras grid")
     p.add_argument("--mid-sigma", type=float, help="intermediate sigma of 2-step sampling (default: the run's)")
