@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmjax.models.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, choose_lowering, machine_key, measure,
-                                 pick, time_calls)
+from cmjax.models.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, choose_lowering, cpu_model,
+                                        machine_key, measure, pick, time_calls)
 from cmjax.models.layers import Conv, GroupNorm, avg_pool_2x2, upsample_nearest
 from tests.torch_peers import nchw, nhwc
 
@@ -131,6 +131,17 @@ def test_timing_drops_a_call_that_cannot_win():
     calls = {name: lambda name=name: call(name) for name in spans}
     assert time_calls(calls, timer=lambda: clock[0], repeats=3) == spans
     assert counts == {"xla": 1, "im2col": 3, "im2row": 3}  # xla > PRUNE x the best after round one
+
+
+def test_cpu_model_tells_generations_apart(tmp_path):
+    """A VM's bare "AMD EPYC" gets family/model/stepping, so two generations never share a cached choice."""
+    info = "processor\t: {}\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu {}\n\n"
+    zen5, zen2 = tmp_path / "zen5", tmp_path / "zen2"
+    zen5.write_text(info.format(0, 26, 2, "avx2 avx512f") + info.format(1, 26, 2, "avx2 avx512f"))
+    zen2.write_text(info.format(0, 23, 49, "avx2"))
+    assert cpu_model(str(zen5)) == "AMD EPYC (family 26, model 2, stepping 1) +avx512"
+    assert cpu_model(str(zen2)) == "AMD EPYC (family 23, model 49, stepping 1)"
+    assert cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
 
 
 def test_group_norm_matches_torch():

@@ -98,21 +98,27 @@ class ConvShape:
                 f" k{self.kernel} {self.dtype}")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``), with "+avx512" if it has it."""
-    name, flags = "", ""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name with its family/model/stepping and "+avx512" if it has it (``/proc/cpuinfo``).
+
+    The numbers matter: a virtual machine may report only "AMD EPYC", a name shared by five
+    generations with different vector units. Elsewhere ``platform.processor()`` is used.
+    """
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 field, _, value = line.partition(":")
-                if field.strip() == "model name" and not name:
-                    name = value.strip()
-                elif field.strip() == "flags" and not flags:
-                    flags = value
+                fields.setdefault(field.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    name = name or platform.processor() or platform.machine() or "unknown"
-    return name + (" +avx512" if "avx512f" in flags.split() else "")
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    if ids:
+        name += f" ({', '.join(ids).replace('cpu family', 'family')})"
+    return name + (" +avx512" if "avx512f" in fields.get("flags", "").split() else "")
 
 
 def machine_key() -> str:
