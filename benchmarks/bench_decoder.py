@@ -18,13 +18,17 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.torch_peers: the diffusers reference
 
 
 class PeakRSS:
@@ -185,6 +189,11 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
           f"{pairs[0]:.2f}-{pairs[-1]:.2f})")
     if device == "cpu" and args.torch_dtype == "fp32":
         print(f"max |cmjax - diffusers| over the images: {np.abs(ours - theirs).max():.2e}")
+    flops = decode_flops(decoder, h, w, batch, dtype)
+    print(f"{flops / 1e9:.0f} GFLOP per decode: cmjax {flops / statistics.median(t_cmjax) / 1e9:.0f} GFLOP/s "
+          f"(best {flops / min(t_cmjax) / 1e9:.0f}), diffusers {flops / statistics.median(t_torch) / 1e9:.0f} "
+          f"(best {flops / min(t_torch) / 1e9:.0f}); ceiling, a 2048^3 matmul: XLA %.0f, torch %.0f GFLOP/s"
+          % matmul_peak())
     print(machine_line())
     if args.profile:
         from cmjax.decoding.decoder import _decode_jit
@@ -202,6 +211,35 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def decode_flops(decoder, h: int, w: int, batch: int, dtype, steps: int = 2) -> float:
+    """FLOPs of one decode: XLA's count for one UNet evaluation (the consistency function) times the steps.
+
+    The same for diffusers: both evaluate the same network on the same shapes.
+    """
+    from cmjax.decoding.decoder import denoise
+
+    f = decoder.config.upsample_factor
+    x_t = jax.ShapeDtypeStruct((batch, f * h, f * w, 3), jnp.float32)
+    z_up = jax.ShapeDtypeStruct((batch, f * h, f * w, decoder.config.latent_channels), jnp.float32)
+    lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(
+        decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
+    return steps * lowered.cost_analysis()["flops"]
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of an n^3 fp32 matmul in XLA and in torch on this machine (best of ``repeats``): the ceiling."""
+    import torch
+
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+    ja, ta = jnp.asarray(a), torch.from_numpy(a)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(ja))
+    t_xla = min(timed(lambda: jax.block_until_ready(mm(ja)), repeats))
+    torch.mm(ta, ta)
+    t_torch = min(timed(lambda: torch.mm(ta, ta), repeats))
+    return 2 * n**3 / t_xla / 1e9, 2 * n**3 / t_torch / 1e9
 
 
 def main() -> None:
