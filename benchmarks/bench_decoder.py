@@ -2,15 +2,17 @@
 
 Both sides get the same random weights (a diffusers ConsistencyDecoderVAE, converted in memory)
 and the same noise; the script prints steady-state seconds per decode for each, their ratio,
-cmjax's compile time, the peak memory and the max abs difference of the images.
+cmjax's compile time, the peak memory, the max abs difference of the images, and the FLOP rate of
+each side next to a 2048^3 matmul's (how close both are to what this CPU can do).
 
     python benchmarks/bench_decoder.py      # batch 2 of 4x6 latents (32x48 px), batch 1 of 16x16 (128x128 px)
     python benchmarks/bench_decoder.py --cases 64x64:4 --dtype bf16   # on a GPU
 
 cmjax and diffusers calls are interleaved (medians of ``--repeats``); the CPU model, AVX-512,
-XLA flags, the conv lowering mode and the load average are printed with every result. The first
-call on a new machine also measures each convolution's lowering (``cmjax.models.conv_lowering``), so
-its time is reported with the number of shapes measured in it; run twice for the warm-cache compile.
+XLA flags, GLIBC_TUNABLES, the conv lowering mode and the load average are printed with every
+result, with each side's page faults per call. The first call on a new machine also measures each
+convolution's lowering (``cmjax.models.conv_lowering``), so its time is reported with the number of
+shapes measured in it; run twice for the warm-cache compile.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def machine_line() -> str:
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"[{cpu_model()}; {os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
             f"lowering={os.environ.get('CMJAX_CONV_LOWERING', 'measure')}; load {load}]")
 
 
@@ -170,19 +173,22 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
         theirs = run_torch()  # warm-up
 
     # Interleaved, so that a burst of load on a shared machine hits both sides alike.
-    t_cmjax, t_torch = [], []
+    # Page faults are counted too: fresh pages for large temporaries cost both sides, unequally
+    # (glibc maps big blocks anew on every call unless GLIBC_TUNABLES=glibc.malloc.hugetlb=1).
+    t_cmjax, t_torch, f_cmjax, f_torch = [], [], [], []
     with PeakRSS() as mem:
         for _ in range(args.repeats):
-            t_cmjax += timed(run_cmjax, 1)
+            t_cmjax += timed(run_cmjax, 1, f_cmjax)
             if run_torch is not None:
-                t_torch += timed(run_torch, 1)
+                t_torch += timed(run_torch, 1, f_torch)
     print(f"cmjax:     steady {statistics.median(t_cmjax):.3f} s (min {min(t_cmjax):.3f}, "
-          f"all {' '.join(f'{t:.2f}' for t in t_cmjax)})")
+          f"all {' '.join(f'{t:.2f}' for t in t_cmjax)}); {statistics.median(f_cmjax):.0f} page faults per call")
     if run_torch is None:
         print(machine_line())
         return
     print(f"diffusers: steady {statistics.median(t_torch):.3f} s (min {min(t_torch):.3f}, "
-          f"all {' '.join(f'{t:.2f}' for t in t_torch)}); peak RSS of both {mem.peak / 2**30:.2f} GiB")
+          f"all {' '.join(f'{t:.2f}' for t in t_torch)}); {statistics.median(f_torch):.0f} page faults per call; "
+          f"peak RSS of both {mem.peak / 2**30:.2f} GiB")
     ratio = statistics.median(t_cmjax) / statistics.median(t_torch)
     pairs = sorted(a / b for a, b in zip(t_cmjax, t_torch))
     print(f"ratio cmjax/diffusers: {ratio:.3f} (median of medians; per interleaved pair "
@@ -204,12 +210,18 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
         profile_torch(run_torch, args.profile)
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int, faults: list | None = None) -> list[float]:
+    """Seconds per call; appends each call's minor page faults to ``faults`` when given."""
+    import resource
+
     times = []
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return times
 
 
