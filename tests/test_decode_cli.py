@@ -6,6 +6,7 @@ compiled by one run is reused by the next.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -352,7 +353,18 @@ def vae_ckpts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vae")
     checkpoint.save_vae(full, root / "full")
     checkpoint.save_vae(vae_lib.VAE(cfg, vae_lib.split_params(full.params)[0]), root / "encoder_only")
+    cfg16 = dataclasses.replace(cfg, latent_channels=16)  # a FLUX-style latent space
+    checkpoint.save_vae(vae_lib.VAE(cfg16, random_params(vae_lib.abstract_params(cfg16), seed=2)), root / "sixteen")
     return root
+
+
+def test_images_with_a_vae_of_another_latent_space(ckpt, vae_ckpts, tmp_path, capsys):
+    """A 16-channel VAE with a 4-channel decoder: one line naming both, before any image is read."""
+    status, err = run_main(capsys, "--checkpoint", ckpt, "--output", tmp_path / "o", "--images",
+                           "--vae", vae_ckpts / "sixteen", tmp_path)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: --vae "), err
+    assert "sixteen" in err and "16-channel latents" in err and "reads 4" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_images_compare(ckpt, vae_ckpts, env, tmp_path):

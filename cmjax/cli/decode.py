@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             vae = hub.load_vae(args.vae or DEFAULT_VAE, sharding=rep, progress=not args.no_progress, report=_report)
             if options.compare and "decoder" not in vae.parts:
                 raise ValueError(f"--compare needs the SD GAN decoder, and {args.vae} holds only the encoder")
+            if vae.config.latent_channels != decoder.config.latent_channels:
+                raise ValueError(f"--vae {args.vae or DEFAULT_VAE}: its encoder makes {vae.config.latent_channels}-channel "
+                                 f"latents, and the decoder {args.checkpoint} reads {decoder.config.latent_channels}")
         problem = outputs.check_writable(options.output)
         if problem is not None:
             raise ValueError(f"--output {inputs.display(options.output)}: cannot write there: {problem}")
