@@ -88,6 +88,18 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert [p.name for p in path.parent.iterdir()] == ["conv_lowering.json"]  # no temp files left
 
 
+def test_multi_host_runs_never_measure(tmp_path, monkeypatch):
+    """Two hosts must trace one program: no per-host measurement or cache, XLA's conv unless overridden."""
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    path = tmp_path / "conv_lowering.json"
+    measure_fn, calls = fake_measure({"xla": 3.0, "im2col": 1.0, "im2row": 2.0})
+    assert choose_lowering(SHAPE, path=path, measure_fn=measure_fn) == "xla"
+    assert calls == [] and not path.exists()
+    monkeypatch.setenv(OVERRIDE_ENV, "im2col")
+    assert choose_lowering(SHAPE, path=path, measure_fn=measure_fn) == "im2col"
+
+
 def test_xla_kept_unless_clearly_beaten():
     assert pick({"xla": 1.0, "im2col": 0.97, "im2row": 0.99}) == "xla"  # within the margin
     assert pick({"xla": 1.0, "im2col": 0.90, "im2row": 0.99}) == "im2col"

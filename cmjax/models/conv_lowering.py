@@ -24,8 +24,9 @@ treated as empty (and rewritten on the next store); writes go to a temporary fil
 into place, merged with what another process may have stored meanwhile.
 
 Caveats: the timing is of the forward convolution alone (a training step's backward pass is not
-measured); processes of one multi-host program must trace the same program, so there set
-CMJAX_CONV_LOWERING (or share one cache file) rather than let each host measure on its own.
+measured). Processes of one multi-host program must trace the same program, so with more than one
+process nothing is measured: "xla" is used unless CMJAX_CONV_LOWERING names a lowering (the same
+on every host).
 """
 from __future__ import annotations
 
@@ -209,6 +210,11 @@ def choose_lowering(shape: ConvShape, override: str | None = None, path: Path | 
         raise ValueError(f"{OVERRIDE_ENV}={mode!r}: expected one of {', '.join(LOWERINGS + (MEASURE,))}")
     if shape.kernel == 1:
         return DEFAULT  # a 1x1 convolution is a plain matmul under every lowering
+    if jax.process_count() > 1:
+        # Hosts measuring on their own (or reading their own caches) could trace different programs
+        # and then hang in the first collective; a multi-host run gets XLA's convolution everywhere
+        # unless CMJAX_CONV_LOWERING names one lowering for all hosts.
+        return DEFAULT
     path = path or cache_path()
     machine, key = machine_key(), shape.key()
     entry = read_cache(path).get(machine, {}).get(key)
