@@ -153,6 +153,9 @@ def test_cpu_model_tells_generations_apart(tmp_path):
     zen2.write_text(info.format(0, 23, 49, "avx2"))
     assert cpu_model(str(zen5)) == "AMD EPYC (family 26, model 2, stepping 1) +avx512"
     assert cpu_model(str(zen2)) == "AMD EPYC (family 23, model 49, stepping 1)"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n\n")
+    assert cpu_model(str(arm)).endswith("(CPU implementer 0x41, CPU part 0xd0c)")
     assert cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
 
 

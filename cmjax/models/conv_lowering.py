@@ -103,7 +103,8 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name with its family/model/stepping and "+avx512" if it has it (``/proc/cpuinfo``).
 
     The numbers matter: a virtual machine may report only "AMD EPYC", a name shared by five
-    generations with different vector units. Elsewhere ``platform.processor()`` is used.
+    generations with different vector units. Without a model name (Arm, no /proc)
+    ``platform.processor()`` or the machine type stands in.
     """
     fields: dict[str, str] = {}
     try:
@@ -116,7 +117,8 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
+           if k in fields]  # x86; Arm (no model name there) has implementer and part
     if ids:
         name += f" ({', '.join(ids).replace('cpu family', 'family')})"
     return name + (" +avx512" if "avx512f" in fields.get("flags", "").split() else "")
