@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import sys
 import threading
@@ -212,8 +213,6 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
 
 def timed(fn, repeats: int, faults: list | None = None) -> list[float]:
     """Seconds per call; appends each call's minor page faults to ``faults`` when given."""
-    import resource
-
     times = []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -225,19 +224,20 @@ def timed(fn, repeats: int, faults: list | None = None) -> list[float]:
     return times
 
 
-def decode_flops(decoder, h: int, w: int, batch: int, dtype, steps: int = 2) -> float:
+def decode_flops(decoder, h: int, w: int, batch: int, dtype) -> float:
     """FLOPs of one decode: XLA's count for one UNet evaluation (the consistency function) times the steps.
 
     The same for diffusers: both evaluate the same network on the same shapes.
     """
     from cmjax.decoding.decoder import denoise
+    from cmjax.decoding.schedule import DEFAULT_TIMESTEPS
 
     f = decoder.config.upsample_factor
     x_t = jax.ShapeDtypeStruct((batch, f * h, f * w, 3), jnp.float32)
     z_up = jax.ShapeDtypeStruct((batch, f * h, f * w, decoder.config.latent_channels), jnp.float32)
     lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(
         decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
-    return steps * lowered.cost_analysis()["flops"]
+    return len(DEFAULT_TIMESTEPS) * lowered.cost_analysis()["flops"]
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:

@@ -31,6 +31,7 @@ on every host).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -99,6 +100,7 @@ class ConvShape:
                 f" k{self.kernel} {self.dtype}")
 
 
+@functools.lru_cache(maxsize=None)  # read once per process, not once per traced convolution
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name with its family/model/stepping and "+avx512" if it has it (``/proc/cpuinfo``).
 
