@@ -156,6 +156,9 @@ def test_cpu_model_tells_generations_apart(tmp_path):
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n\n")
     assert cpu_model(str(arm)).endswith("(CPU implementer 0x41, CPU part 0xd0c)")
+    odd = tmp_path / "odd"
+    odd.write_bytes(b"model name\t: Odd \xff CPU\n\n")
+    assert cpu_model(str(odd)).startswith("Odd \ufffd CPU")
     assert cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
 
 

@@ -110,7 +110,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """
     fields: dict[str, str] = {}
     try:
-        with open(cpuinfo) as f:
+        with open(cpuinfo, errors="replace") as f:  # a stray byte must not stop a decode
             for line in f:
                 field, _, value = line.partition(":")
                 fields.setdefault(field.strip(), value.strip())
