@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models.conv_lowering import CONV, ConvShape, choose_lowering
+from cmjax.models.conv_lowering import ConvShape, candidates, choose_lowering, upsample_nearest
 
 Dtype = Any
 
@@ -63,13 +63,16 @@ class GroupNorm(nn.Module):
 class Conv(nn.Module):
     """2-D convolution, NHWC, stride 1, torch's padding (k//2 each side). Params: ``kernel`` HWIO, ``bias``.
 
-    ``lowering``: "xla", "im2col" or "im2row" forces one (``cmjax.models.conv_lowering``); None uses
-    $CMJAX_CONV_LOWERING, else the lowering measured fastest for this shape on this machine
-    (cached on disk, measured once at trace time on a miss).
+    ``upsample``: convolve the input upsampled 2x (nearest), (B, H, W, C) -> (B, 2H, 2W, features),
+    as diffusers' upsampling layers do; computed at the low resolution where that measures faster.
+    ``lowering``: a name from ``conv_lowering.candidates`` ("xla", "im2col", "im2row", "winograd",
+    "subpixel+xla", ...) forces one; None uses $CMJAX_CONV_LOWERING, else the way measured fastest
+    for this shape on this machine (cached on disk, measured once at trace time on a miss).
     """
 
     features: int
     kernel_size: int = 3
+    upsample: bool = False
     lowering: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -82,18 +85,19 @@ class Conv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1:
-            y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+            y = jnp.einsum("bhwc,co->bhwo", upsample_nearest(x) if self.upsample else x, kernel[0, 0])
         else:
             # init only needs shapes: it never measures (eval_shape of an init traces every conv)
             lowering = self.lowering or ("xla" if self.is_initializing() else None)
-            shape = ConvShape(*x.shape, self.features, k, jnp.dtype(self.dtype).name)
-            y = CONV[choose_lowering(shape, lowering)](x, kernel)
+            shape = ConvShape(*x.shape, self.features, k, jnp.dtype(self.dtype).name, upsample=self.upsample)
+            y = candidates(shape)[choose_lowering(shape, lowering)](x, kernel)
         return y + bias.astype(self.dtype)
 
 
-def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype) -> Conv:
-    """A stride-1 convolution with torch's default padding for odd kernels."""
-    return Conv(features, kernel, name=name, dtype=dtype, param_dtype=param_dtype)
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, upsample: bool = False) -> Conv:
+    """A stride-1 convolution with torch's default padding for odd kernels (of the 2x-upsampled input
+    if ``upsample``)."""
+    return Conv(features, kernel, upsample=upsample, name=name, dtype=dtype, param_dtype=param_dtype)
 
 
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
@@ -106,13 +110,6 @@ def avg_pool_2x2(x: jax.Array) -> jax.Array:
     if h % 2 or w % 2:
         raise ValueError(f"avg_pool_2x2 needs even spatial sizes, got {h}x{w}")
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
-    """Nearest-neighbour upsampling by an integer factor (torch ``interpolate(mode='nearest')``)."""
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
-    return x.reshape(b, h * factor, w * factor, c)
 
 
 class ResnetBlock(nn.Module):
@@ -142,8 +139,8 @@ class ResnetBlock(nn.Module):
         if self.resample == "down":
             x, h = avg_pool_2x2(x), avg_pool_2x2(h)
         elif self.resample == "up":
-            x, h = upsample_nearest(x), upsample_nearest(h)
-        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+            x = upsample_nearest(x)  # h is upsampled by conv1, which may do so at the low resolution
+        h = conv(self.out_channels, 3, "conv1", upsample=self.resample == "up", **kw)(h)
         if temb is not None:
             proj_width = 2 * self.out_channels if self.time_scale_shift else self.out_channels
             t = dense(proj_width, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, spatial_attention, upsample_nearest
+from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, spatial_attention
 
 Dtype = Any
 
@@ -132,7 +132,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv(self.features, 3, "conv", self.dtype, self.param_dtype)(upsample_nearest(x))
+        return conv(self.features, 3, "conv", self.dtype, self.param_dtype, upsample=True)(x)
 
 
 class AttentionOutput(nn.Module):
