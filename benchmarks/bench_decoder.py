@@ -33,6 +33,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.torch_peers: the diffusers reference
 
+from cmjax.models.conv_lowering import LOWERINGS  # noqa: E402  (after the path: runs from a checkout)
+
 
 class PeakRSS:
     """Samples this process's resident memory in a thread; ``peak`` is the max seen (bytes)."""
@@ -148,12 +150,13 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     def run_cmjax():
         return jax.block_until_ready(cmjax.decode(decoder, latents, noise=noise, dtype=dtype))
 
-    cached = sum(len(v) for v in read_cache(cache_path()).values())
+    cached = read_cache(cache_path())
     with PeakRSS() as mem_compile:
         start = time.perf_counter()
         ours = np.asarray(run_cmjax())
         compile_s = time.perf_counter() - start
-    measured = sum(len(v) for v in read_cache(cache_path()).values()) - cached
+    measured = sum(entry != cached.get(machine, {}).get(key)  # new entries and entries measured again
+                   for machine, entries in read_cache(cache_path()).items() for key, entry in entries.items())
     print(f"cmjax first call (compile + run) {compile_s:.2f} s, {measured} conv shapes measured in it "
           f"(lowering cache {cache_path()}); peak RSS {mem_compile.peak / 2**30:.2f} GiB")
 
@@ -227,7 +230,10 @@ def timed(fn, repeats: int, faults: list | None = None) -> list[float]:
 def decode_flops(decoder, h: int, w: int, batch: int, dtype) -> float:
     """FLOPs of one decode: XLA's count for one UNet evaluation (the consistency function) times the steps.
 
-    The same for diffusers: both evaluate the same network on the same shapes.
+    Counted with every conv lowered as XLA's direct convolution (XLA leaves out the products with
+    the zero padding): the network's FLOPs, the same for diffusers (both evaluate the same network
+    on the same shapes), not the fewer multiplies of the Winograd and subpixel lowerings nor the
+    padding products of im2col.
     """
     from cmjax.decoding.decoder import denoise
     from cmjax.decoding.schedule import DEFAULT_TIMESTEPS
@@ -235,8 +241,16 @@ def decode_flops(decoder, h: int, w: int, batch: int, dtype) -> float:
     f = decoder.config.upsample_factor
     x_t = jax.ShapeDtypeStruct((batch, f * h, f * w, 3), jnp.float32)
     z_up = jax.ShapeDtypeStruct((batch, f * h, f * w, decoder.config.latent_channels), jnp.float32)
-    lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(
-        decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
+    forced = os.environ.get("CMJAX_CONV_LOWERING")
+    os.environ["CMJAX_CONV_LOWERING"] = "xla"
+    try:
+        lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(
+            decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
+    finally:
+        if forced is None:
+            del os.environ["CMJAX_CONV_LOWERING"]
+        else:
+            os.environ["CMJAX_CONV_LOWERING"] = forced
     return len(DEFAULT_TIMESTEPS) * lowered.cost_analysis()["flops"]
 
 
@@ -261,7 +275,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="cmjax compute dtype")
     parser.add_argument("--torch-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--lowering", choices=["measure", "xla", "im2col", "im2row"],
+    parser.add_argument("--lowering", choices=("measure",) + LOWERINGS,
                         help="force cmjax's conv lowering (sets CMJAX_CONV_LOWERING)")
     parser.add_argument("--no-torch", action="store_true", help="time cmjax only")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
