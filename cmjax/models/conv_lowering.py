@@ -294,9 +294,10 @@ def candidates(shape: ConvShape) -> dict[str, Callable[[jax.Array, jax.Array], j
     if not shape.upsample:
         return {name: CONV[name] for name in applicable(shape)}
     fns = {name: lambda x, kernel, f=CONV[name]: f(upsample_nearest(x), kernel) for name in applicable(shape)}
-    if shape.kernel == 3:
+    if shape.kernel == 3:  # the lowerings that can run the 2x2 phase kernel
+        phase = dataclasses.replace(shape, kernel=2, out_channels=4 * shape.out_channels, upsample=False)
         fns.update({f"{SUBPIXEL}+{name}": lambda x, kernel, f=CONV[name]: upsampled_conv(x, kernel, f)
-                    for name in LOWERINGS if name != "winograd"})
+                    for name in applicable(phase)})
     return fns
 
 
