@@ -14,6 +14,7 @@ import torch
 import cmjax
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.decoding import schedule
+from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
 from cmjax.weights.convert import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 
@@ -112,6 +113,36 @@ def test_decode_parity(peer, timesteps, clip):
         assert got.min() >= -1 and got.max() <= 1
     else:
         assert np.abs(got).max() > 1  # perturbed random weights overshoot: the clamp is really off
+
+
+def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
+    """Winograd's transformed kernels are made before the loop over steps (``with_prepared_kernels``)
+    and every step reads them: no kernel is prepared while the loop body is traced. The decode
+    still equals diffusers'."""
+    vae, _, dec = peer
+    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
+    prepared, calls = [], []
+    real = decoder_lib.with_prepared_kernels
+
+    def with_prepared_kernels(params, apply_fn):
+        params = real(params, apply_fn)
+        prepared.append(True)
+        return params
+
+    def counting_prepare(kernel):
+        calls.append(bool(prepared))  # True: a kernel prepared after with_prepared_kernels returned
+        return winograd_kernel(kernel)
+
+    monkeypatch.setattr(decoder_lib, "with_prepared_kernels", with_prepared_kernels)
+    monkeypatch.setitem(CONV, "winograd", Lowering(winograd_run, counting_prepare, "winograd"))
+    rng = np.random.default_rng(5)
+    latents = (rng.normal(size=(2, 3, 2, 4)) * 5).astype(np.float32)
+    noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
+    ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
+    decode = jax.jit(lambda p, z, n: decoder_lib.decode_latents(p, z, n, config=dec.config))
+    got = np.asarray(decode(dec.params, jnp.asarray(latents), jnp.stack(noise)))
+    assert prepared == [True] and calls and not any(calls)
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
 def test_matches_diffusers_decode_with_its_own_noise(peer):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cmjax.models.conv_lowering import (CONV, LOWERINGS, OVERRIDE_ENV, ConvShape, applicable, candidates,
-                                        choose_lowering, cpu_model, machine_key, measure, pick, time_calls,
-                                        upsampled_conv)
-from cmjax.models.layers import Conv, GroupNorm, ResnetBlock, avg_pool_2x2, upsample_nearest
+from cmjax.models.conv_lowering import (CACHE_VERSION, CONV, EVALS_PER_PREPARE, LOWERINGS, OVERRIDE_ENV, ConvShape,
+                                        applicable, candidates, choose_lowering, cpu_model, machine_key, measure,
+                                        pick, time_calls, upsampled_conv)
+from cmjax.models.layers import (Conv, GroupNorm, ResnetBlock, avg_pool_2x2, upsample_nearest,
+                                 with_prepared_kernels)
 from tests.torch_peers import nchw, nhwc
 
 
@@ -104,13 +105,26 @@ def test_upsampling_resnet_block_matches_diffusers(lowering, tmp_path, monkeypat
     monkeypatch.setenv("CMJAX_CACHE", str(tmp_path))
     conv1 = ConvShape(2, 3, 5, 32, 32, 3, "float32", upsample=True)
     conv2 = ConvShape(2, 6, 10, 32, 32, 3, "float32")
-    cache = {shape.key(): {"choice": choice, "seconds": {name: 1.0 for name in candidates(shape)}}
+    cache = {shape.key(): {"choice": choice, "seconds": {name: 1.0 for name in candidates(shape)},
+                           "version": CACHE_VERSION}
              for shape, choice in ((conv1, lowering), (conv2, "xla"))}
     (tmp_path / "conv_lowering.json").write_text(json.dumps({machine_key(): cache}))
     hlo = jax.jit(block.apply).lower({"params": params}, jnp.asarray(x), jnp.asarray(temb)).as_text()
     assert hlo.count("convolution(") == 1 + lowering.endswith("xla")  # conv2, and conv1 if it is XLA's
     got = block.apply({"params": params}, jnp.asarray(x), jnp.asarray(temb))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+    # The kernel prepared ahead (once per decode) is the one conv1 reads: with it, the raw kernel is unused.
+    def apply(p):
+        return block.apply({"params": p}, jnp.asarray(x), jnp.asarray(temb))
+    prepared = jax.jit(lambda p: with_prepared_kernels(p, apply))(params)
+    form = candidates(conv1)[lowering].form
+    assert form == {"xla": "", "winograd": "winograd"}.get(lowering, "subpixel")
+    assert set(prepared["conv1"]) == {"kernel", "bias"} | ({f"kernel:{form}"} if form else set())
+    assert set(prepared["conv2"]) == {"kernel", "bias"}  # XLA's conv prepares nothing
+    if form:
+        prepared["conv1"]["kernel"] = jnp.full_like(params["conv1"]["kernel"], jnp.nan)
+        np.testing.assert_allclose(np.asarray(jax.jit(apply)(prepared)), want, atol=1e-5, rtol=0)
     assert json.loads((tmp_path / "conv_lowering.json").read_text()) == {machine_key(): cache}  # nothing measured
 
 
@@ -151,7 +165,8 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert choose_lowering(SHAPE, path=path, measure_fn=measure_fn) == "im2col"
     assert calls == [SHAPE]
     stored = json.loads(path.read_text())[machine_key()][SHAPE.key()]
-    assert stored == {"choice": "im2col", "seconds": {"xla": 3.0, "im2col": 1.0, "im2row": 2.0, "winograd": 9.0}}
+    assert stored == {"choice": "im2col", "seconds": {"xla": 3.0, "im2col": 1.0, "im2row": 2.0, "winograd": 9.0},
+                      "version": CACHE_VERSION}
     # another shape is measured separately and merged into the same file
     other = dataclasses.replace(SHAPE, height=64, width=64)
     slow_im2col, calls2 = fake_measure({"xla": 1.0, "im2col": 2.0, "im2row": 3.0, "winograd": 9.0})
@@ -163,11 +178,14 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert [p.name for p in path.parent.iterdir()] == ["conv_lowering.json"]  # no temp files left
 
 
-def test_entries_without_a_new_candidate_are_measured_again(tmp_path, monkeypatch):
-    """A cache written before Winograd (or subpixel) existed is measured once more, with every candidate."""
+@pytest.mark.parametrize("old", [
+    {"choice": "im2col", "seconds": {"xla": 3.0, "im2col": 1.0, "im2row": 2.0}, "version": CACHE_VERSION},
+    {"choice": "im2col", "seconds": {"xla": 3.0, "im2col": 1.0, "im2row": 2.0, "winograd": 4.0}}])
+def test_old_entries_are_measured_again(tmp_path, monkeypatch, old):
+    """An entry written before Winograd existed, or by an older version (Winograd then transformed
+    its kernel in every call), is measured once more, with every candidate."""
     monkeypatch.delenv(OVERRIDE_ENV, raising=False)
     path = tmp_path / "conv_lowering.json"
-    old = {"choice": "im2col", "seconds": {"xla": 3.0, "im2col": 1.0, "im2row": 2.0}}
     path.write_text(json.dumps({machine_key(): {SHAPE.key(): old}}))
     measure_fn, calls = fake_measure({"xla": 3.0, "im2col": 1.0, "im2row": 2.0, "winograd": 0.5})
     assert choose_lowering(SHAPE, path=path, measure_fn=measure_fn) == "winograd"
@@ -241,9 +259,11 @@ def test_unwritable_cache_still_chooses(tmp_path, monkeypatch):
 
 
 def test_measure_times_every_lowering_with_the_given_timer():
+    """Each timed call spans one tick: a lowering costs its conv plus its kernel preparation shared
+    by EVALS_PER_PREPARE network evaluations (Winograd prepares; XLA's conv, im2col, im2row do not)."""
     ticks = iter(range(1000))
     seconds = measure(ConvShape(1, 3, 4, 4, 4, 3, "float32"), timer=lambda: float(next(ticks)), repeats=2)
-    assert seconds == {name: 1.0 for name in LOWERINGS}  # each timed call spans one tick
+    assert seconds == {"xla": 1.0, "im2col": 1.0, "im2row": 1.0, "winograd": 1.0 + 1.0 / EVALS_PER_PREPARE}
 
 
 def test_timing_drops_a_call_that_cannot_win():

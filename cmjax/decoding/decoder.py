@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax.decoding import schedule
-from cmjax.models.layers import upsample_nearest
+from cmjax.models.layers import upsample_nearest, with_prepared_kernels
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
@@ -276,6 +276,8 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array | Callable[
     # A scan, not a Python loop: one UNet in the compiled program whatever the number of steps.
     # (x0 from zeros_like(z_up) rather than zeros: inside shard_map it carries the same varying axes.)
     x0 = jnp.zeros_like(z_up[..., :1]) + jnp.zeros(IMAGE_CHANNELS, jnp.float32)
+    # Kernels that a conv's lowering rewrites (Winograd, subpixel) are rewritten once, here, not per step.
+    params = with_prepared_kernels(params, lambda p: denoise_fn(p, x0, z_up, timesteps[0], config, dtype))
     x0, _ = jax.lax.scan(step, x0,
                          (jnp.asarray(timesteps, jnp.int32), jnp.arange(len(timesteps), dtype=jnp.int32)))
     return x0

@@ -9,6 +9,10 @@ the output has the input's size for odd k, one more row and column for even k):
             a k-times smaller buffer than im2col, K = k*C
   "winograd" Winograd's F(2x2, 3x3): 2.25x fewer multiplies, 3x3 float32 only
 
+Each is a ``Lowering``: ``run(x, prepare(kernel))``, where ``prepare`` rewrites the kernel alone
+(Winograd's transformed kernel; identity for the others), so that a decode can prepare every
+kernel once, outside its loop over steps (``cmjax.models.layers.with_prepared_kernels``).
+
 ``upsampled_conv`` computes a 3x3 conv of a nearest-2x-upsampled image (the decoders' upsampling
 layers) at the low resolution, as one 2x2 conv with 4x the output channels: 16/36 of the
 multiplies and no upsampled copy of the input.
@@ -18,7 +22,8 @@ tiny images with many channels, where a single large matmul wins; how large "tin
 from one CPU model to the next (github issue 14 of this project: a threshold tuned on one AVX2
 machine was 1.2x off on an AVX-512 one). So ``choose_lowering`` times the candidates once per
 (shape, dtype, backend, device/CPU model, jax version), keeps the answer in a JSON file, and
-reads it at trace time afterwards.
+reads it at trace time afterwards. A lowering is charged its conv's time plus its kernel
+preparation's / ``EVALS_PER_PREPARE``.
 
     CMJAX_CONV_LOWERING   "xla" | "im2col" | "im2row" | "winograd": force one lowering everywhere;
                           "measure" (the default): the cached choice, measured on a cache miss
@@ -44,7 +49,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +66,10 @@ CACHE_NAME = "conv_lowering.json"
 MARGIN = 0.95  # another lowering replaces "xla" only when it takes < MARGIN of xla's time
 REPEATS = 5  # timed calls per lowering (interleaved); the minimum is kept, robust to a busy machine
 PRUNE = 2.0  # after each round, lowerings slower than PRUNE x the best so far are not timed again
+# A decode prepares each kernel once for all its network evaluations (two in the default 2-step
+# decode; ``layers.with_prepared_kernels``), so a lowering is charged its preparation / 2.
+EVALS_PER_PREPARE = 2
+CACHE_VERSION = 2  # entries of an older version are measured again (1 timed Winograd transforming its kernel per call)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -94,52 +103,85 @@ def conv_im2row(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return sum(rows[:, dy:dy + h] @ kernel[dy].reshape(k * c, o) for dy in range(k))
 
 
-_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+def _kernel_itself(kernel: jax.Array) -> jax.Array:
+    return kernel
 
 
-def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308).
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """One way to compute a conv: ``run(x, prepare(kernel))``; calling it does both.
 
-    Each 2x2 output tile comes from a 4x4 input tile: V = B^T d B, U = G g G^T, Y = A^T (sum_c U V) A,
-    so the channel contraction is 16 matmuls over the tiles, 2.25x fewer multiplies than a direct
-    conv. B and A hold only 0 and +-1 and G only 0, +-1/2 (exact in binary), so the rounding error
-    stays that of a direct convolution (tested: within 2x of it against float64). The input
-    transform is one pass (each of the 16 components a signed sum of shifted slices: 16 separate
-    passes and a concat were up to 2x slower in XLA on CPU), the kernel and output transforms are
-    adds; odd sizes are padded to even and cropped.
+    ``prepare`` rewrites the kernel alone (Winograd's transformed kernel, the subpixel phase
+    kernel), so a decode can prepare each kernel once for all its network evaluations instead of
+    once per evaluation (``cmjax.models.layers.with_prepared_kernels``); ``form`` names what it
+    makes ("" for the kernel itself): the params leaf ``kernel:<form>`` holds a prepared kernel.
     """
-    k, _, c, o = kernel.shape
-    if k != 3:
-        raise ValueError(f"winograd lowering is for 3x3 kernels, got {k}x{k}")
-    b, h, w, _ = x.shape
+
+    run: Callable[[jax.Array, Any], jax.Array]
+    prepare: Callable[[jax.Array], Any] = _kernel_itself
+    form: str = ""
+
+    def __call__(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return self.run(x, self.prepare(kernel))
+
+
+def winograd_kernel(kernel: jax.Array) -> tuple[jax.Array, ...]:
+    """(3, 3, C, O) -> the 16 (C, O) matrices U[4p + q] = (G g G^T)[p, q] of Winograd's F(2x2, 3x3).
+
+    Rows of G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: adds and halvings, each of
+    the 16 a separate array (one stacked (16, C, O) array took 3-6x longer to write in XLA on CPU,
+    and slicing it again per matmul copied it).
+    """
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"winograd lowering is for 3x3 kernels, got {kernel.shape[0]}x{kernel.shape[1]}")
+
+    def g_rows(g0, g1, g2):
+        return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+
+    return tuple(u for row in g_rows(kernel[0], kernel[1], kernel[2]) for u in g_rows(row[0], row[1], row[2]))
+
+
+def winograd_run(x: jax.Array, u: Sequence[jax.Array]) -> jax.Array:
+    """The 3x3 convolution of x by the kernel whose ``winograd_kernel`` is u (Lavin & Gray 2016,
+    arXiv:1509.09308, F(2x2, 3x3)).
+
+    Each 2x2 output tile comes from a 4x4 input tile d: V = B^T d B, M[p, q] = V[p, q] @ U[p, q]
+    (16 matmuls over the tiles, 2.25x fewer multiplies than a direct conv), Y = A^T M A. B and A
+    hold only 0 and +-1 and G only 0, +-1/2 (exact in binary), so the rounding error stays that of
+    a direct convolution (tested: within 2x of it against float64). Odd sizes are padded to even
+    and cropped. Rows first, then columns, each transform a few adds of strided slices.
+    """
+    b, h, w, c = x.shape
+    o = u[0].shape[-1]
     th, tw = -(-h // 2), -(-w // 2)  # tiles per column / row
     # tile (i, j) reads padded rows 2i..2i+3: as (block, parity) pairs (i, 0) (i, 1) (i+1, 0) (i+1, 1)
     padded = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
     blocks = padded.reshape(b, th + 1, 2, tw + 1, 2, c)
 
-    # V[p, q] = sum over the 4x4 tile (y, x) of B^T[p, y] B^T[q, x] d[y, x]: one pass over the input
-    v = 0
-    for y in range(4):
-        for x_ in range(4):
-            coef = np.outer(_WINOGRAD_BT[:, y], _WINOGRAD_BT[:, x_]).reshape(4, 4, 1, 1, 1, 1)
-            tile_yx = blocks[:, y // 2:y // 2 + th, y % 2, x_ // 2:x_ // 2 + tw, x_ % 2]
-            v = v + jnp.asarray(coef, x.dtype) * tile_yx
-    v = v.reshape(16, b * th * tw, c)
+    def bt_rows(d0, d1, d2, d3):  # rows of B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
+        return d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
-    def kernel_transform(g0, g1, g2):  # rows of G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]
-        return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+    v = []
+    for r in bt_rows(blocks[:, :th, 0], blocks[:, :th, 1], blocks[:, 1:, 0], blocks[:, 1:, 1]):
+        v += bt_rows(r[:, :, :tw, 0], r[:, :, :tw, 1], r[:, :, 1:, 0], r[:, :, 1:, 1])  # (b, th, tw, c) each
+    m = [(vi.reshape(-1, c) @ ui).reshape(b, th, tw, o) for vi, ui in zip(v, u)]
 
-    u = jnp.stack([jnp.stack(kernel_transform(*r)) for r in kernel_transform(*kernel)]).reshape(16, c, o)
-    m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, b, th, tw, o)
-
-    def output_transform(m0, m1, m2, m3):  # rows of A^T = [[1,1,1,0],[0,1,-1,-1]]
+    def at_rows(m0, m1, m2, m3):  # rows of A^T = [[1,1,1,0],[0,1,-1,-1]]
         return m0 + m1 + m2, m1 - m2 - m3
 
-    rows = [jnp.stack(output_transform(*r), axis=3) for r in output_transform(*m)]  # (b, th, tw, 2, o) each
-    return jnp.stack(rows, axis=2).reshape(b, 2 * th, 2 * tw, o)[:, :h, :w]
+    cols = [at_rows(*m[4 * p:4 * p + 4]) for p in range(4)]  # cols[p][j]: column transform done
+    tile = [[at_rows(*(cols[p][j] for p in range(4)))[a] for j in range(2)] for a in range(2)]  # tile[a][j]
+    y = jnp.stack([jnp.stack(tile[a], axis=3) for a in range(2)], axis=2)  # (b, th, 2, tw, 2, o)
+    return y.reshape(b, 2 * th, 2 * tw, o)[:, :h, :w]
 
 
-CONV = {"xla": conv_xla, "im2col": conv_im2col, "im2row": conv_im2row, "winograd": conv_winograd}
+CONV = {"xla": Lowering(conv_xla), "im2col": Lowering(conv_im2col), "im2row": Lowering(conv_im2row),
+        "winograd": Lowering(winograd_run, winograd_kernel, "winograd")}
+
+
+def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 convolution by Winograd's minimal filtering F(2x2, 3x3): ``winograd_run(x, winograd_kernel(kernel))``."""
+    return CONV["winograd"](x, kernel)
 
 
 def upsampled_kernel(kernel: jax.Array) -> jax.Array:
@@ -164,18 +206,23 @@ def upsampled_kernel(kernel: jax.Array) -> jax.Array:
     return jnp.concatenate(phases, axis=-1)
 
 
-def upsampled_conv(x: jax.Array, kernel: jax.Array, conv: Callable[[jax.Array, jax.Array], jax.Array] = conv_xla
-                   ) -> jax.Array:
-    """conv3x3(upsample_nearest_2x(x)) with padding 1, computed at x's resolution. (B, H, W, C) -> (B, 2H, 2W, O).
+def upsampled_run(x: jax.Array, phase_kernel: jax.Array, conv: Lowering = CONV["xla"]) -> jax.Array:
+    """``upsampled_conv`` from the prepared ``upsampled_kernel``. (B, H, W, C) -> (B, 2H, 2W, O).
 
     ``conv`` (a lowering from ``CONV``) runs the 2x2 phase kernel with padding 1 on each side, giving
     (H+1, W+1) positions; output phase (a, b) is the window starting at (a, b) of its channel block.
     """
     b, h, w, _ = x.shape
-    o = kernel.shape[-1]
-    y = conv(x, upsampled_kernel(kernel)).reshape(b, h + 1, w + 1, 4, o)
+    o = phase_kernel.shape[-1] // 4
+    y = conv(x, phase_kernel).reshape(b, h + 1, w + 1, 4, o)
     rows = [jnp.stack([y[:, a:a + h, c:c + w, 2 * a + c] for c in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o)
+
+
+def upsampled_conv(x: jax.Array, kernel: jax.Array, conv: Lowering = CONV["xla"]) -> jax.Array:
+    """conv3x3(upsample_nearest_2x(x)) with padding 1, computed at x's resolution: one 2x2 conv with
+    4x the output channels (``upsampled_kernel``), 16/36 of the multiplies and no upsampled copy."""
+    return upsampled_run(x, upsampled_kernel(kernel), conv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,36 +332,46 @@ def applicable(shape: ConvShape) -> tuple[str, ...]:
     return tuple(name for name in LOWERINGS if name != "winograd")
 
 
-def candidates(shape: ConvShape) -> dict[str, Callable[[jax.Array, jax.Array], jax.Array]]:
-    """name -> f(x, kernel) for every way to compute ``shape``; x is the conv's input (before any upsampling).
+def candidates(shape: ConvShape) -> dict[str, Lowering]:
+    """name -> ``Lowering`` for every way to compute ``shape``; x is the conv's input (before any upsampling).
 
     A plain conv: its lowerings. An upsampling conv: each lowering on the upsampled input, and
-    "subpixel+<lowering>": ``upsampled_conv`` at the low resolution with that lowering.
+    "subpixel+<lowering>": ``upsampled_run`` at the low resolution with that lowering.
     """
     if not shape.upsample:
         return {name: CONV[name] for name in applicable(shape)}
-    fns = {name: lambda x, kernel, f=CONV[name]: f(upsample_nearest(x), kernel) for name in applicable(shape)}
+    ways = {name: Lowering(lambda x, w, f=CONV[name].run: f(upsample_nearest(x), w), CONV[name].prepare,
+                           CONV[name].form) for name in applicable(shape)}
     if shape.kernel == 3:  # the lowerings that can run the 2x2 phase kernel
         phase = dataclasses.replace(shape, kernel=2, out_channels=4 * shape.out_channels, upsample=False)
-        fns.update({f"{SUBPIXEL}+{name}": lambda x, kernel, f=CONV[name]: upsampled_conv(x, kernel, f)
-                    for name in applicable(phase)})
-    return fns
+        ways.update({f"{SUBPIXEL}+{name}": Lowering(lambda x, w, f=CONV[name]: upsampled_run(x, w, f),
+                                                    upsampled_kernel, SUBPIXEL)
+                     for name in applicable(phase)})
+    return ways
 
 
 def measure(shape: ConvShape, timer: Callable[[], float] = time.perf_counter,
             repeats: int = REPEATS) -> dict[str, float]:
-    """Seconds per call of each of ``candidates(shape)`` on random data (see ``time_calls``)."""
+    """Seconds per network evaluation of each of ``candidates(shape)`` on random data: the conv on its
+    prepared kernel (see ``time_calls``) plus the kernel's preparation / ``EVALS_PER_PREPARE``."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(shape.batch, shape.height, shape.width, shape.in_channels)).astype(np.float32)
     kernel = rng.normal(size=(shape.kernel,) * 2 + (shape.in_channels, shape.out_channels)).astype(np.float32)
+    ways = candidates(shape)
     # Inside a jit trace (where Conv calls this) the arrays and calls must run now, not be staged.
     with jax.ensure_compile_time_eval():
         x, kernel = jnp.asarray(x, shape.dtype), jnp.asarray(kernel, shape.dtype)
-        fns = {name: jax.jit(fn) for name, fn in candidates(shape).items()}
-        for fn in fns.values():
-            jax.block_until_ready(fn(x, kernel))  # compile + warm up
-        calls = {name: lambda fn=fn: jax.block_until_ready(fn(x, kernel)) for name, fn in fns.items()}
-        return time_calls(calls, timer, repeats)
+        prepares = {name: jax.jit(way.prepare) for name, way in ways.items() if way.form}
+        prepared = {name: jax.block_until_ready(prepares[name](kernel)) if name in prepares else kernel
+                    for name in ways}  # compile + warm up
+        runs = {name: jax.jit(way.run) for name, way in ways.items()}
+        for name, run in runs.items():
+            jax.block_until_ready(run(x, prepared[name]))  # compile + warm up
+        seconds = time_calls({name: lambda name=name: jax.block_until_ready(runs[name](x, prepared[name]))
+                              for name in runs}, timer, repeats)
+        prepare_seconds = time_calls({name: lambda fn=fn: jax.block_until_ready(fn(kernel))
+                                      for name, fn in prepares.items()}, timer, repeats=2)
+    return {name: s + prepare_seconds.get(name, 0.0) / EVALS_PER_PREPARE for name, s in seconds.items()}
 
 
 def pick(seconds: dict[str, float]) -> str:
@@ -352,11 +409,11 @@ def choose_lowering(shape: ConvShape, override: str | None = None, path: Path | 
     machine, key = machine_key(), shape.key()
     entry = read_cache(path).get(machine, {}).get(key)
     names = candidates(shape)
-    # an entry measured before a candidate was added is measured again, with every candidate
-    if (isinstance(entry, dict) and entry.get("choice") in names and isinstance(entry.get("seconds"), dict)
-            and set(names) <= set(entry["seconds"])):
+    # an entry measured before a candidate was added, or by another version, is measured again
+    if (isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and entry.get("choice") in names
+            and isinstance(entry.get("seconds"), dict) and set(names) <= set(entry["seconds"])):
         return entry["choice"]
     seconds = measure_fn(shape)
     choice = pick(seconds)
-    write_cache(path, machine, key, {"choice": choice, "seconds": seconds})
+    write_cache(path, machine, key, {"choice": choice, "seconds": seconds, "version": CACHE_VERSION})
     return choice

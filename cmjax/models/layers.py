@@ -8,13 +8,14 @@ statistics are always computed in float32 so that bf16 compute stays close to fp
 """
 from __future__ import annotations
 
-from typing import Any
+import contextvars
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models.conv_lowering import ConvShape, candidates, choose_lowering, upsample_nearest
+from cmjax.models.conv_lowering import ConvShape, Lowering, candidates, choose_lowering, upsample_nearest
 
 Dtype = Any
 
@@ -68,6 +69,8 @@ class Conv(nn.Module):
     ``lowering``: a name from ``conv_lowering.candidates`` ("xla", "im2col", "im2row", "winograd",
     "subpixel+xla", ...) forces one; None uses $CMJAX_CONV_LOWERING, else the way measured fastest
     for this shape on this machine (cached on disk, measured once at trace time on a miss).
+    A lowering that prepares its kernel (Winograd, subpixel) uses the params leaf ``kernel:<form>``
+    when there is one (``with_prepared_kernels``), else prepares ``kernel`` here.
     """
 
     features: int
@@ -90,8 +93,54 @@ class Conv(nn.Module):
             # init only needs shapes: it never measures (eval_shape of an init traces every conv)
             lowering = self.lowering or ("xla" if self.is_initializing() else None)
             shape = ConvShape(*x.shape, self.features, k, jnp.dtype(self.dtype).name, upsample=self.upsample)
-            y = candidates(shape)[choose_lowering(shape, lowering)](x, kernel)
+            way = candidates(shape)[choose_lowering(shape, lowering)]
+            y = way.run(x, self.prepared(way, kernel))
         return y + bias.astype(self.dtype)
+
+    def prepared(self, way: Lowering, kernel: jax.Array) -> Any:
+        """``way.prepare(kernel)``, read from the params leaf ``kernel:<form>`` if there is one."""
+        if not way.form:
+            return kernel
+        leaf = f"kernel:{way.form}"
+        if self.has_variable("params", leaf):
+            return self.get_variable("params", leaf)
+        uses = _PREPARING.get()
+        if uses is not None:  # with_prepared_kernels is asking which prepared kernels this network reads
+            uses[self.scope.path + (leaf,)] = (way.prepare, self.dtype)
+        return way.prepare(kernel)
+
+
+# Set while ``with_prepared_kernels`` traces a network: {(module path..., leaf): (prepare, compute dtype)}.
+_PREPARING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cmjax_preparing", default=None)
+
+
+def with_prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> Any:
+    """``params`` plus each conv's kernel prepared for the lowering it uses in ``apply_fn(params)``.
+
+    Winograd's transformed kernel and the subpixel phase kernel depend on the weights alone; a
+    decode that evaluates its network once per step would otherwise prepare them in every step
+    (inside the loop XLA does not hoist them). This traces ``apply_fn`` abstractly
+    (``jax.eval_shape``: nothing runs) to see which lowering each conv takes at its real input
+    shape, and adds the prepared kernel as a leaf ``kernel:<form>`` next to ``kernel``, which
+    ``Conv`` then reads. Call it under ``jit``, once, outside the loop; the result is a pytree of
+    the same kind (nested dicts), for ``apply_fn``'s network only.
+    """
+    uses: dict = {}
+    token = _PREPARING.set(uses)
+    try:
+        jax.eval_shape(apply_fn, params)
+    finally:
+        _PREPARING.reset(token)
+    if not uses:
+        return params
+    params = dict(params)
+    for (*module, leaf), (prepare, dtype) in uses.items():
+        node = params
+        for name in module:  # copy the dicts on the path; the rest is shared
+            node[name] = dict(node[name])
+            node = node[name]
+        node[leaf] = prepare(node["kernel"].astype(dtype))
+    return params
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, upsample: bool = False) -> Conv:
