@@ -145,6 +145,41 @@ def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
+def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch):
+    """``decode`` prepares a shape's kernels once per Decoder (sharing the raw arrays), keeps one
+    shape at a time, and decodes with them to diffusers' image."""
+    vae, _, peer_decoder = peer
+    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
+    dec = cmjax.Decoder(peer_decoder.config, peer_decoder.params)
+    prepared = dec.prepared_params((2, 3, 2, 4))
+    assert dec.prepared_params((2, 3, 2, 4)) is prepared
+    convs = list(_convs(dec.params, prepared))
+    assert len(convs) > 10
+    for raw, ready in convs:  # every 3x3 conv: its 16 Winograd matrices, next to the same raw kernel
+        c, o = raw["kernel"].shape[2:]
+        assert ready["kernel"] is raw["kernel"] and "kernel:winograd" not in raw
+        assert [u.shape for u in ready["kernel:winograd"]] == [(c, o)] * 16
+    rng = np.random.default_rng(6)
+    latents = (rng.normal(size=(2, 3, 2, 4)) * 5).astype(np.float32)
+    noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
+    ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
+    np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise)), ref, atol=ATOL, rtol=0)
+    assert list(dec._prepared) == [((2, 3, 2, 4), "float32")]
+    dec.prepared_params((1, 2, 2, 4))
+    assert list(dec._prepared) == [((1, 2, 2, 4), "float32")]  # one shape at a time
+    dec.release_prepared()
+    assert not dec._prepared
+
+
+def _convs(raw, ready):
+    """(raw module dict, prepared module dict) for every module with a 3x3 kernel."""
+    if "kernel" in raw and raw["kernel"].ndim == 4 and raw["kernel"].shape[:2] == (3, 3):
+        yield raw, ready
+    for name, child in raw.items():
+        if isinstance(child, dict):
+            yield from _convs(child, ready[name])
+
+
 def test_matches_diffusers_decode_with_its_own_noise(peer):
     """ConsistencyDecoderVAE.decode itself (diffusers semantics): same generator draws, same image."""
     vae, _, dec = peer

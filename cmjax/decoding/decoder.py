@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax.decoding import schedule
-from cmjax.models.layers import upsample_nearest, with_prepared_kernels
+from cmjax.models.layers import add_leaves, prepared_kernels, upsample_nearest, with_prepared_kernels
 from cmjax.models.unet import ConsistencyUNet, UNetConfig
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
@@ -191,13 +191,32 @@ class DecoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-    """A consistency decoder: its config and its params pytree (``{"params": ...}``-free, plain dict)."""
+    """A consistency decoder: its config and its params pytree (``{"params": ...}``-free, plain dict).
+
+    ``decode`` keeps, for the last latent shape and dtype it decoded, the params plus the kernels
+    its conv lowerings prepare (``with_prepared_kernels``: on CPU, Winograd's transformed kernels,
+    up to 16/9 the size of the convs that use them), so that repeated decodes of one shape prepare
+    them once; ``release_prepared()`` frees them.
+    """
 
     config: DecoderConfig
     params: Any
+    _prepared: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def network(self, dtype=jnp.float32) -> ConsistencyUNet:
         return make_network(self.config, dtype)
+
+    def prepared_params(self, latents_shape: Sequence[int], dtype=jnp.float32) -> Any:
+        """``params`` with the kernels prepared for a decode of ``latents_shape`` latents, made once."""
+        key = (tuple(latents_shape), jnp.dtype(dtype).name)
+        if key not in self._prepared:
+            self._prepared.clear()  # one shape's prepared kernels at a time
+            leaves = _prepared_kernels_jit(self.params, config=self.config, latents_shape=key[0], dtype=dtype)
+            self._prepared[key] = add_leaves(self.params, leaves)
+        return self._prepared[key]
+
+    def release_prepared(self) -> None:
+        self._prepared.clear()
 
 
 def make_network(config: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> ConsistencyUNet:
@@ -286,6 +305,14 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array | Callable[
 _decode_jit = jax.jit(decode_latents, static_argnames=("config", "timesteps", "clip_denoised", "dtype"))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "latents_shape", "dtype"))
+def _prepared_kernels_jit(params: Any, *, config: DecoderConfig, latents_shape: tuple[int, ...], dtype) -> dict:
+    """The kernels ``decode_latents`` prepares for (B, h, w, C) latents (``prepared_kernels``), alone."""
+    shape = noise_shape(latents_shape, config)
+    x_t, z_up = jnp.zeros(shape), jnp.zeros(shape[:3] + (latents_shape[-1],))
+    return prepared_kernels(params, lambda p: denoise(p, x_t, z_up, schedule.DEFAULT_TIMESTEPS[0], config, dtype))
+
+
 def noise_shape(latents_shape: Sequence[int], config: DecoderConfig) -> tuple[int, int, int, int]:
     b, h, w, _ = latents_shape
     return (b, h * config.upsample_factor, w * config.upsample_factor, IMAGE_CHANNELS)
@@ -316,8 +343,8 @@ def decode(decoder: Decoder, latents, *, key: jax.Array | None = None, noise: Se
                            for i in range(len(timesteps))])
     else:
         noise = _check_noise(noise, shape, len(timesteps))
-    return _decode_jit(decoder.params, latents, noise, config=cfg, timesteps=timesteps,
-                       clip_denoised=clip_denoised, dtype=dtype)
+    return _decode_jit(decoder.prepared_params(latents.shape, dtype), latents, noise, config=cfg,
+                       timesteps=timesteps, clip_denoised=clip_denoised, dtype=dtype)
 
 
 def _check_latents(latents, config: DecoderConfig) -> jax.Array:

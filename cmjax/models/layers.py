@@ -114,16 +114,13 @@ class Conv(nn.Module):
 _PREPARING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cmjax_preparing", default=None)
 
 
-def with_prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> Any:
-    """``params`` plus each conv's kernel prepared for the lowering it uses in ``apply_fn(params)``.
+def prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> dict[tuple[str, ...], Any]:
+    """{(module path..., "kernel:<form>"): prepared kernel} for each conv of ``apply_fn(params)``
+    whose lowering prepares its kernel (Winograd's transform, the subpixel phase kernel).
 
-    Winograd's transformed kernel and the subpixel phase kernel depend on the weights alone; a
-    decode that evaluates its network once per step would otherwise prepare them in every step
-    (inside the loop XLA does not hoist them). This traces ``apply_fn`` abstractly
-    (``jax.eval_shape``: nothing runs) to see which lowering each conv takes at its real input
-    shape, and adds the prepared kernel as a leaf ``kernel:<form>`` next to ``kernel``, which
-    ``Conv`` then reads. Call it under ``jit``, once, outside the loop; the result is a pytree of
-    the same kind (nested dicts), for ``apply_fn``'s network only.
+    ``apply_fn`` is traced abstractly (``jax.eval_shape``: nothing runs) to see which lowering each
+    conv takes at its real input shape; the preparations themselves are traced here (run it under
+    ``jit``). ``with_prepared_kernels`` adds them to the params.
     """
     uses: dict = {}
     token = _PREPARING.set(uses)
@@ -131,16 +128,39 @@ def with_prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> Any:
         jax.eval_shape(apply_fn, params)
     finally:
         _PREPARING.reset(token)
-    if not uses:
+    leaves = {}
+    for (*module, leaf), (prepare, dtype) in uses.items():
+        node = params
+        for name in module:
+            node = node[name]
+        leaves[(*module, leaf)] = prepare(node["kernel"].astype(dtype))
+    return leaves
+
+
+def add_leaves(params: Any, leaves: dict[tuple[str, ...], Any]) -> Any:
+    """A copy of the nested dicts ``params`` with ``leaves`` ({path: value}) added; arrays are shared."""
+    if not leaves:
         return params
     params = dict(params)
-    for (*module, leaf), (prepare, dtype) in uses.items():
+    for *module, leaf in leaves:
         node = params
         for name in module:  # copy the dicts on the path; the rest is shared
             node[name] = dict(node[name])
             node = node[name]
-        node[leaf] = prepare(node["kernel"].astype(dtype))
+        node[leaf] = leaves[(*module, leaf)]
     return params
+
+
+def with_prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> Any:
+    """``params`` plus each conv's kernel prepared for the lowering it uses in ``apply_fn(params)``.
+
+    Winograd's transformed kernel and the subpixel phase kernel depend on the weights alone; a
+    decode that evaluates its network once per step would otherwise prepare them in every step
+    (inside the loop XLA does not hoist them). Each is added as a leaf ``kernel:<form>`` next to
+    ``kernel`` (``prepared_kernels``), which ``Conv`` then reads. Call it under ``jit``, once,
+    outside the loop; params that already hold their prepared kernels come back unchanged.
+    """
+    return add_leaves(params, prepared_kernels(params, apply_fn))
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, upsample: bool = False) -> Conv:
