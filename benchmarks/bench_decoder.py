@@ -208,7 +208,8 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     if args.profile:
         from cmjax.decoding.decoder import _decode_jit
 
-        lowered = _decode_jit.lower(decoder.params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
+        params = decoder.prepared_params(latents.shape, dtype)  # what cmjax.decode runs with
+        lowered = _decode_jit.lower(params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
                                     timesteps=cmjax.decoding.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
         profile_cmjax(run_cmjax, lowered, args.profile)
         profile_torch(run_torch, args.profile)

@@ -196,7 +196,8 @@ class Decoder:
     ``decode`` keeps, for the last latent shape and dtype it decoded, the params plus the kernels
     its conv lowerings prepare (``with_prepared_kernels``: on CPU, Winograd's transformed kernels,
     up to 16/9 the size of the convs that use them), so that repeated decodes of one shape prepare
-    them once; ``release_prepared()`` frees them.
+    them once; ``release_prepared()`` frees them. Replace params with ``dataclasses.replace``
+    (a new Decoder), never in place.
     """
 
     config: DecoderConfig
