@@ -179,11 +179,6 @@ CONV = {"xla": Lowering(conv_xla), "im2col": Lowering(conv_im2col), "im2row": Lo
         "winograd": Lowering(winograd_run, winograd_kernel, "winograd")}
 
 
-def conv_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 convolution by Winograd's minimal filtering F(2x2, 3x3): ``winograd_run(x, winograd_kernel(kernel))``."""
-    return CONV["winograd"](x, kernel)
-
-
 def upsampled_kernel(kernel: jax.Array) -> jax.Array:
     """(3, 3, C, O) -> (2, 2, C, 4 * O): the 2x2 kernel of each output phase (a, b), phase-major on O.
 
@@ -340,8 +335,8 @@ def candidates(shape: ConvShape) -> dict[str, Lowering]:
     """
     if not shape.upsample:
         return {name: CONV[name] for name in applicable(shape)}
-    ways = {name: Lowering(lambda x, w, f=CONV[name].run: f(upsample_nearest(x), w), CONV[name].prepare,
-                           CONV[name].form) for name in applicable(shape)}
+    ways = {name: dataclasses.replace(CONV[name], run=lambda x, w, f=CONV[name].run: f(upsample_nearest(x), w))
+            for name in applicable(shape)}
     if shape.kernel == 3:  # the lowerings that can run the 2x2 phase kernel
         phase = dataclasses.replace(shape, kernel=2, out_channels=4 * shape.out_channels, upsample=False)
         ways.update({f"{SUBPIXEL}+{name}": Lowering(lambda x, w, f=CONV[name]: upsampled_run(x, w, f),
