@@ -4,7 +4,10 @@
       -> hub.py          resolve_checkpoint: the one place that names are resolved and files
                          downloaded (verified) and converted into the cache
       -> convert.py      format detection -> a Decoder or VAE in memory, written as a checkpoint
-           torch_pickle.py   TorchScript / torch.save files read without torch (restricted unpickler)
+           torch_pickle.py   TorchScript / torch.save files read without torch: load_torch_file
+             torch_archives.py   zip and legacy containers, magic bytes
+             torch_unpickler.py  the restricted unpickler (globals allowed: torch_globals.py)
+             torch_tensors.py    tensor geometry checked against storages; arrays built
            diffusers.py      safetensors and diffusers configs and names
            openai.py         OpenAI's names -> diffusers names
            sd_vae.py         SD VAE formats (diffusers, LDM)

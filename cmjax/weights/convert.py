@@ -40,7 +40,7 @@ from cmjax.weights.mapping import ConversionError
 from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
 from cmjax.weights.sd_vae import detect_vae_format, load_pytorch_vae
-from cmjax.weights.torch_pickle import CheckpointError, check_regular_file, load_torch_file
+from cmjax.weights.torch_pickle import LEGACY_HEAD, ZIP_MAGIC, CheckpointError, check_regular_file, load_torch_file
 
 KINDS = ("decoder", "vae")
 DIFFUSERS, OPENAI_TORCHSCRIPT, OPENAI_SAFETENSORS, TORCH_PICKLE, TORCHSCRIPT = (
@@ -48,8 +48,6 @@ DIFFUSERS, OPENAI_TORCHSCRIPT, OPENAI_SAFETENSORS, TORCH_PICKLE, TORCHSCRIPT = (
 _DECODER_CLASSES = ("ConsistencyDecoderVAE", "UNet2DModel")
 _VAE_CLASSES = ("AutoencoderKL",)
 _BIN_WEIGHTS = "diffusion_pytorch_model.bin"
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-_LEGACY_PICKLE = b"\x80\x02\x8a\x0a"
 
 Report = Callable[[str], None]
 
@@ -103,9 +101,9 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     if not head:
         return "empty"
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         return "zip"
-    if head.startswith(_LEGACY_PICKLE):
+    if head.startswith(LEGACY_HEAD):
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size:
         return "safetensors"
