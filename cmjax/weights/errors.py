@@ -1,8 +1,14 @@
-"""The error every weights reader raises for a file or directory it cannot read, and the one
-guarded JSON parser for the JSON inside untrusted files (cmjax.json, config.json, safetensors headers).
+"""The error for a checkpoint file or directory that cannot be read, and the one guarded JSON
+parser for the JSON inside untrusted files (cmjax.json, config.json, safetensors headers).
 
-One class for the TorchScript/pickle reader, safetensors and cmjax checkpoint directories, so a
-caller catches one thing; the message always names the path and the problem.
+:class:`CheckpointError` is what the PyTorch reader (torch_pickle.py and its torch_* modules) and
+the cmjax checkpoint directories (checkpoint.py) raise, so a caller of either catches one thing;
+the message always names the path and the problem. The other errors of weights/ say something
+else and are defined where they belong: ``ConversionError`` (mapping.py, raised by every
+converter: weights or names that do not fit the model, malformed safetensors headers and
+diffusers configs), ``ExportError`` (export.py: a checkpoint that cannot take the requested diffusers
+form), ``DownloadError`` (hub.py, an OSError: a download failed or did not verify) and
+``InceptionWeightsError`` (inception.py, a FileNotFoundError: the FID weights are not there).
 """
 from __future__ import annotations
 
