@@ -242,22 +242,3 @@ def decoder_from_diffusers_state(tensors: Mapping[str, np.ndarray], *, source: s
             raise ConversionError(f"{source}: {e}") from None
     params = torch_to_flax(state, abstract_params(config), dtype=dtype, source=source)
     return Decoder(config, params)
-
-
-def load_diffusers_decoder(src: str | Path, *, dtype: Any = np.float32) -> Decoder:
-    """Read a diffusers folder or safetensors file into a Decoder with NumPy params.
-
-    ``dtype``: the params' dtype (fp16 sources are upcast to float32 by default); None keeps it.
-    """
-    src = Path(src)
-    if src.is_dir():
-        weights = find_weights(src)
-        config_path = src / "config.json"
-    elif src.is_file():
-        weights = src
-        config_path = src.parent / "config.json"
-    else:
-        raise ConversionError(f"{src}: no such file or folder")
-    return decoder_from_diffusers_state(read_safetensors(weights), source=str(weights),
-                                        config_path=config_path if config_path.is_file() else None,
-                                        dtype=dtype)
