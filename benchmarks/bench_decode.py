@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoder import PeakRSS  # noqa: E402
 
-from cmjax import data, parallel  # noqa: E402
+from cmjax import parallel  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.batch import outputs, program  # noqa: E402
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
+from cmjax.images import to_uint8  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
@@ -181,7 +182,7 @@ def tiling_error(args) -> None:
         diff = np.abs(out - ref)
         print(f"{name} vs untiled: PSNR {metrics.mean_psnr(out, ref, clip=False):.2f} dB (range [-1, 1]); max |diff| {diff.max():.4f}, "
               f"mean {diff.mean():.5f}; uint8 PSNR "
-              f"{metrics.mean_psnr(data.to_uint8(out), data.to_uint8(ref), value_range=(0, 255)):.2f} dB")
+              f"{metrics.mean_psnr(to_uint8(out), to_uint8(ref), value_range=(0, 255)):.2f} dB")
 
 
 def memory_only(args) -> None:

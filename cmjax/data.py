@@ -1,5 +1,6 @@
-"""Training input: sources, grain transforms, the per-host sharded loader, its checkpointable
-iterator, and the step from host-local numpy batches to one global `jax.Array`.
+"""Training input: sources, grain transforms, the per-host sharded loader (grain's checkpoint
+handler saves its iterator, see cmjax.training.checkpointing), and the step from host-local numpy
+batches to one global `jax.Array`. Pixel conversions and grids are cmjax.images'.
 
 Data flow:
   source[i] -> {"image": uint8 (H, W, C), ...}            (TFDS / image folder / numpy array)
@@ -16,7 +17,6 @@ and is done beforehand, with whatever that needs.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +25,8 @@ import grain
 import jax
 import numpy as np
 from PIL import Image
+
+from cmjax.images import from_uint8, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -42,20 +44,6 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     import tensorflow_datasets as tfds  # Lazy: `import cmjax.data` should stay light.
 
     return tfds.data_source(name, split=split, data_dir=data_dir)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> mode RGB. Transparent pixels are composited onto white, since their
-    stored colour is arbitrary (often black) and dropping alpha would expose it."""
-    if img.mode in ("I;16", "I;16L", "I;16B"):  # 16-bit grayscale PNG: keep the top 8 bits.
-        img = Image.fromarray((np.asarray(img, np.uint16) >> 8).astype(np.uint8))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 class ImageFolderSource:
@@ -262,11 +250,6 @@ def train_transforms(image_size: int, channels: int = 3) -> list[grain.transform
     return [RandomCrop(image_size), RandomFlip(), ToFloat(channels)]
 
 
-def eval_transforms(image_size: int, channels: int = 3) -> list[grain.transforms.Map]:
-    """Center crop, then float32 in [-1, 1]; deterministic."""
-    return [CenterCrop(image_size), ToFloat(channels)]
-
-
 # --------------------------------------------------------------------------------------------
 # The loader.
 
@@ -339,24 +322,6 @@ def _ensure_absl_flags_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
-def iterator_state(iterator: grain.DataLoaderIterator) -> dict[str, Any]:
-    """The iterator's position as a JSON-serialisable dict (e.g. for `ocp.args.JsonSave`)."""
-    return json.loads(iterator.get_state().decode())
-
-
-def restore_iterator(loader: grain.DataLoader,
-                     state: Mapping[str, Any]) -> grain.DataLoaderIterator:
-    """A fresh iterator over `loader` positioned where `iterator_state` was taken.
-
-    grain checks that the loader matches the one the state came from: the same worker_count,
-    sampler (record count, seed, sharding, epochs) and source `repr` (for an image folder its
-    root and size), else it raises ValueError. Transforms and batch size are not checked.
-    """
-    iterator = iter(loader)
-    iterator.set_state(json.dumps(state).encode())
-    return iterator
-
-
 # --------------------------------------------------------------------------------------------
 # Host-local -> global.
 
@@ -370,86 +335,3 @@ def to_global_batch(batch, sharding: jax.sharding.Sharding):
     """
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-
-# --------------------------------------------------------------------------------------------
-# Pictures: the one uint8 <-> [-1, 1] conversion, and labelled image grids (eval, edit, training samples).
-
-
-def from_uint8(images) -> np.ndarray:
-    """uint8 images (or floats in [0, 255]) -> float32 in [-1, 1]: ``x / 127.5 - 1``."""
-    return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def to_uint8(images) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]; uint8 passes through."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1,
-               column_labels: Sequence[str] | None = None,
-               cell_labels: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-    """Rows of images -> one uint8 RGB picture (H_grid, W_grid, 3), white background.
-
-    Each row is (n, H, W, C) float in [-1, 1] or uint8, C in {1, 3}; every image has the same size
-    and is nearest-neighbour upscaled by ``upscale``. ``column_labels`` (one per column) are written
-    above the first row and ``cell_labels[i][j]`` under image j of row i (e.g. its PSNR), in PIL's
-    default font; a column is widened to fit its labels. Without labels the grid is the images
-    with ``pad`` pixels between and around them.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    cells = []
-    for row in rows:
-        u8 = to_uint8(row)
-        if u8.shape[-1] == 1:
-            u8 = np.repeat(u8, 3, axis=-1)
-        if upscale > 1:
-            u8 = u8.repeat(upscale, axis=1).repeat(upscale, axis=2)
-        cells.append(u8)
-    h, w = cells[0].shape[1:3]
-    ncols = max(len(row) for row in cells)
-    font = ImageFont.load_default()
-    text_h = font.getbbox("Ag")[3] if column_labels or cell_labels else 0
-
-    def text_w(text: str) -> int:
-        return int(font.getbbox(text)[2])
-
-    col_w = [w] * ncols
-    for j, label in enumerate(column_labels or ()):
-        col_w[j] = max(col_w[j], text_w(label) + 6)
-    for labels in cell_labels or ():
-        for j, label in enumerate(labels):
-            col_w[j] = max(col_w[j], text_w(label) + 6)
-    col_x = [pad + sum(col_w[:j]) + j * pad for j in range(ncols)]
-    header = text_h + pad if column_labels else 0
-    row_h = h + (text_h + pad if cell_labels else 0)
-    grid = np.full((pad + header + len(cells) * (row_h + pad), col_x[-1] + col_w[-1] + pad, 3), 255, np.uint8)
-    for i, row in enumerate(cells):
-        for j, im in enumerate(row):
-            if im.shape[:2] != (h, w):
-                raise ValueError(f"grid cell ({i}, {j}) is {im.shape[:2]}, expected {(h, w)}")
-            y, x = pad + header + i * (row_h + pad), col_x[j] + (col_w[j] - w) // 2
-            grid[y:y + h, x:x + w] = im
-    if not (column_labels or cell_labels):
-        return grid
-    picture = Image.fromarray(grid)
-    draw = ImageDraw.Draw(picture)
-    for j, label in enumerate(column_labels or ()):
-        draw.text((col_x[j] + (col_w[j] - text_w(label)) // 2, pad), label, fill=(0, 0, 0), font=font)
-    for i, labels in enumerate(cell_labels or ()):
-        y = pad + header + i * (row_h + pad) + h + pad // 2
-        for j, label in enumerate(labels):
-            draw.text((col_x[j] + (col_w[j] - text_w(label)) // 2, y), label, fill=(0, 0, 0), font=font)
-    return np.asarray(picture)
-
-
-def save_image_grid(path: str | os.PathLike, rows: Sequence[np.ndarray], **kwargs) -> str:
-    """Write :func:`image_grid` (same keyword arguments) as a PNG, creating folders; returns the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image_grid(rows, **kwargs)).save(path)
-    return path

@@ -1,5 +1,6 @@
-"""Tests for cmjax.data: sources, transforms, the sharded loader, iterator checkpoints, TFDS
-without TensorFlow, and host-local -> global batches on a 4-device CPU mesh."""
+"""Tests for cmjax.data: sources, transforms, the sharded loader, its iterator's state restored
+(as grain's checkpoint handler does), TFDS without TensorFlow, and host-local -> global batches
+on a 4-device CPU mesh."""
 
 import io
 import json
@@ -32,6 +33,14 @@ def _indexed_source(n=32, size=12):
 
 def _labels(loader):
     return np.concatenate([b["label"] for b in loader])
+
+
+def _restored(loader, state: bytes):
+    """A fresh iterator over ``loader`` set to ``state`` (what grain's checkpoint handler does on
+    restore, see cmjax.training.checkpointing)."""
+    iterator = iter(loader)
+    iterator.set_state(state)
+    return iterator
 
 
 def _run_python(code, env_extra=None):
@@ -288,10 +297,10 @@ def test_iterator_state_restore_gives_the_same_batches():
     it = iter(loader())
     for _ in range(3):
         next(it)
-    state = json.loads(json.dumps(data.iterator_state(it)))  # Survives a JSON checkpoint.
+    state = json.dumps(json.loads(it.get_state().decode())).encode()  # Survives a JSON checkpoint.
     expected = [next(it) for _ in range(4)]  # Crosses the epoch boundary at batch 4.
 
-    restored = data.restore_iterator(loader(), state)
+    restored = _restored(loader(), state)
     for want in expected:
         got = next(restored)
         np.testing.assert_array_equal(got["label"], want["label"])
@@ -302,7 +311,7 @@ def test_iterator_state_restore_gives_the_same_batches():
     other = data.make_train_loader(src, global_batch_size=8, image_size=8, seed=6,
                                    shard_by_host=False)
     with pytest.raises(ValueError, match="[Ss]ampler"):
-        data.restore_iterator(other, state)
+        _restored(other, state)
 
 
 def test_loader_with_worker_processes_and_image_folder(tmp_path):
@@ -314,9 +323,9 @@ def test_loader_with_worker_processes_and_image_folder(tmp_path):
     it = iter(loader)
     first = next(it)
     assert first["image"].shape == (4, 8, 8, 3) and set(first) == {"image"}
-    state = data.iterator_state(it)
+    state = it.get_state()
     want = next(it)
-    got = next(data.restore_iterator(loader, state))
+    got = next(_restored(loader, state))
     np.testing.assert_array_equal(got["image"], want["image"])
 
 

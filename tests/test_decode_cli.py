@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import cmjax
-from cmjax import data
+from cmjax.images import to_uint8
 from cmjax.decoding.batch import inputs, program
 from cmjax.cli import decode as decode_cmd
 from cmjax.decoding.batch import run as batch_run
@@ -167,7 +167,7 @@ def test_noise_identity_is_stable():
 
 def test_to_uint8_rounds():
     x = np.array([-1.5, -1.0, -0.999, 0.0, 0.0039, 1.0, 2.0], np.float32)
-    np.testing.assert_array_equal(data.to_uint8(x), [0, 0, 0, 128, 128, 255, 255])  # 127.5 rounds to even, 128
+    np.testing.assert_array_equal(to_uint8(x), [0, 0, 0, 128, 128, 255, 255])  # 127.5 rounds to even, 128
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmjax import data
-from cmjax.evaluation import fid as F
+from cmjax.evaluation import fid as F, sources
+from cmjax.images import to_uint8
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
@@ -300,14 +300,14 @@ def test_sources_and_their_errors(tmp_path):
     folder = write_folder(tmp_path / "mixed", digits_rgb(2, 12))
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(folder / "odd.png")
     with pytest.raises(ValueError, match="odd.png.*--resolution"):
-        list(F.source_batches(F.open_source(str(folder)), batch_size=8))
-    batches = list(F.source_batches(F.open_source(str(folder)), resolution=8, batch_size=2))
+        list(sources.source_batches(sources.open_source(str(folder)), batch_size=8))
+    batches = list(sources.source_batches(sources.open_source(str(folder)), resolution=8, batch_size=2))
     assert [b.shape for b in batches] == [(2, 8, 8, 3), (1, 8, 8, 3)] and batches[0].dtype == np.uint8
-    assert len(F.open_source("digits")) == 1797
+    assert len(sources.open_source("digits")) == 1797
     with pytest.raises(ValueError, match="not an image folder"):
-        F.open_source(str(tmp_path / "missing"))
+        sources.open_source(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="tfds:NAME"):
-        F.open_source("tfds:")
+        sources.open_source("tfds:")
 
 
 @needs_weights
@@ -398,4 +398,4 @@ def test_sample_statistics_quantise_and_save(tmp_path):
                             progress=False)
     assert s.num_images == 5 and sorted(os.listdir(tmp_path / "png"))[-1] == "000004.png"
     assert np.asarray(Image.open(tmp_path / "png" / "000000.png")).dtype == np.uint8
-    np.testing.assert_array_equal(data.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])

@@ -1,10 +1,10 @@
-"""cmjax.data.image_grid: the one picture-grid helper (eval recon, edit, training samples)."""
+"""cmjax.images.image_grid: the one picture-grid helper (eval recon, edit, training samples)."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import ImageFont
 
-from cmjax.data import image_grid, to_uint8
+from cmjax.images import image_grid, to_uint8
 
 
 def test_to_uint8_rounds_and_clips():

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import consistency as C, data, editing
+from cmjax import consistency as C, editing
 from cmjax.cli import HelpFormatter
-from cmjax.data import save_image_grid
-from cmjax.evaluation import fid as fid_lib
+from cmjax.evaluation import sources
+from cmjax.images import from_uint8, save_image_grid
 from cmjax.training.trained import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
@@ -81,10 +81,10 @@ def load_images(spec: str, model: ImageCM, num: int, data_dir: Optional[str] = N
     h, w, c = model.image_shape
     if h != w:
         raise ValueError(f"the model's images are {h}x{w}; editing inputs are center-cropped squares")
-    source = fid_lib.open_source(spec, data_dir=data_dir)
-    batches = list(fid_lib.source_batches(source, resolution=h, max_images=num, batch_size=num))
+    source = sources.open_source(spec, data_dir=data_dir)
+    batches = list(sources.source_batches(source, resolution=h, max_images=num, batch_size=num))
     u8 = np.concatenate(batches)
-    x = data.from_uint8(u8)
+    x = from_uint8(u8)
     if c == 1 and x.shape[-1] == 3:
         x = (x @ np.asarray(editing.LUMA, np.float32))[..., None] / np.float32(sum(editing.LUMA))
     elif c == 3 and x.shape[-1] == 1:

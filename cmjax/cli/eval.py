@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data
+from cmjax import data, images
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import decoder as decoder_lib
-from cmjax.evaluation import fid as fid_lib, latent_stats, metrics
+from cmjax.evaluation import fid as fid_lib, latent_stats, metrics, sources
 from cmjax.models import vae as vae_lib
 from cmjax.training import trained
 from cmjax.weights import hub
@@ -77,7 +77,7 @@ def _recon(args) -> int:
         for b, start in enumerate(range(0, n, args.batch_size)):
             u8 = np.stack([crop.map({"image": source[i]["image"]})["image"]
                            for i in range(start, min(start + args.batch_size, n))])
-            x = jnp.asarray(data.from_uint8(u8))
+            x = jnp.asarray(images.from_uint8(u8))
             latents = vae_lib.encode(vae, x)
             results = {"consistency": decoder_lib.decode(dec, latents, key=jax.random.fold_in(key, b),
                                                          timesteps=timesteps)}
@@ -101,10 +101,10 @@ def _recon(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     g = args.grid_images
     shown = [k for k in ("gan", "consistency") if k in outs]
-    cols = [np.concatenate(inputs)[:g]] + [data.to_uint8(np.concatenate(outs[k])[:g]) for k in shown]
+    cols = [np.concatenate(inputs)[:g]] + [images.to_uint8(np.concatenate(outs[k])[:g]) for k in shown]
     rows = [np.stack([c[i] for c in cols]) for i in range(len(cols[0]))]  # input | GAN | consistency
     psnrs = [[""] + [f"{per[k]['psnr'][i]:.2f} dB" for k in shown] for i in range(len(rows))]
-    grid_path = data.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
+    grid_path = images.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
                                      upscale=max(1, 64 // args.size), cell_labels=psnrs,
                                      column_labels=["input"] + [names[k] for k in shown])
     with open(os.path.join(args.out, "recon_metrics.json"), "w") as fh:
@@ -124,8 +124,8 @@ def _latent_stats(args) -> int:
     f = vae.config.downsample_factor
     if args.resolution and args.resolution % f:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {f}")
-    source = fid_lib.open_source(args.images, data_dir=args.data_dir)
-    batches = fid_lib.source_batches(source, resolution=args.resolution, max_images=args.max_images,
+    source = sources.open_source(args.images, data_dir=args.data_dir)
+    batches = sources.source_batches(source, resolution=args.resolution, max_images=args.max_images,
                                  batch_size=args.batch_size)
     stats = latent_stats.latent_statistics(vae, batches)
     out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
@@ -185,7 +185,7 @@ def _fid(args) -> int:
             gen = fid_lib.FIDStats.load(spec)
             resolution = args.resolution
         else:
-            source = fid_lib.open_source(spec, data_dir=args.data_dir)
+            source = sources.open_source(spec, data_dir=args.data_dir)
             resolution = args.resolution or int(np.asarray(source[0]["image"]).shape[0])
             gen = fid_lib.source_statistics(source, extractor, resolution=args.resolution,
                                             max_images=args.max_images, desc=f"samples {spec}",

@@ -1,6 +1,8 @@
 """Measuring models: FID and reconstruction metrics.
 
-    fid.py       images (folders, TFDS, digits, samplers) -> sharded Inception features (cmjax.models.inception)
-                 -> float64 statistics (cached) -> Frechet distance; the FID hook of train.py
+    sources.py   image sets named on a command line (folders, TFDS, digits) -> uniform uint8 batches
+    fid.py       those images, or a sampler's -> sharded Inception features (cmjax.models.inception)
+                 -> statistics (reference ones cached); the FID hook of train.py
+    frechet.py   features -> float64 statistics -> the Frechet distance (FIDStats, fid)
     metrics.py   PSNR and SSIM, the only implementations in the package
 """

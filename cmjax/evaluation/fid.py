@@ -11,9 +11,13 @@ over the mesh's ``data`` axis -> jitted :func:`cmjax.models.inception.fid_featur
 scale, InceptionV3 pool-3) -> ``(N, 2048)`` features -> ``mu (2048,)``, ``sigma (2048, 2048)``
 (float64, ``np.cov`` with N - 1) -> ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 
+The statistics and the distance are :mod:`cmjax.evaluation.frechet`'s (re-exported here: ``fid``,
+``FIDStats``, ``statistics``, ``frechet_distance``); this module computes the features.
+
 Sources (``--ref`` / ``--samples`` of ``python -m cmjax.eval fid``): an image folder (recursive,
 :class:`cmjax.data.ImageFolderSource`), ``tfds:NAME[:SPLIT]`` (a prepared TFDS dataset, read
-without TensorFlow), ``digits`` (scikit-learn's 8x8 digits), or an ``.npz`` of ``mu``/``sigma``
+without TensorFlow), ``digits`` (scikit-learn's 8x8 digits), all read by
+:mod:`cmjax.evaluation.sources`, or an ``.npz`` of ``mu``/``sigma``
 (the format pytorch-fid and clean-fid write too). With ``resolution`` every image is
 resized (shorter side, bicubic) and center-cropped to ``resolution``^2 first, as the training
 input pipeline does for evaluation; without it all images must share one size.
@@ -27,149 +31,31 @@ quantisation as saving them as PNG.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
-from cmjax import cache, data, parallel
+from cmjax import cache, parallel
+from cmjax.evaluation.frechet import FIDStats, fid, frechet_distance, statistics
+from cmjax.evaluation.sources import DIGITS, TFDS_PREFIX, open_source, source_batches
+from cmjax.images import to_uint8
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
+# FIDStats, statistics, frechet_distance and fid (cmjax.evaluation.frechet) are part of the FID API.
 __all__ = [
     "FIDStats", "FeatureExtractor", "statistics", "frechet_distance", "fid",
-    "open_source", "source_batches", "source_statistics", "reference_statistics",
+    "source_statistics", "reference_statistics",
     "sample_features", "sample_statistics", "fid_callback", "ternary_search_sigma", "stats_cache_path",
 ]
 
 STATS_VERSION = 1  # bump when anything that changes cached statistics changes
-DIGITS = "digits"
-TFDS_PREFIX = "tfds:"
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics and the distance
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FIDStats:
-    """Gaussian statistics of Inception features: ``mu (D,)``, ``sigma (D, D)`` float64, ``num_images``.
-
-    ``factor``: optionally a ``(D, k)`` matrix with ``sigma = factor @ factor.T`` (kept by
-    :func:`statistics` when there are fewer images than dimensions, so that FIDs of small sets
-    cost ``O(D^2 k)`` instead of ``O(D^3)``); it is not saved.
-    """
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    num_images: int
-    factor: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
-
-    @functools.cached_property
-    def sigma_factor(self) -> np.ndarray:
-        """A ``(D, r)`` matrix ``C`` with ``sigma = C C^T`` (``r`` = numerical rank): ``factor`` if
-        given, else from one eigendecomposition, the costly part of an FID, done once per object:
-        keep the reference's object to score many sample sets against it."""
-        if self.factor is not None:
-            return self.factor
-        w, v = np.linalg.eigh((self.sigma + self.sigma.T) / 2)
-        w = _psd_eigvals(w)
-        keep = w > 0
-        return v[:, keep] * np.sqrt(w[keep])
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``mu``, ``sigma``, ``num_images`` to an ``.npz`` (atomically: temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "FIDStats":
-        """Read an ``.npz`` with ``mu`` and ``sigma`` (cmjax's, pytorch-fid's or clean-fid's)."""
-        try:
-            with np.load(path) as f:
-                if "mu" not in f or "sigma" not in f:
-                    raise ValueError(f"{path}: an FID statistics file needs arrays 'mu' and 'sigma', "
-                                     f"found {sorted(f.files)}")
-                mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
-                num = int(f["num_images"]) if "num_images" in f else -1
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-        return cls(mu, sigma, num)
-
-
-def statistics(features: np.ndarray) -> FIDStats:
-    """``(N, D)`` features -> mean and unbiased covariance (float64). Needs N >= 2."""
-    feats = np.asarray(features)
-    if feats.ndim != 2 or feats.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature rows (N, D), got shape {feats.shape}")
-    n, d = feats.shape
-    mu = feats.mean(axis=0, dtype=np.float64)
-    if n <= d:
-        centered = (feats.astype(np.float64) - mu) / np.sqrt(n - 1)
-        return FIDStats(mu, centered.T @ centered, n, centered.T)
-    sigma = np.zeros((d, d), np.float64)
-    for i in range(0, n, 4096):  # float64 a chunk at a time: 50k x 2048 features stay float32
-        c = feats[i:i + 4096].astype(np.float64) - mu
-        sigma += c.T @ c
-    return FIDStats(mu, sigma / (n - 1), n)
-
-
-def _psd_eigvals(w: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a symmetric PSD matrix with those below its numerical-rank tolerance
-    (``max * n * eps``, as ``np.linalg.matrix_rank``) set to 0: they are rounding noise, and their
-    square roots would otherwise add up to a visible bias (e.g. FID of a set with itself)."""
-    tol = max(float(w.max()), 0.0) * w.size * np.finfo(np.float64).eps
-    return np.where(w > tol, w, 0.0)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64.
-
-    ``tr((S1 S2)^(1/2))`` is the sum of the square roots of the eigenvalues of ``S1 S2``, which are
-    those of the symmetric PSD matrix ``C^T S2 C`` for any factor ``S1 = C C^T`` (here from
-    ``eigh(S1)``): exact for covariances, no complex parts, no failure on the singular matrices
-    that fewer than D+1 samples give (pytorch-fid uses ``scipy.linalg.sqrtm(S1 S2)``; the two
-    agree to rounding).
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
-    return fid(FIDStats(mu1, s1, -1), FIDStats(mu2, s2, -1))
-
-
-def fid(a: FIDStats, b: FIDStats) -> float:
-    """FID between two sets of statistics (symmetric). The factored side is the one whose
-    :attr:`FIDStats.sigma_factor` is cheaper (given or already computed, fewest columns), else
-    ``a``: pass the reference first to reuse its factor."""
-    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
-        raise ValueError(f"statistics do not match: mu {a.mu.shape} / {b.mu.shape}, "
-                         f"sigma {a.sigma.shape} / {b.sigma.shape}")
-
-    def cost(st: FIDStats) -> float:
-        ready = st.factor if st.factor is not None else st.__dict__.get("sigma_factor")
-        return ready.shape[1] if ready is not None else math.inf
-
-    if cost(b) < cost(a):
-        a, b = b, a
-    c = a.sigma_factor
-    m = c.T @ b.sigma @ c
-    tr_covmean = float(np.sum(np.sqrt(_psd_eigvals(np.linalg.eigvalsh((m + m.T) / 2)))))
-    diff = a.mu - b.mu
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +118,7 @@ class FeatureExtractor:
         if np.issubdtype(images.dtype, np.floating) and images.size and float(images.max()) <= 1.0 + 1e-6 \
                 and float(images.min()) < 0.0:
             raise ValueError("float images look like [-1, 1]; FeatureExtractor takes [0, 255] "
-                             "(convert with cmjax.data.to_uint8)")
+                             "(convert with cmjax.images.to_uint8)")
         if len(images) == 0:
             return np.zeros((0, inception.FEATURE_DIM), np.float32)
         return np.concatenate([self._forward(images[i:i + self.batch_size])
@@ -252,76 +138,7 @@ class FeatureExtractor:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources
-
-
-def open_source(spec: str | os.PathLike, *, data_dir: Optional[str] = None):
-    """A random-access source of ``{"image": uint8 (H, W, C), ...}`` records for ``spec``.
-
-    ``spec``: an image folder, ``tfds:NAME[:SPLIT]`` (split default ``train``; the dataset must be
-    prepared under ``data_dir``), or ``digits``.
-    """
-
-    spec = os.fspath(spec)
-    if spec.startswith(TFDS_PREFIX):
-        name, _, split = spec[len(TFDS_PREFIX):].partition(":")
-        if not name:
-            raise ValueError(f"{spec!r}: expected tfds:NAME[:SPLIT]")
-        try:
-            return data.tfds_source(name, split or "train", data_dir=data_dir or None)
-        except Exception as e:  # TFDS raises many types for a missing / unprepared dataset
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # not TFDS's list of every dataset
-            raise ValueError(f"{spec}: cannot open the TFDS dataset {name!r} split {split or 'train'!r} "
-                             f"(data_dir={data_dir or 'default'}): {first}") from e
-    if spec == DIGITS:
-        return data.NumpySource(data.digits_images())
-    if os.path.isdir(spec):
-        return data.ImageFolderSource(spec)
-    raise ValueError(f"{spec!r} is not an image folder, 'tfds:NAME[:SPLIT]', '{DIGITS}' or an FID "
-                     "statistics .npz file")
-
-
-def _record_name(source, i: int, record: Mapping[str, Any]) -> str:
-    return str(record.get("path", f"record {i} of {source!r}"))
-
-
-def source_batches(source, *, resolution: Optional[int] = None, max_images: Optional[int] = None,
-                   batch_size: int = 50, image_key: str = "image") -> Iterator[np.ndarray]:
-    """uint8 ``(b, S, S, C)`` batches of the first ``max_images`` records of ``source``.
-
-    ``resolution``: resize the shorter side (bicubic) and center-crop to a square of that side
-    (:class:`cmjax.data.CenterCrop`); without it every image must have the first one's size.
-    RGBA is reduced to RGB (alpha dropped). Errors name the offending file.
-    """
-
-    n = len(source) if max_images is None else min(int(max_images), len(source))
-    crop = data.CenterCrop(int(resolution)) if resolution else None
-    shape, batch = None, []
-    for i in range(n):
-        record = source[i]
-        if image_key not in record:
-            raise ValueError(f"{_record_name(source, i, record)}: no {image_key!r} field (fields: {sorted(record)})")
-        image = np.asarray(record[image_key])
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.dtype != np.uint8 or image.ndim != 3:
-            raise ValueError(f"{_record_name(source, i, record)}: expected a uint8 (H, W, C) image, got "
-                             f"{image.dtype} {image.shape}")
-        if image.shape[-1] == 4:
-            image = image[..., :3]
-        if crop is not None:
-            image = crop.map({"image": image})["image"]
-        if shape is None:
-            shape = image.shape
-        elif image.shape != shape:
-            raise ValueError(f"{_record_name(source, i, record)}: size {image.shape} differs from the first "
-                             f"image's {shape}; pass a resolution (--resolution) to crop all images to one size")
-        batch.append(image)
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+# Reference statistics
 
 
 def source_statistics(source, extractor: FeatureExtractor, *, resolution: Optional[int] = None,
@@ -330,10 +147,6 @@ def source_statistics(source, extractor: FeatureExtractor, *, resolution: Option
     n = len(source) if max_images is None else min(int(max_images), len(source))
     batches = source_batches(source, resolution=resolution, max_images=n, batch_size=extractor.batch_size)
     return statistics(extractor.of_batches(batches, total=n, desc=desc, progress=progress))
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "source"
 
 
 def stats_cache_path(spec: str, source, *, resolution: Optional[int], max_images: Optional[int], mode: str,
@@ -353,7 +166,7 @@ def stats_cache_path(spec: str, source, *, resolution: Optional[int], max_images
             h.update(f"\n{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
         name = os.path.basename(root.rstrip(os.sep))
     root_dir = Path(cache_dir) if cache_dir is not None else cache.cache_dir() / "fid_stats"
-    return root_dir / f"{_slug(name)}-{resolution or 'native'}-{h.hexdigest()[:16]}.npz"
+    return root_dir / f"{cache.slug(name, max_len=60, fallback='source')}-{resolution or 'native'}-{h.hexdigest()[:16]}.npz"
 
 
 def reference_statistics(spec: str | os.PathLike, *, extractor: Optional[FeatureExtractor] = None,
@@ -391,7 +204,7 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
     """Features of ``num`` generated images: ``sample_fn(fold_in(key, i), batch_size)`` for batch i.
 
     ``sample_fn`` is always called with the same ``n = batch_size`` (one compilation); the last
-    batch is trimmed. Images are quantised to uint8 first (:func:`cmjax.data.to_uint8`); with ``save_dir``
+    batch is trimmed. Images are quantised to uint8 first (:func:`cmjax.images.to_uint8`); with ``save_dir``
     they are also written there as ``000000.png``, ... . Returns ``(num, 2048)``.
     """
     from PIL import Image
@@ -404,7 +217,7 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
     def batches():
         done = 0
         for i in range(int(math.ceil(num / batch_size))):
-            u8 = data.to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
+            u8 = to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
             if save_dir is not None and jax.process_index() == 0:
                 for j, im in enumerate(u8):
                     Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data
+from cmjax.images import from_uint8
 from cmjax.models import vae as vae_lib
 
 
@@ -33,7 +33,7 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
     for u8 in batches:
         if u8.shape[-1] == 1 and vae.config.in_channels == 3:
             u8 = np.repeat(u8, 3, axis=-1)
-        x = jnp.asarray(data.from_uint8(u8))
+        x = jnp.asarray(from_uint8(u8))
         z = np.asarray(vae_lib.scale_latents(vae_lib.encode(vae, x, dtype=dtype), vae.config), np.float64)
         z = z.reshape(-1, c)
         total += z.sum(0)

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from cmjax import data
+from cmjax.images import from_uint8
 
 
 class NpzPairSource:
@@ -52,7 +53,7 @@ class PairToFloat(grain.transforms.Map):
     def map(self, record):
         image = np.asarray(record["image"])
         if image.dtype == np.uint8:
-            image = data.from_uint8(image)
+            image = from_uint8(image)
         return {"image": image.astype(np.float32), "latent": np.asarray(record["latent"], np.float32)}
 
 

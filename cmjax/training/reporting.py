@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cmjax import data
+from cmjax.images import save_image_grid
 
 
 def say(message: str) -> None:
@@ -126,7 +126,7 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: 
     images = np.asarray(images)
     ncols = ncols or int(math.ceil(math.sqrt(len(images))))
     rows = [images[i:i + ncols] for i in range(0, len(images), ncols)]
-    data.save_image_grid(path, rows, pad=1, upscale=upscale)
+    save_image_grid(path, rows, pad=1, upscale=upscale)
 
 
 def nearest_neighbour_distance(samples: np.ndarray, data: np.ndarray) -> float:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from cmjax import parallel
-from cmjax.cache import cache_dir
+from cmjax.cache import cache_dir, slug
 from cmjax.decoding.decoder import Decoder
 from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
@@ -346,13 +346,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
             return path
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return _convert_into_cache(path, f"local-{_slug(path.name)}-{key}{suffix}", kind, report=report)
+        name = slug(path.name, sep="--", fallback="checkpoint")
+        return _convert_into_cache(path, f"local-{name}-{key}{suffix}", kind, report=report)
     if text == OPENAI and kind == "decoder":
         url = openai_url()
         pt = fetch_openai_decoder(progress=progress, report=report)
         return _convert_into_cache(pt, f"openai-{expected_sha256(url)[:16]}", kind, report=report)
     if text == HUB_REPO:
-        dst = cache_dir() / "checkpoints" / f"hf-{_slug(HUB_REPO)}{suffix}"
+        dst = cache_dir() / "checkpoints" / f"hf-{slug(HUB_REPO, sep='--')}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
             return dst
         folder = fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
@@ -383,10 +384,6 @@ def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = T
     (its bundled SD encoder only)."""
     path = _resolve_on_every_host(name_or_path, "vae", progress, report)
     return checkpoint.load_vae(path, sharding=sharding, verify=verify)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-") or "checkpoint"
 
 
 __all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",

@@ -25,8 +25,7 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
-from cmjax import data
-from cmjax.data import to_rgb
+from cmjax.images import from_uint8, to_rgb
 
 LATENT_SUFFIXES = (".npy", ".npz", ".safetensors")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -339,7 +338,7 @@ class Reader:
             rgb = np.asarray(to_rgb(img), np.uint8)
         h, w = item.shape
         top, left = (rgb.shape[0] - h) // 2, (rgb.shape[1] - w) // 2
-        return data.from_uint8(rgb[top:top + h, left:left + w])
+        return from_uint8(rgb[top:top + h, left:left + w])
 
 
 def _read_safetensors(path: Path, key: str, index: int | None) -> np.ndarray:

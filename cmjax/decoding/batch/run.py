@@ -24,12 +24,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cmjax import data, parallel
+from cmjax import parallel
 from cmjax.decoding import schedule, tiling
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 from cmjax.decoding.decoder import DecoderConfig
 from cmjax.evaluation import metrics
+from cmjax.images import image_grid, to_uint8
 
 COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
 
@@ -338,7 +339,7 @@ def _finish(batch: _Batch, ok: list[bool], out: Any, options: DecodeOptions, sum
                 outputs.write_npy(paths[1], images[r])
             if options.compare and extra is not None:
                 _write_compare(item, paths[-1], extra[1][r], extra[0][r], images[r], summary)
-            outputs.write_png(paths[0], data.to_uint8(images[r]))  # last: its presence marks the item finished
+            outputs.write_png(paths[0], to_uint8(images[r]))  # last: its presence marks the item finished
             written += 1
         except Exception as e:  # noqa: BLE001
             fail(f"{item.name}: cannot write output: {inputs.reason(e)}")
@@ -352,6 +353,6 @@ def _write_compare(item: Item, path: Path, original, gan, consistency, summary: 
     summary.psnr.setdefault("gan", []).append(psnr_gan)
     summary.psnr.setdefault("consistency", []).append(psnr_cd)
     tqdm.write(f"{item.name}: PSNR SD GAN decoder {psnr_gan:.2f} dB, consistency decoder {psnr_cd:.2f} dB")
-    strip = data.image_grid([np.stack([original, gan, consistency])], column_labels=COMPARE_LABELS,
+    strip = image_grid([np.stack([original, gan, consistency])], column_labels=COMPARE_LABELS,
                             cell_labels=[["", f"PSNR {psnr_gan:.2f} dB", f"PSNR {psnr_cd:.2f} dB"]])
     outputs.write_png(path, strip)
