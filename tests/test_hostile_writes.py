@@ -1,0 +1,149 @@
+"""What cmjax writes, against hostile or careless destinations (issue 24): ``--overwrite`` replaces
+only a folder cmjax wrote, never an input, a folder holding one, a folder with other files or a
+symbolic link; temporary files are created exclusively, never through a planted link.
+
+Every refusal: exit status 1, one ``error:`` line naming DST and why, no traceback, and every file
+that was there before still there, byte for byte. The model is the micro UNet of test_hostile.py
+(a diffusers UNet2DModel folder written here without torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmjax.cli.convert import main as convert_main
+from cmjax.cli.export import main as export_main
+from cmjax.decoding.batch import outputs
+from tests import hostile_files as hf
+from tests.test_hostile import MICRO_JSON, micro_state
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry below ``root``: file bytes, link targets, folders (for byte-for-byte checks)."""
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = path.read_bytes()
+    return out
+
+
+def unet_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(MICRO_JSON))
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(hf.safetensors_bytes(micro_state()))
+    return path
+
+
+def assert_refused(capsys, status: int, root: Path, before: dict, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], err
+    assert snapshot(root) == before, "files changed"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """root/ckpts/model (a UNet2DModel folder) beside root/ckpts/notes.txt; root/ckpt (a cmjax
+    checkpoint of it); root/export (an export of that)."""
+    root = tmp_path_factory.mktemp("writes")
+    unet_folder(root / "ckpts" / "model")
+    (root / "ckpts" / "notes.txt").write_text("mine\n")
+    assert convert_main([str(root / "ckpts" / "model"), str(root / "ckpt"), "-q"]) == 0
+    assert export_main([str(root / "ckpt"), str(root / "export")]) == 0
+    return root
+
+
+def test_convert_overwrite_replaces_only_a_cmjax_checkpoint(tree, tmp_path, capsys):
+    src = tree / "ckpts" / "model"
+    before = snapshot(tree)
+    # DST is SRC; DST holds SRC (and a file of the user's)
+    assert_refused(capsys, convert_main([str(src), str(src), "--overwrite", "-q"]), tree, before,
+                   f"{src}: not replaced", "is the input")
+    assert_refused(capsys, convert_main([str(src), str(tree / "ckpts"), "--overwrite", "-q"]), tree, before,
+                   f"{tree / 'ckpts'}: not replaced", "holds the input")
+    # a cmjax checkpoint inside SRC
+    convert_main([str(src), str(src / "inner"), "-q"])
+    capsys.readouterr()
+    before = snapshot(tree)
+    assert_refused(capsys, convert_main([str(src), str(src / "inner"), "--overwrite", "-q"]), tree, before,
+                   "lies inside the input")
+    for p in sorted((src / "inner").rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    (src / "inner").rmdir()
+    before = snapshot(tree)
+    # a folder of someone else's files; a single file; a link to a checkpoint; a checkpoint with an extra file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("a")
+    (tmp_path / "file").write_text("f")
+    os.symlink(tree / "ckpt", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    cases = [(other, "holds files cmjax did not write ('a.txt')"), (tmp_path / "file", "a file, not a cmjax"),
+             (tmp_path / "link", "symbolic link"), (tmp_path / "dangling", "symbolic link")]
+    for dst, why in cases:
+        mine = snapshot(tmp_path)
+        assert_refused(capsys, convert_main([str(src), str(dst), "--overwrite", "-q"]), tree, before,
+                       f"{dst}: ", why)
+        assert snapshot(tmp_path) == mine
+    # without --overwrite a link is refused too (not replaced, not written through)
+    assert_refused(capsys, convert_main([str(src), str(tmp_path / "dangling"), "-q"]), tree, before, "symbolic link")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_convert_overwrite_replaces_its_own_checkpoint(tree, tmp_path, capsys):
+    src = tree / "ckpts" / "model"
+    assert convert_main([str(src), str(tmp_path / "c"), "-q"]) == 0
+    (tmp_path / "c" / "cmjax.json").write_text((tmp_path / "c" / "cmjax.json").read_text().replace("(8, 8)", "x"))
+    assert convert_main([str(src), str(tmp_path / "c"), "--overwrite", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary or moved-aside folder left
+    assert sorted(os.listdir(tmp_path / "c")) == ["cmjax.json", "params"]
+    (tmp_path / "c" / "README").write_text("notes")
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert_refused(capsys, convert_main([str(src), str(tmp_path / "c"), "--overwrite", "-q"]), tmp_path, before,
+                   "holds files cmjax did not write ('README')")
+    # a folder with only a cmjax.json that is not one (no format field)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "cmjax.json").write_text("{}")
+    before = snapshot(tmp_path)
+    assert_refused(capsys, convert_main([str(src), str(tmp_path / "d"), "--overwrite", "-q"]), tmp_path, before,
+                   "not a cmjax checkpoint")
+
+
+def test_export_overwrite_replaces_only_its_own_export(tree, tmp_path, capsys):
+    ckpt, src = tree / "ckpt", tree / "ckpts" / "model"
+    before = snapshot(tree)
+    assert_refused(capsys, export_main([str(ckpt), str(ckpt), "--overwrite"]), tree, before, "is the input")
+    assert_refused(capsys, export_main([str(ckpt), str(tree), "--overwrite"]), tree, before, "holds the input")
+    # a cmjax checkpoint and a diffusers folder written by someone else are not exports
+    assert_refused(capsys, export_main([str(ckpt), str(tree / "ckpt"), "--overwrite"]), tree, before)
+    assert_refused(capsys, export_main([str(ckpt), str(src), "--overwrite"]), tree, before,
+                   f"{src}: not replaced", "not a diffusers folder exported by cmjax")
+    # the encoder source is an input too
+    assert_refused(capsys, export_main([str(ckpt), str(tree / "export"), "--encoder-from", str(tree / "export"),
+                                        "--overwrite"]), tree, before, "is the input")
+    os.symlink(tree / "export", tmp_path / "link")
+    assert_refused(capsys, export_main([str(ckpt), str(tmp_path / "link"), "--overwrite"]), tree, before,
+                   "symbolic link")
+    # its own export is replaced
+    assert export_main([str(ckpt), str(tmp_path / "e")]) == 0
+    assert sorted(os.listdir(tmp_path / "e")) == ["cmjax-export.json", "config.json",
+                                                  "diffusion_pytorch_model.safetensors"]
+    assert export_main([str(ckpt), str(tmp_path / "e"), "--overwrite", "--dtype", "float16"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["e", "link"]
