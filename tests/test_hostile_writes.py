@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cmjax import files
 from cmjax.cli.convert import main as convert_main
 from cmjax.cli.export import main as export_main
 from cmjax.decoding.batch import outputs
 from tests import hostile_files as hf
 from tests.test_hostile import MICRO_JSON, micro_state
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def snapshot(root: Path) -> dict[str, object]:
@@ -147,3 +157,63 @@ def test_export_overwrite_replaces_only_its_own_export(tree, tmp_path, capsys):
                                                   "diffusion_pytorch_model.safetensors"]
     assert export_main([str(ckpt), str(tmp_path / "e"), "--overwrite", "--dtype", "float16"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["e", "link"]
+
+
+def test_temporary_files_are_exclusive_and_never_followed(tmp_path):
+    """A link planted at an output's name, or at the name its temporary would have had, redirects
+    nothing: the temporary has an unpredictable name, is created with O_EXCL (an existing name is
+    never opened), and the rename replaces a link at the output name instead of following it."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"keep")
+    os.symlink(outside / "victim", out / "a.png")
+    for guess in (f".a.png.tmp-{socket.gethostname()}-{os.getpid()}", f".a.png{files.TMP_MARK}"):
+        os.symlink(outside / "victim", out / guess)
+    before = snapshot(outside)
+    image = np.zeros((4, 5, 3), np.uint8)
+    outputs.write_png(out / "a.png", image)
+    outputs.write_npy(out / "a.npy", np.zeros((2, 2), np.float32))
+    assert snapshot(outside) == before
+    assert not (out / "a.png").is_symlink() and (out / "a.png").read_bytes().startswith(b"\x89PNG")
+    assert np.load(out / "a.npy").shape == (2, 2)
+    assert oct((out / "a.png").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    assert sorted(os.listdir(out)) == sorted(["a.png", "a.npy", f".a.png.tmp-{socket.gethostname()}-{os.getpid()}",
+                                              f".a.png{files.TMP_MARK}"])
+    names = {files.create_temp(out / "b.png")[1].name for _ in range(3)}
+    assert len(names) == 3 and all(files.temp_pid(n) == os.getpid() for n in names)
+    # a write that fails leaves nothing behind, and the old file untouched
+    with pytest.raises(ZeroDivisionError):
+        files.atomic_write(out / "a.npy", lambda f: 1 / 0)
+    assert np.load(out / "a.npy").shape == (2, 2) and len(os.listdir(out)) == 4 + 3
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    (tmp_path / "sub").mkdir()
+    stale = tmp_path / "sub" / f".x.png{files.TMP_MARK}{host}-{dead}-abc123"
+    stale.write_bytes(b"partial")
+    alive = tmp_path / f".y.png{files.TMP_MARK}{host}-{os.getpid()}-abc123"
+    alive.write_bytes(b"being written")
+    other_host = tmp_path / f".z.png{files.TMP_MARK}otherhost-{dead}-abc123"
+    other_host.write_bytes(b"theirs")
+    (tmp_path / f".d{files.TMP_MARK}{host}-{dead}-abc123").mkdir()  # a folder under such a name: not ours
+    (tmp_path / "victim").write_bytes(b"keep")
+    os.symlink(tmp_path / "victim", tmp_path / f".l{files.TMP_MARK}{host}-{dead}-abc123")
+    assert outputs.remove_stale_temps(tmp_path) == 1  # regular files only: not the folder, not the link
+    assert not stale.exists() and alive.exists() and other_host.exists()
+    assert (tmp_path / "victim").read_bytes() == b"keep"
+    assert (tmp_path / f".l{files.TMP_MARK}{host}-{dead}-abc123").is_symlink()
+
+
+def test_output_names_too_long_are_found_before_writing(tmp_path):
+    limits = outputs.name_limits(tmp_path)
+    assert limits[0] >= 14
+    ok = tmp_path / ("x" * limits[0])
+    assert outputs.name_problem(ok, tmp_path, limits) is None
+    why = outputs.name_problem(tmp_path / "d" / ("x" * (limits[0] + 1)), tmp_path, limits)
+    assert why == f"the output name is {limits[0] + 1} bytes, and this file system takes at most {limits[0]}"
+    # bytes, not characters: 'é' is two
+    assert outputs.name_problem(tmp_path / ("é" * (limits[0] // 2 + 1)), tmp_path, limits) is not None

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from cmjax import cache, data, parallel
+from cmjax.files import atomic_write
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
@@ -87,10 +88,7 @@ class FIDStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``num_images`` to an ``.npz`` (atomically: temp file + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images)))
         return path
 
     @classmethod
@@ -407,8 +405,9 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
             u8 = data.to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
             if save_dir is not None and jax.process_index() == 0:
                 for j, im in enumerate(u8):
-                    Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
-                        os.path.join(save_dir, f"{done + j:06d}.png"))
+                    picture = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+                    atomic_write(os.path.join(save_dir, f"{done + j:06d}.png"),
+                                 lambda f, picture=picture: picture.save(f, format="PNG"))
             done += len(u8)
             yield u8
 
