@@ -1,10 +1,13 @@
-"""What cmjax writes, against hostile or careless destinations (issue 24): ``--overwrite`` replaces
-only a folder cmjax wrote, never an input, a folder holding one, a folder with other files or a
-symbolic link; temporary files are created exclusively, never through a planted link.
+"""The commands against hostile or careless users (issue 24): what they write and what they take.
 
-Every refusal: exit status 1, one ``error:`` line naming DST and why, no traceback, and every file
-that was there before still there, byte for byte. The model is the micro UNet of test_hostile.py
-(a diffusers UNet2DModel folder written here without torch).
+``--overwrite`` replaces only a folder cmjax wrote, never an input, a folder holding one, a folder
+with other files or a symbolic link; temporary files are created exclusively, never through a
+planted link; train.py refuses out-of-bounds config values and a --workdir that is a file before
+anything is built.
+
+Every refusal: exit status 1 (2 for usage), one ``error:`` line naming the file or field and why,
+no traceback, and every file that was there before still there, byte for byte. The model is the
+micro UNet of test_hostile.py (a diffusers UNet2DModel folder written here without torch).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from cmjax.cli.convert import main as convert_main
 from cmjax.cli.export import main as export_main
 from cmjax.decoding.batch import outputs
 from tests import hostile_files as hf
-from tests.test_hostile import MICRO_JSON, micro_state
+from tests.test_hostile import MICRO_JSON, REPO, micro_state
 
 
 def _umask() -> int:
@@ -217,3 +220,76 @@ def test_output_names_too_long_are_found_before_writing(tmp_path):
     assert why == f"the output name is {limits[0] + 1} bytes, and this file system takes at most {limits[0]}"
     # bytes, not characters: 'é' is two
     assert outputs.name_problem(tmp_path / ("é" * (limits[0] // 2 + 1)), tmp_path, limits) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# train.py: config values and --workdir, checked before anything is built
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=-1", "--config.batch_size=-1: must be >= 1"),
+    ("--config.batch_size=0", "--config.batch_size=0: must be >= 1"),
+    ("--config.log_every=0", "--config.log_every=0: must be >= 1"),
+    ("--config.checkpoint_every=-5", "--config.checkpoint_every=-5: must be >= 1"),
+    ("--config.sample_every=-1", "--config.sample_every=-1: must be >= 0"),
+    ("--config.optim.warmup_steps=-1", "--config.optim.warmup_steps=-1: must be >= 0"),
+    ("--config.optim.lr=nan", "--config.optim.lr=nan: must be a finite number"),
+    ("--config.optim.lr=inf", "--config.optim.lr=inf: must be a finite number"),
+    ("--config.optim.lr=-0.001", "--config.optim.lr=-0.001: must be > 0"),
+    ("--config.ema_decay=1.5", "--config.ema_decay=1.5: must be in [0, 1]"),
+    ("--config.ict.p_std=-inf", "--config.ict.p_std=-inf: must be a finite number"),
+    ("--config.total_steps=0", "--config.total_steps=0: must be >= 1"),
+])
+def test_train_config_bounds_are_checked_first(override, message, tmp_path, capsys):
+    from cmjax.cli import train as train_cli
+
+    with pytest.raises(SystemExit) as e:
+        train_cli.parse_args(["--config", str(REPO / "configs" / "digits_tiny.py"), "--workdir",
+                              str(tmp_path / "w"), override])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"train.py: error: {message}\n", err
+    assert not (tmp_path / "w").exists()
+
+
+def test_train_workdir_that_is_a_file_and_every_shipped_config(tmp_path):
+    """A subprocess, as a user runs it: one line, exit 2, the file untouched; and every config in
+    configs/ is within the bounds."""
+    from cmjax.cli import train as train_cli
+
+    (tmp_path / "file").write_bytes(b"mine")
+    for workdir, what in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "lies below the file")):
+        res = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "digits_tiny.py"),
+                              "--workdir", str(workdir)], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr == f"train.py: error: --workdir {workdir}: {what}" + (
+            f" {tmp_path / 'file'}" if "below" in what else "") + ", not a folder\n", res.stderr
+    assert (tmp_path / "file").read_bytes() == b"mine"
+    for path in sorted((REPO / "configs").glob("*.py")):
+        if path.name != "__init__.py":
+            train_cli.check_bounds(train_cli.load_config_file(path))
+
+
+def test_nonfinite_loss_without_a_checkpoint_says_so():
+    """The NaN stop message names the last good checkpoint only when there is one."""
+    from cmjax.training import loop
+
+    class Manager:
+        directory = "run/checkpoints"
+
+        def __init__(self, latest):
+            self.latest = latest
+
+        def wait_until_finished(self):
+            pass
+
+        def latest_step(self):
+            return self.latest
+
+    with pytest.raises(loop.NonFiniteLossError) as e:
+        loop._check_finite(3, {"loss": float("nan")}, Manager(None))
+    assert "no checkpoint had been saved yet in run/checkpoints" in str(e.value)
+    assert "step None" not in str(e.value) and "intact" not in str(e.value)
+    with pytest.raises(loop.NonFiniteLossError) as e:
+        loop._check_finite(3, {"loss": float("inf")}, Manager(2))
+    assert "the last good checkpoint (step 2) in run/checkpoints is intact" in str(e.value)
