@@ -24,7 +24,9 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+from cmjax.files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -56,6 +58,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF Orientation tag says, as every viewer shows it (a phone's portrait
+    JPEG is stored sideways with orientation 6); decodes the pixels. Every image cmjax reads from a
+    user goes through this (or :func:`upright_size` for the size alone)."""
+    return ImageOps.exif_transpose(img)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``upright(img)``, from the header alone."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPS_SIDES else (w, h)
 
 
 class ImageFolderSource:
@@ -104,7 +122,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as img:
                 img.load()  # Decode now, so truncated files fail here and not later.
-                image = np.asarray(to_rgb(img), dtype=np.uint8)
+                image = np.asarray(to_rgb(upright(img)), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise OSError(f"cannot read image file {path!r}: {err}") from err
         return {"image": image, "path": path}
@@ -450,6 +468,6 @@ def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1,
 def save_image_grid(path: str | os.PathLike, rows: Sequence[np.ndarray], **kwargs) -> str:
     """Write :func:`image_grid` (same keyword arguments) as a PNG, creating folders; returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image_grid(rows, **kwargs)).save(path)
+    picture = Image.fromarray(image_grid(rows, **kwargs))
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
     return path

@@ -139,6 +139,19 @@ def test_convert_overwrite_replaces_its_own_checkpoint(tree, tmp_path, capsys):
                    "not a cmjax checkpoint")
 
 
+def test_names_with_newlines_are_one_line(tree, tmp_path, capsys):
+    """A newline or terminal escape in a file name cannot split an error in two (or recolour the terminal)."""
+    odd = tmp_path / "new\nline\x1b[31m"
+    unet_folder(odd)
+    (odd / "config.json").write_text("{")
+    for main, extra in ((convert_main, ["-q"]), (export_main, [])):
+        status = main([str(odd), str(tmp_path / "dst"), *extra])
+        err = capsys.readouterr().err
+        assert status == 1 and err.count("\n") == 1 and "\x1b" not in err, err
+        assert str(tmp_path / "new\\nline\\x1b[31m") in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_export_overwrite_replaces_only_its_own_export(tree, tmp_path, capsys):
     ckpt, src = tree / "ckpt", tree / "ckpts" / "model"
     before = snapshot(tree)

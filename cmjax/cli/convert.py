@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
 from cmjax.weights.checkpoint import check_destination
 from cmjax.weights.convert import ConversionError, convert
 from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         model = convert(src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype, overwrite=args.overwrite,
                         report=report)
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     leaves = jax.tree.leaves(model.params)
     n = sum(x.size for x in leaves)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import consistency as C, data, editing
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
 from cmjax.data import save_image_grid
 from cmjax.evaluation import fid as fid_lib
 from cmjax.training.trained import ImageCM, load_image_cm
@@ -70,7 +70,7 @@ def read_mask(path: str, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            g = np.asarray(im.convert("L").resize((size, size), Image.NEAREST), np.float32)
+            g = np.asarray(data.upright(im).convert("L").resize((size, size), Image.NEAREST), np.float32)
     except OSError as e:
         raise OSError(f"cannot read mask file {path!r}: {e}") from e
     return (g >= 128).astype(np.float32)[None, :, :, None]
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = save_image_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale,
                                column_labels=caption.split(" | "))
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"{args.task}: {len(rows)} rows ({caption}) -> {path}")
     return 0

@@ -37,7 +37,7 @@ from cmjax.decoding.schedule import SIGMA_DATA
 from cmjax.models import vae as vae_lib
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import CONFIG_FILE, Written, atomic_directory, check_destination, load_vae
-from cmjax.weights.diffusers import find_weights, read_safetensors
+from cmjax.weights.diffusers import find_weights, read_config_json, read_safetensors
 from cmjax.weights.mapping import flax_to_torch
 from cmjax.weights.sd_vae import load_pytorch_vae
 
@@ -153,11 +153,8 @@ def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str
     config_path = folder / "config.json"
     if not config_path.is_file():
         return None
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
-    if cfg.get("_class_name") != "ConsistencyDecoderVAE":
+    cfg = read_config_json(config_path)
+    if not isinstance(cfg, dict) or cfg.get("_class_name") != "ConsistencyDecoderVAE":
         return None
     weights = find_weights(folder) if src.is_dir() else src
     tensors = read_safetensors(weights)
