@@ -306,3 +306,28 @@ def test_nonfinite_loss_without_a_checkpoint_says_so():
     with pytest.raises(loop.NonFiniteLossError) as e:
         loop._check_finite(3, {"loss": float("inf")}, Manager(2))
     assert "the last good checkpoint (step 2) in run/checkpoints is intact" in str(e.value)
+
+
+_FULL_DISK = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+from cmjax.cli import convert, export
+sys.exit((convert if sys.argv[1] == "convert" else export).main(sys.argv[2:]))
+"""
+
+
+def test_writes_onto_a_full_disk_are_one_line(tree, tmp_path):
+    """orbax (convert) and safetensors (export) failing to write: one line naming DST and the
+    reason, none of orbax's thread tracebacks or absl logs, nothing left behind."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    for command, src in (("convert", tree / "ckpts" / "model"), ("export", tree / "ckpt")):
+        dst = tmp_path / command
+        quiet = ["-q"] if command == "convert" else []
+        res = subprocess.run([sys.executable, "-c", _FULL_DISK, command, str(src), str(dst), *quiet], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith(f"error: {dst}: cannot write the {'checkpoint' if command == 'convert' else 'export'}, "
+                                     "nothing was written (") and "File too large" in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert os.listdir(tmp_path) == []

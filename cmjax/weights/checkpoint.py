@@ -22,9 +22,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -196,6 +198,31 @@ def params_digest(params: Any) -> str | None:
     return h.hexdigest()
 
 
+def _is_orbax_noise(unraisable) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Keep orbax's failure noise off stderr while saving: its absl ERROR logs (each with a writer
+    thread's traceback) and the "Event loop is closed" errors its writer threads raise into
+    callbacks after a failed write (~100 tracebacks for one full disk). The exception the save
+    raises says what went wrong. After a failure the filter for those thread errors stays
+    installed: they keep arriving from orbax's threads after the save has returned."""
+    absl = logging.getLogger("absl")
+    level, hook = absl.level, sys.unraisablehook
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda u: None if _is_orbax_noise(u) else hook(u)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        absl.setLevel(level)
+        if not failed:
+            sys.unraisablehook = hook
+
+
 def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
     check_destination(dst, overwrite=overwrite, protect=protect)  # before hashing gigabytes
     digest = params_digest(params)
@@ -203,9 +230,23 @@ def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, prot
         meta = {**meta, DIGEST_KEY: digest}
     with atomic_directory(dst, overwrite, protect=protect) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        with _params_checkpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        try:
+            with quiet_orbax(), _params_checkpointer() as ckptr:
+                ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        except Exception as e:  # orbax/TensorStore raise ValueError, OSError, ... for a full disk
+            # TensorStore's text names temporary files; what the user needs is its tail ("No space left ...")
+            reason = _first_line(e, tail='": ')
+            raise CheckpointError(f"{dst}: cannot write the checkpoint, nothing was written ({reason})") from e
     return Path(dst)
+
+
+def _first_line(e: BaseException, tail: str | None = None) -> str:
+    """An exception as one short line (with ``tail``: only what follows its last occurrence)."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    return line.rsplit(tail, 1)[-1][:400] if tail else f"{type(e).__name__}: {line[:400]}"
 
 
 def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
@@ -243,10 +284,8 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
         try:
             params = ckptr.restore(params_dir, target)
         except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
-            text = str(e).strip()
-            first = text.splitlines()[0][:300] if text else type(e).__name__
             raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
-                                  f"matching the recorded config ({type(e).__name__}: {first})") from e
+                                  f"matching the recorded config ({_first_line(e)})") from e
     expected = meta.get(DIGEST_KEY)
     if verify and expected is not None:
         got = params_digest(params)

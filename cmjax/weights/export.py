@@ -201,10 +201,15 @@ def _write(dst: Path, config: dict, tensors: Mapping[str, np.ndarray], overwrite
     from safetensors.numpy import save_file
 
     with atomic_directory(dst, overwrite, kind=EXPORT, protect=protect) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        marker = {"format": EXPORT_FORMAT, "version": 1, "source": str(Path(ckpt).absolute())}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            marker = {"format": EXPORT_FORMAT, "version": 1, "source": str(Path(ckpt).absolute())}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        except Exception as e:  # a full disk: OSError, or safetensors' own error type
+            text = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+            raise ExportError(f"{dst}: cannot write the export, nothing was written "
+                              f"({text[0][:300] if text else type(e).__name__})") from e
 
 
 def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_from: str | os.PathLike | None = None,
