@@ -10,6 +10,7 @@ import dataclasses
 import glob
 import io
 import os
+import re
 import socket
 import subprocess
 import zipfile
@@ -210,7 +211,7 @@ def test_second_round_inputs_in_default_settings(ckpt, env, tmp_path):
     expected = {"bomb.npz": "declares shape (1000000000, 4, 8, 8)", "lie.npy": "declares shape (1000000000, 4, 8, 8)",
                 "dup.safetensors": "'a' appears twice", "pipe.npy": "not a regular file",
                 "zero.npy": "not a regular file", "y" * 240 + ".npz": "the output name is 269 bytes",
-                "'" + str(folder / "bad\\nname.npy") + "'": "not a .npy file"}
+                "'" + str(folder / "bad\\nname.npy") + "'": "no NumPy header"}
     assert len(errors) == len(expected), stderr
     for name, why in expected.items():
         line = next((line for line in errors if name in line), None)
@@ -258,3 +259,41 @@ def test_file_names_are_printed_on_one_line():
     assert inputs.display("in/\x1b[2Jx.npy") == "'in/\\x1b[2Jx.npy'"
     assert inputs.display(os.fsdecode(b"bad\xff.npy")) == "'bad\\xff.npy'"
     assert inputs.display("back\\slash\n") == "'back\\\\slash\\n'"  # a backslash of its own is doubled
+
+
+def test_declared_sizes_are_checked_against_the_bytes_everywhere_arrays_are_read(tmp_path):
+    """A .npy or .npz member header declaring 1e9 rows over 96 bytes, or a zip directory declaring
+    more bytes than its compressed data can hold, is refused from the headers, before np.load would
+    allocate: latents for decode.py, FID statistics, training image/latent pairs."""
+    from cmjax import files
+    from cmjax.evaluation.fid import FIDStats
+    from cmjax.training.input_pipeline import NpzPairSource
+
+    lie = _npy_header_only((10 ** 9, 4, 8, 8), bytes(96))
+    (tmp_path / "lie.npy").write_bytes(lie)
+    for name, extra in (("stats.npz", {"sigma": np.eye(2)}), ("pairs.npz", {"latents": np.zeros((1, 1, 1, 4))})):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr("mu.npy" if name == "stats.npz" else "images.npy", lie)
+            for key, value in extra.items():
+                buf = io.BytesIO()
+                np.save(buf, value)
+                z.writestr(f"{key}.npy", buf.getvalue())
+    np.savez_compressed(tmp_path / "deflated.npz", x=np.zeros((64, 64), np.float32))
+    inflated = hf.set_central_size((tmp_path / "deflated.npz").read_bytes(), "x.npy", 2 ** 31)
+    (tmp_path / "ratio.npz").write_bytes(inflated)
+    declared = "the header declares shape (1000000000, 4, 8, 8) float32 (1,024,000,000,000 bytes)"
+    for name in ("lie.npy", "stats.npz", "pairs.npz"):
+        with pytest.raises(ValueError, match=re.escape(declared)):
+            files.array_headers(tmp_path / name)
+    with pytest.raises(ValueError, match="declares 2,147,483,648 bytes in"):
+        files.array_headers(tmp_path / "ratio.npz")
+    with pytest.raises(ValueError) as e:
+        FIDStats.load(tmp_path / "stats.npz")
+    assert str(e.value).startswith(f"{tmp_path / 'stats.npz'}: member 'mu.npy': {declared}")
+    with pytest.raises(ValueError) as e:
+        NpzPairSource(tmp_path / "pairs.npz")
+    assert str(e.value).startswith(f"{tmp_path / 'pairs.npz'}: member 'images.npy': {declared}")
+    # honest files read as before
+    assert [(k, s, d.name) for k, s, d in files.array_headers(tmp_path / "deflated.npz")] == [("x", (64, 64), "float32")]
+    np.save(tmp_path / "ok.npy", np.zeros((2, 3), np.float16))
+    assert [(k, s, d.name) for k, s, d in files.array_headers(tmp_path / "ok.npy")] == [(None, (2, 3), "float16")]

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from cmjax import cache, data, parallel
-from cmjax.files import atomic_write
+from cmjax.files import array_headers, atomic_write
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
@@ -95,6 +95,7 @@ class FIDStats:
     def load(cls, path: str | os.PathLike) -> "FIDStats":
         """Read an ``.npz`` with ``mu`` and ``sigma`` (cmjax's, pytorch-fid's or clean-fid's)."""
         try:
+            array_headers(path)  # sizes checked against the file before np.load allocates them
             with np.load(path) as f:
                 if "mu" not in f or "sigma" not in f:
                     raise ValueError(f"{path}: an FID statistics file needs arrays 'mu' and 'sigma', "
@@ -103,6 +104,8 @@ class FIDStats:
                 num = int(f["num_images"]) if "num_images" in f else -1
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith(f"{path}: ") else f"{path}: {e}") from None
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         return cls(mu, sigma, num)

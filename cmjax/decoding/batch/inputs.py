@@ -14,10 +14,8 @@ import dataclasses
 import fnmatch
 import functools
 import glob
-import math
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +26,7 @@ from safetensors import safe_open
 
 from cmjax import data
 from cmjax.data import to_rgb
-from cmjax.files import printable
+from cmjax.files import array_headers, printable
 from cmjax.weights.diffusers import read_safetensors_header
 from cmjax.weights.mapping import ConversionError
 
@@ -246,67 +244,18 @@ def detect_layout(shape: Sequence[int], layout: str | None = None, channels: int
     raise InputError(f"shape {shape}: no axis of {channels} latent channels (expected NCHW or NHWC)")
 
 
-_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand a byte into more than ~1032 (zlib's own bound)
-
-
-def _npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header bytes) of the .npy stream ``f``; InputError for a malformed header."""
-    try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f, max_header_size=1 << 16)
-    except ValueError as e:
-        raise InputError(f"{where}not a valid .npy header ({e})") from None
-    return tuple(shape), np.dtype(dtype), f.tell()
-
-
-def _check_backed(shape: tuple[int, ...], dtype: np.dtype, available: int, where: str) -> None:
-    """InputError unless ``available`` bytes hold an array of ``shape`` and ``dtype`` (Python ints:
-    a header declaring 1e9 rows is refused here, before anything is allocated)."""
-    need = math.prod(shape) * dtype.itemsize
-    if need > available:
-        raise InputError(f"{where}the header declares shape {shape} {dtype.name} ({need:,} bytes) and only "
-                         f"{max(available, 0):,} bytes of data follow (truncated, or a header that lies)")
-
-
-def _npz_headers(path: Path) -> list[tuple[str | None, tuple[int, ...], str]]:
-    out = []
-    archive_size = path.stat().st_size
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            key, where = info.filename[:-4], f"member {info.filename!r}: "
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise InputError(f"{where}compression method {info.compress_type} (.npz members are stored "
-                                 "or deflated)")
-            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
-            if info.header_offset + info.compress_size > archive_size or info.file_size > info.compress_size * ratio:
-                raise InputError(f"{where}the zip directory declares {info.file_size:,} bytes in "
-                                 f"{info.compress_size:,} compressed bytes of a {archive_size:,}-byte file")
-            with zf.open(info) as f:
-                shape, dtype, header = _npy_header(f, where)
-            _check_backed(shape, dtype, info.file_size - header, where)
-            out.append((key, shape, dtype.name))
-    if not out:
-        raise InputError("no arrays in this .npz file")
-    return out
-
-
 def _array_headers(path: Path) -> list[tuple[str | None, tuple[int, ...], str]]:
     """(key, shape, dtype name) of each array in a latent file, reading headers only; every shape is
     checked against the bytes that back it (InputError otherwise)."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise InputError("not a .npy file (no NumPy header)")
-            f.seek(0)
-            shape, dtype, header = _npy_header(f, "")
-            _check_backed(shape, dtype, os.fstat(f.fileno()).st_size - header, "")
-        return [(None, shape, dtype.name)]
-    if suffix == ".npz":
-        return _npz_headers(path)
+    if suffix in (".npy", ".npz"):
+        try:
+            headers = array_headers(path)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if (headers[0][0] is None) != (suffix == ".npy"):
+            raise InputError(f"a {'.npz archive' if suffix == '.npy' else '.npy file'} named {suffix}")
+        return [(key, shape, dtype.name) for key, shape, dtype in headers]
     if suffix == ".safetensors":
         try:  # the checks convert makes: duplicate names, offsets and sizes against the file
             header, _ = read_safetensors_header(path)
