@@ -71,8 +71,8 @@ def read_mask(path: str, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             g = np.asarray(data.upright(im).convert("L").resize((size, size), Image.NEAREST), np.float32)
-    except OSError as e:
-        raise OSError(f"cannot read mask file {path!r}: {e}") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        raise ValueError(f"cannot read mask file {path!r}: {e}") from e
     return (g >= 128).astype(np.float32)[None, :, :, None]
 
 

@@ -23,7 +23,9 @@ import ml_collections
 
 from cmjax.cli import HelpFormatter
 from cmjax.files import printable
+from cmjax.models.layers import DTYPES
 from cmjax.training import NonFiniteLossError, train_and_evaluate
+from cmjax.training.algorithms import ALGORITHMS
 from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
 
 _PREFIX = "--config."
@@ -136,6 +138,16 @@ BOUNDS = {
 }
 
 
+# The named choices of the string fields; the library names them again where it uses them.
+CHOICES = {
+    "family": ("image", "decoder"), "algorithm": tuple(ALGORITHMS), "compute_dtype": tuple(DTYPES),
+    "data.source": ("digits", "tfds", "folder", "npz"), "data.latents": ("file", "vae", "patch"),
+    "model.embedding": ("fourier", "positional"), "optim.name": ("radam", "adamw", "adam"),
+    "optim.schedule": ("constant", "cosine"), "ct.metric": ("l2", "l1", "pseudo_huber"),
+    "cd.metric": ("l2", "l1", "pseudo_huber"),
+}
+
+
 def _fields(config: ml_collections.ConfigDict, prefix: str = ""):
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
@@ -146,8 +158,10 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = ""):
 
 def check_bounds(config: ml_collections.ConfigDict) -> None:
     """UsageError naming the first field whose value is out of its bounds (``BOUNDS``), not finite,
-    or (an unlisted ``*_every`` / ``*_steps`` field) negative."""
+    (an unlisted ``*_every`` / ``*_steps`` field) negative, or not one of its ``CHOICES``."""
     for field, value in _fields(config):
+        if field in CHOICES and value not in CHOICES[field]:
+            raise UsageError(f"--config.{field}={value!r}: must be one of {', '.join(CHOICES[field])}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -273,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as err:  # a setting or input the library refused, named in the message
+        print(f"train.py: error: {printable(str(err))}", file=sys.stderr)
+        return 1
     except (CheckpointSaveError, CheckpointRestoreError) as err:
         print(f"training stopped: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
