@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cmjax.images import from_uint8, to_rgb
+from cmjax.images import from_uint8, to_rgb, upright
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -92,7 +92,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as img:
                 img.load()  # Decode now, so truncated files fail here and not later.
-                image = np.asarray(to_rgb(img), dtype=np.uint8)
+                image = np.asarray(to_rgb(upright(img)), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise OSError(f"cannot read image file {path!r}: {err}") from err
         return {"image": image, "path": path}

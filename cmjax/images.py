@@ -2,6 +2,7 @@
 
     uint8 (..., H, W, C) in [0, 255]  --from_uint8-->  float32 in [-1, 1]  --to_uint8-->  uint8
     PIL image of any mode --to_rgb--> mode RGB (alpha composited onto white)
+    PIL image --upright--> turned as its EXIF orientation says (every user image goes through it)
     rows of (n, H, W, C) images --image_grid / save_image_grid--> one uint8 RGB picture / PNG
 
 Used by the training input (cmjax.data), evaluation, decoding and the command lines alike.
@@ -13,7 +14,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+from cmjax.files import atomic_write
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -29,6 +32,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 
+
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF Orientation tag says, as every viewer shows it (a phone's portrait
+    JPEG is stored sideways with orientation 6); decodes the pixels. Every image cmjax reads from a
+    user goes through this (or :func:`upright_size` for the size alone)."""
+    return ImageOps.exif_transpose(img)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``upright(img)``, from the header alone."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPS_SIDES else (w, h)
 
 
 def from_uint8(images) -> np.ndarray:
@@ -105,6 +123,6 @@ def image_grid(rows: Sequence[np.ndarray], pad: int = 2, upscale: int = 1,
 def save_image_grid(path: str | os.PathLike, rows: Sequence[np.ndarray], **kwargs) -> str:
     """Write :func:`image_grid` (same keyword arguments) as a PNG, creating folders; returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image_grid(rows, **kwargs)).save(path)
+    picture = Image.fromarray(image_grid(rows, **kwargs))
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
     return path

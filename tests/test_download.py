@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -33,6 +34,7 @@ class Server:
 
     def __init__(self):
         self.routes: dict[str, bytes] = {}
+        self.drip: dict[str, tuple[bytes, bytes, float]] = {}  # path -> raw response: at once, trickled, interval
         self.requests: list[tuple[str, str]] = []
         server = self
 
@@ -56,6 +58,18 @@ class Server:
                 self._headers()
 
             def do_GET(self):  # noqa: N802
+                if self.path in server.drip:  # `at_once`, then `text` one byte every `interval` seconds
+                    at_once, text, interval = server.drip[self.path]
+                    try:
+                        self.wfile.write(at_once)
+                        for i in range(len(text)):
+                            self.wfile.write(text[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(interval)
+                    except OSError:  # the client gave up
+                        pass
+                    self.close_connection = True
+                    return
                 body = self._headers()
                 if body is not None:
                     self.wfile.write(body)
@@ -324,9 +338,10 @@ def test_cli_offline_error_is_one_line(dead_port, tmp_path):
 
 
 def test_stale_partial_downloads_are_removed(server, decoder_pt, cache, monkeypatch):
-    """A download killed mid-way leaves .decoder.pt.part-PID: the next download removes it once that
+    """A download killed mid-way leaves .decoder.pt.part-HOST-PID-XXXX: the next download removes it once that
     process is gone, and leaves the part of a running process (or a recently written one) alone."""
     import os
+    import socket
     import subprocess
     import sys
     import time
@@ -338,9 +353,10 @@ def test_stale_partial_downloads_are_removed(server, decoder_pt, cache, monkeypa
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     old = time.time() - 3600
-    stale = folder / f".decoder.pt.part-{dead_pid}"
-    fresh = folder / f".decoder.pt.part-{dead_pid + 1000000}"  # no such process, but written just now
-    alive = folder / f".decoder.pt.part-{os.getppid()}"
+    host = socket.gethostname()
+    stale = folder / f".decoder.pt.part-{host}-{dead_pid}-x1"
+    fresh = folder / f".decoder.pt.part-{host}-{dead_pid + 1000000}-x2"  # no such process, but written just now
+    alive = folder / f".decoder.pt.part-{host}-{os.getppid()}-x3"
     for part in (stale, fresh, alive):
         part.write_bytes(b"partial")
     os.utime(stale, (old, old))
@@ -349,3 +365,63 @@ def test_stale_partial_downloads_are_removed(server, decoder_pt, cache, monkeypa
 
     assert fetch_openai_decoder(progress=False) == folder / "decoder.pt"
     assert not stale.exists() and fresh.exists() and alive.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded in time, and every failure names the URL and the file (issue 24)
+
+
+def _slow(server, path: str, *, headers_first: bool, interval: float) -> str:
+    """A URL whose raw response trickles in one byte every ``interval`` s: the body only, or from the
+    status line on."""
+    body = b"x" * 10_000
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    server.drip[path] = (head, body, interval) if headers_first else (b"", head + body, interval)
+    return server.url + path
+
+
+def test_a_trickling_server_fails_in_bounded_time(server, tmp_path):
+    """A server that sends one byte at a time never trips the per-read timeout: the minimum rate
+    stops a slow body, the overall deadline stops even headers that trickle in."""
+    import hashlib
+
+    from cmjax.weights import hub
+
+    sha = hashlib.sha256(b"whatever").hexdigest()
+    dest = tmp_path / "cache" / sha / "decoder.pt"
+    cases = [("/slow-body/decoder.pt", True, dict(min_rate=1000, rate_window=1.0, deadline=60), "download too slow"),
+             ("/slow-head/decoder.pt", False, dict(min_rate=0, rate_window=1.0, deadline=1.5),
+              "did not finish within 2 s")]
+    for path, headers_first, bounds, why in cases:
+        url = _slow(server, path, headers_first=headers_first, interval=0.05 if headers_first else 0.3)
+        start = time.monotonic()
+        with pytest.raises(DownloadError) as e:
+            hub.download_verified(url, dest, sha, progress=False, timeout=10, **bounds)
+        took = time.monotonic() - start
+        message = str(e.value)
+        assert took < 15, took
+        assert message.startswith(f"{url}: ") and why in message and str(dest) in message and "\n" not in message
+        assert not (tmp_path / "cache").exists()  # no part file, no empty folders
+
+
+def test_a_full_cache_disk_names_the_file_and_url(server, decoder_pt, tmp_path, monkeypatch):
+    """ENOSPC while writing (the part file opened on /dev/full): one line with the URL and the file."""
+    import os
+
+    from cmjax.weights import hub
+
+    _, sha = decoder_pt
+    url = f"{server.url}/diff-vae/{sha}/decoder.pt"
+    dest = tmp_path / "cache" / sha / "decoder.pt"
+    real = hub.create_temp
+
+    def full(path, mark):
+        fd, tmp = real(path, mark)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), tmp
+
+    monkeypatch.setattr(hub, "create_temp", full)
+    with pytest.raises(DownloadError) as e:
+        hub.download_verified(url, dest, sha, progress=False)
+    assert str(e.value) == f"{url}: cannot write the download to {dest}: No space left on device"
+    assert not (tmp_path / "cache").exists()

@@ -42,7 +42,7 @@ def test_consistency_vae_export_loads_in_diffusers_and_decodes_identically(conve
 
     vae, folder, ckpt = converted
     export_decoder(ckpt, tmp_path / "out", encoder_from=folder)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cmjax-export.json", "config.json",
                                                                     "diffusion_pytorch_model.safetensors"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["_class_name"] == "ConsistencyDecoderVAE"
     loaded = ConsistencyDecoderVAE.from_pretrained(str(tmp_path / "out")).eval()

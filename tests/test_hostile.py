@@ -406,6 +406,31 @@ def test_tampered_cmjax_json_is_one_line_naming_the_field(saved, tmp_path, chang
     assert message in str(e.value) and str(path / "cmjax.json") in str(e.value) and "\n" not in str(e.value)
 
 
+def test_duplicate_json_keys_are_refused_in_every_json_input(saved, tmp_path):
+    """json.loads keeps the last of two equal keys; another reader may keep the first and see
+    another file. cmjax.json (at any depth), a diffusers config.json and a safetensors header refuse it."""
+    from cmjax.weights.convert import convert
+    from cmjax.weights.errors import parse_json
+
+    text = (saved / "cmjax.json").read_text()
+    dst = tmp_path / "ckpt"
+    shutil.copytree(saved, dst)
+    (dst / "cmjax.json").write_text(text.replace('"unet": {', '"unet": {"layers_per_block": 9, ', 1))
+    with pytest.raises(checkpoint.CheckpointError, match="key 'layers_per_block' appears twice") as e:
+        checkpoint.load_decoder(dst)
+    assert str(dst / "cmjax.json") in str(e.value)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MICRO_JSON)[:-1] + ', "in_channels": 4}')
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(hf.safetensors_bytes(micro_state()))
+    with pytest.raises(ValueError, match="key 'in_channels' appears twice") as e:
+        convert(folder, tmp_path / "out")
+    assert str(folder / "config.json") in str(e.value) and not (tmp_path / "out").exists()
+    with pytest.raises(checkpoint.CheckpointError, match="key 'a' appears twice"):
+        parse_json(b'{"x": {"y": [{"a": 1, "a": 2}]}}', "f.json")
+    assert parse_json(b'{"a": {"a": 1}}', "f.json") == {"a": {"a": 1}}  # the same key at two depths is fine
+
+
 def _data_files(path: Path) -> list[Path]:
     return sorted((p for p in (path / "params").rglob("*") if p.is_file() and "/d/" in str(p)),
                   key=lambda p: p.stat().st_size)

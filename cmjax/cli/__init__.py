@@ -10,11 +10,15 @@
 ``HelpFormatter`` is the one ``--help`` style of every cmjax command: descriptions keep their line
 breaks, reStructuredText markup from docstrings is shown as plain text, and every option whose
 default is not None or False ends with ``(default: X)`` unless its text already gives it.
+``print_error`` is how every command prints an error: ``error: MESSAGE`` on stderr, one line.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import sys
+
+from cmjax.files import printable
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :mod:`cmjax.editing` -> cmjax.editing
 _LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
@@ -36,3 +40,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 and default != argparse.SUPPRESS and "default" not in text):
             text += " (default: %(default)s)"
         return text
+
+
+_CONTINUATION = "\n  "  # reports that list several problems indent them on lines of their own
+
+
+def print_error(error: BaseException | str) -> None:
+    """``error: MESSAGE`` on stderr with unprintable characters escaped (``cmjax.files.printable``):
+    a file name holding a newline or a terminal escape cannot split one error into two lines or
+    recolour the terminal. Indented continuation lines of a multi-problem report are kept."""
+    parts = str(error).split(_CONTINUATION)
+    print("error: " + _CONTINUATION.join(printable(p) for p in parts), file=sys.stderr, flush=True)

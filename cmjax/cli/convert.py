@@ -21,7 +21,8 @@ from pathlib import Path
 
 import jax
 
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
+from cmjax.weights.checkpoint import check_destination
 from cmjax.weights.convert import ConversionError, convert
 from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                         "recognised as (e.g. --kind vae takes the SD encoder out of a ConsistencyDecoderVAE)")
     parser.add_argument("--keep-dtype", action="store_true", help="store fp16/bf16 weights as they are "
                         "(default: upcast to float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a cmjax checkpoint (never SRC, a folder holding SRC, a folder with other files or a symbolic link)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
     return parser
 
@@ -51,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = args.src
         if not Path(src).exists() and src in (OPENAI, HUB_REPO):
-            if Path(args.dst).exists() and not args.overwrite:  # before a multi-GB download
-                raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
+            check_destination(args.dst, overwrite=args.overwrite)  # before a multi-GB download
             fetch = fetch_openai_decoder if src == OPENAI else fetch_hub_decoder
             src = fetch(progress=not args.quiet, report=report)
         model = convert(src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype, overwrite=args.overwrite,
                         report=report)
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     leaves = jax.tree.leaves(model.params)
     n = sum(x.size for x in leaves)

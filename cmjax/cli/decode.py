@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from cmjax import parallel
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
 from cmjax.decoding import schedule
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.run import DecodeOptions, run
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = options_from_args(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = parallel.make_mesh()
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             raise ValueError(f"--output {inputs.display(options.output)}: cannot write there: {problem}")
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     if lead:
         print(f"{jax.device_count()} device(s) on {jax.process_count()} host(s); timesteps "

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import consistency as C, editing
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
 from cmjax.evaluation import sources
-from cmjax.images import from_uint8, save_image_grid
+from cmjax.images import from_uint8, save_image_grid, upright
 from cmjax.training.trained import ImageCM, load_image_cm
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
@@ -70,9 +70,9 @@ def read_mask(path: str, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            g = np.asarray(im.convert("L").resize((size, size), Image.NEAREST), np.float32)
-    except OSError as e:
-        raise OSError(f"cannot read mask file {path!r}: {e}") from e
+            g = np.asarray(upright(im).convert("L").resize((size, size), Image.NEAREST), np.float32)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        raise ValueError(f"cannot read mask file {path!r}: {e}") from e
     return (g >= 128).astype(np.float32)[None, :, :, None]
 
 
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = save_image_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale,
                                column_labels=caption.split(" | "))
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"{args.task}: {len(rows)} rows ({caption}) -> {path}")
     return 0

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import data, images
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
+from cmjax.files import atomic_write
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import fid as fid_lib, latent_stats, metrics, sources
 from cmjax.models import vae as vae_lib
@@ -107,9 +108,9 @@ def _recon(args) -> int:
     grid_path = images.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
                                      upscale=max(1, 64 // args.size), cell_labels=psnrs,
                                      column_labels=["input"] + [names[k] for k in shown])
-    with open(os.path.join(args.out, "recon_metrics.json"), "w") as fh:
-        json.dump({"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
-                   "images": args.images, "decoder": args.decoder, "vae": args.vae}, fh, indent=2)
+    record = {"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
+              "images": args.images, "decoder": args.decoder, "vae": args.vae}
+    atomic_write(os.path.join(args.out, "recon_metrics.json"), lambda fh: fh.write(json.dumps(record, indent=2).encode()))
     print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in shown)}; PSNR under each) "
           f"-> {grid_path}\nmetrics -> {os.path.join(args.out, 'recon_metrics.json')}")
     return 0
@@ -131,11 +132,7 @@ def _latent_stats(args) -> int:
     out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
            "latent_channels": vae.config.latent_channels, "scaling_factor": vae.config.scaling_factor,
            "shift_factor": vae.config.shift_factor, **stats}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda fh: fh.write(json.dumps(out, indent=2).encode()))
     print(f"{stats['num_images']} images, {stats['num_positions']} latent positions; scaled latents "
           f"(z - {vae.config.shift_factor}) * {vae.config.scaling_factor}:")
     print("mean " + " ".join(f"{v:.4f}" for v in stats["latent_mean"]))
@@ -338,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, print_error
 from cmjax.weights import checkpoint, export
 from cmjax.weights.mapping import ConversionError
 
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
                         "without it only the UNet is written (a UNet2DModel folder)")
     parser.add_argument("--dtype", choices=sorted(export.DTYPES), default="float32", help="dtype of the written "
                         "weights (default float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a folder cmjax exported (never CKPT, a folder holding it, a folder with other files or a symbolic link)")
     return parser
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         export.export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
                        overwrite=args.overwrite, report=report)
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     if args.encoder_from is None:
         _hint_encoder(Path(args.ckpt))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ from typing import Sequence
 import ml_collections
 
 from cmjax.cli import HelpFormatter
+from cmjax.files import printable
+from cmjax.models.layers import DTYPES
 from cmjax.training import NonFiniteLossError, train_and_evaluate
+from cmjax.training.algorithms import ALGORITHMS
 from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
 
 _PREFIX = "--config."
@@ -97,6 +101,85 @@ def apply_override(config: ml_collections.ConfigDict, field: str, text: str) -> 
         node[key] = value
     except TypeError as e:
         raise UsageError(f"--config.{field}={text}: {e}") from None
+
+
+def _at_least(n):
+    return (lambda v: v >= n), f">= {n}"
+
+
+def _above(n):
+    return (lambda v: v > n), f"> {n}"
+
+
+def _fraction(closed: bool):
+    return ((lambda v: 0 <= v <= 1), "in [0, 1]") if closed else ((lambda v: 0 <= v < 1), "in [0, 1)")
+
+
+# The bounds of the numeric fields (configs/default.py), checked on the command line before anything is
+# built or compiled; besides these, every float must be finite and every other *_every / *_steps field >= 0.
+BOUNDS = {
+    "total_steps": _at_least(1), "curriculum_steps": _at_least(0), "batch_size": _at_least(1),
+    "data.image_size": _at_least(1), "data.channels": _at_least(1), "data.worker_count": _at_least(0),
+    "model.base_channels": _at_least(1), "model.num_res_blocks": _at_least(1), "model.num_groups": _at_least(1),
+    "model.dropout": _fraction(False), "model.embedding_size": _at_least(1), "model.time_inputs": _at_least(1),
+    "model.unet.layers_per_block": _at_least(1), "model.unet.norm_num_groups": _at_least(1),
+    "model.spacing": _at_least(1), "model.t_max": _at_least(1),
+    "optim.lr": _above(0), "optim.b1": _fraction(False), "optim.b2": _fraction(False), "optim.eps": _at_least(0),
+    "optim.weight_decay": _at_least(0), "optim.grad_clip": _at_least(0), "optim.grad_accum_steps": _at_least(1),
+    "ema_decay": _fraction(True), "ict.s0": _at_least(1), "ict.s1": _at_least(1), "ict.p_std": _above(0),
+    "ct.s0": _at_least(1), "ct.s1": _at_least(1), "ct.mu0": _fraction(False), "cd.num_scales": _at_least(2),
+    "cd.target_ema": _fraction(True), "edm.p_std": _above(0), "scm.sigma_data": _above(0), "scm.p_std": _above(0),
+    "scm.mid_t": _above(0), "ect.p_std": _above(0), "ect.q": _above(0), "ect.c": _at_least(0),
+    "ect.stage_steps": _at_least(1), "meanflow.p_std": _above(0), "meanflow.equal_fraction": _fraction(True),
+    "meanflow.weight_c": _at_least(0), "sampling.sigma_max": _above(0), "sampling.mid_sigma": _above(0),
+    "sampling.decoder_mid_t": _at_least(0), "fsdp_min_size": _at_least(0), "num_processes": _at_least(0),
+    "log_every": _at_least(1), "checkpoint_every": _at_least(1), "keep_checkpoints": _at_least(1),
+    "num_eval_images": _at_least(1), "fid_num_samples": _at_least(1), "fid_max_ref_images": _at_least(0),
+}
+
+
+# The named choices of the string fields; the library names them again where it uses them.
+CHOICES = {
+    "family": ("image", "decoder"), "algorithm": tuple(ALGORITHMS), "compute_dtype": tuple(DTYPES),
+    "data.source": ("digits", "tfds", "folder", "npz"), "data.latents": ("file", "vae", "patch"),
+    "model.embedding": ("fourier", "positional"), "optim.name": ("radam", "adamw", "adam"),
+    "optim.schedule": ("constant", "cosine"), "ct.metric": ("l2", "l1", "pseudo_huber"),
+    "cd.metric": ("l2", "l1", "pseudo_huber"),
+}
+
+
+def _fields(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_bounds(config: ml_collections.ConfigDict) -> None:
+    """UsageError naming the first field whose value is out of its bounds (``BOUNDS``), not finite,
+    (an unlisted ``*_every`` / ``*_steps`` field) negative, or not one of its ``CHOICES``."""
+    for field, value in _fields(config):
+        if field in CHOICES and value not in CHOICES[field]:
+            raise UsageError(f"--config.{field}={value!r}: must be one of {', '.join(CHOICES[field])}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--config.{field}={value}: must be a finite number")
+        ok, what = BOUNDS.get(field) or (_at_least(0) if field.endswith(("_every", "_steps")) else (None, ""))
+        if ok is not None and not ok(value):
+            raise UsageError(f"--config.{field}={value}: must be {what}")
+
+
+def check_workdir(workdir: str) -> None:
+    """UsageError unless ``workdir`` is a folder or can be made one (not a file, not below one)."""
+    path = Path(workdir).expanduser()
+    probe = path
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():
+        what = "is a file" if probe == path else f"lies below the file {probe}"
+        raise UsageError(f"--workdir {workdir}: {what}, not a folder")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -184,8 +267,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, m
         config = load_config_file(args.config)
         for field, value in overrides:
             apply_override(config, field, value)
-    except UsageError as e:
-        parser.error(str(e))
+        check_bounds(config)
+        check_workdir(args.workdir)
+    except UsageError as e:  # one line, as every cmjax command prints an error
+        print(f"{parser.prog}: error: {printable(str(e))}", file=sys.stderr)
+        sys.exit(2)
     config.lock()
     return args, config
 
@@ -201,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as err:  # a setting or input the library refused, named in the message
+        print(f"train.py: error: {printable(str(err))}", file=sys.stderr)
+        return 1
     except (CheckpointSaveError, CheckpointRestoreError) as err:
         print(f"training stopped: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -44,6 +44,7 @@ import numpy as np
 from cmjax import cache, parallel
 from cmjax.evaluation.frechet import FIDStats, fid, frechet_distance, statistics
 from cmjax.evaluation.sources import DIGITS, TFDS_PREFIX, open_source, source_batches
+from cmjax.files import atomic_write
 from cmjax.images import to_uint8
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
@@ -220,8 +221,9 @@ def sample_features(sample_fn: SampleFn, num: int, *, extractor: FeatureExtracto
             u8 = to_uint8(sample_fn(jax.random.fold_in(key, i), batch_size))[: num - done]
             if save_dir is not None and jax.process_index() == 0:
                 for j, im in enumerate(u8):
-                    Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
-                        os.path.join(save_dir, f"{done + j:06d}.png"))
+                    picture = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+                    atomic_write(os.path.join(save_dir, f"{done + j:06d}.png"),
+                                 lambda f, picture=picture: picture.save(f, format="PNG"))
             done += len(u8)
             yield u8
 

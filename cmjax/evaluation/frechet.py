@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from cmjax.files import array_headers, atomic_write
+
 __all__ = ["FIDStats", "fid", "frechet_distance", "statistics"]
 
 
@@ -49,16 +51,14 @@ class FIDStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``num_images`` to an ``.npz`` (atomically: temp file + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images)))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FIDStats":
         """Read an ``.npz`` with ``mu`` and ``sigma`` (cmjax's, pytorch-fid's or clean-fid's)."""
         try:
+            array_headers(path)  # sizes checked against the file before np.load allocates them
             with np.load(path) as f:
                 if "mu" not in f or "sigma" not in f:
                     raise ValueError(f"{path}: an FID statistics file needs arrays 'mu' and 'sigma', "
@@ -67,6 +67,8 @@ class FIDStats:
                 num = int(f["num_images"]) if "num_images" in f else -1
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith(f"{path}: ") else f"{path}: {e}") from None
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         return cls(mu, sigma, num)

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from cmjax import data
+from cmjax.files import array_headers
 from cmjax.images import from_uint8
 
 
@@ -28,6 +29,10 @@ class NpzPairSource:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        try:
+            array_headers(self.path)  # sizes checked against the file before np.load allocates them
+        except ValueError as e:
+            raise ValueError(f"{self.path}: {e}") from None
         with np.load(self.path) as f:
             if "images" not in f or "latents" not in f:
                 raise ValueError(f"{self.path}: an image/latent .npz needs arrays 'images' and 'latents', "

@@ -74,10 +74,13 @@ def _check_finite(step: int, metrics: dict, manager) -> None:
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if bad:
         manager.wait_until_finished()
+        latest = manager.latest_step()
+        kept = (f"the last good checkpoint (step {latest}) in {manager.directory} is intact" if latest is not None
+                else f"no checkpoint had been saved yet in {manager.directory}, so a rerun starts afresh")
         raise NonFiniteLossError(
-            f"non-finite metrics at step {step}: {bad}. Stopping without saving this state; the last "
-            f"good checkpoint (step {manager.latest_step()}) in {manager.directory} is intact. "
-            "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then rerun to resume.")
+            f"non-finite metrics at step {step}: {bad}. Stopping without saving this state; {kept}. "
+            "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then rerun"
+            f"{' to resume' if latest is not None else ''}.")
 
 
 def make_evaluator(config, family: Family, model: Model, mesh, frozen, eval_host_batch):

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cmjax.files import atomic_write
 from cmjax.training import algorithms
 from cmjax.training.algorithms import curriculum_updates
 from cmjax.training.checkpointing import CONFIG
@@ -71,10 +72,7 @@ def truncate_metrics(path: str, step: int) -> int:
             keep.append(line if line.endswith("\n") else line + "\n")
     dropped = len(lines) - len(keep)
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write("".join(keep).encode()))
     return dropped
 
 

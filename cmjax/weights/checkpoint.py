@@ -12,18 +12,24 @@ The SD VAE uses the same layout with format "cmjax-vae" and one more field, "par
 present (["encoder", "decoder"], or ["encoder"] for the encoder bundled with a consistency decoder).
 
 Writes go to a temporary sibling directory that is renamed onto DIR only when complete, so a failed
-or interrupted save never leaves a half-written checkpoint behind.
+or interrupted save never leaves a half-written checkpoint behind. An existing DIR is replaced only
+when asked (``overwrite``) and only when it is what cmjax wrote (a checkpoint: cmjax.json and
+params/, nothing else), never an input of the command, a folder holding one, or a symbolic link.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,22 +47,111 @@ CONFIG_FILE = "cmjax.json"
 PARAMS_DIR = "params"
 
 
+class OverwriteRefused(FileExistsError):
+    """DST exists and may not be replaced; the message names it and says why (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """A kind of folder cmjax writes, as ``--overwrite`` recognises one it may replace: ``marker``
+    (a JSON object whose "format" is one of ``formats``; any object when empty) and nothing at the
+    top level but ``entries``."""
+
+    what: str
+    marker: str
+    formats: tuple[str, ...]
+    entries: frozenset[str]
+
+
+CHECKPOINT = Written("a cmjax checkpoint", CONFIG_FILE, (FORMAT, VAE_FORMAT), frozenset({CONFIG_FILE, PARAMS_DIR}))
+_MAX_MARKER = 1 << 20
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _why_not_ours(dst: Path, kind: Written) -> str | None:
+    """Why the existing folder ``dst`` is not one ``kind`` describes, or None if it is (or is empty)."""
+    names = sorted(os.listdir(dst))
+    if not names:
+        return None
+    other = [n for n in names if n not in kind.entries]
+    if other:
+        return (f"it holds files cmjax did not write ({', '.join(repr(n) for n in other[:3])}"
+                f"{', ...' if len(other) > 3 else ''})")
+    marker = dst / kind.marker
+    st = os.lstat(marker) if os.path.lexists(marker) else None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MARKER:
+        return f"it is not {kind.what} (no {kind.marker})"
+    try:
+        meta = parse_json(marker.read_bytes(), str(marker))
+    except (CheckpointError, OSError):
+        meta = None
+    if not isinstance(meta, dict) or (kind.formats and meta.get("format") not in kind.formats):
+        return f"it is not {kind.what} ({kind.marker} does not say so)"
+    return None
+
+
+def check_destination(dst: str | os.PathLike, *, overwrite: bool, kind: Written = CHECKPOINT,
+                      protect: Sequence[str | os.PathLike] = ()) -> None:
+    """Raise OverwriteRefused (one line naming ``dst``) unless ``dst`` may be written.
+
+    A missing ``dst`` may; an existing one only with ``overwrite``, and then only a folder that
+    is ``kind`` (or empty), that is none of the inputs ``protect``, holds none and lies inside
+    none. A symbolic link never is: cmjax does not write through links.
+    """
+    dst = Path(dst)
+    if os.path.islink(dst):
+        raise OverwriteRefused(f"{dst}: is a symbolic link; not written through (name a folder, not a link)")
+    if not os.path.lexists(dst):
+        return
+    if not overwrite:
+        raise OverwriteRefused(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    real = os.path.realpath(dst)
+    for src in protect:
+        src_real = os.path.realpath(src)
+        if src_real == real:
+            raise OverwriteRefused(f"{dst}: not replaced: it is the input {src} itself")
+        if _inside(src_real, real):
+            raise OverwriteRefused(f"{dst}: not replaced: it holds the input {src}")
+        if _inside(real, src_real):
+            raise OverwriteRefused(f"{dst}: not replaced: it lies inside the input {src}")
+    if not dst.is_dir():
+        raise OverwriteRefused(f"{dst}: not replaced: a file, not {kind.what} (--overwrite replaces only "
+                               "a folder cmjax wrote)")
+    why = _why_not_ours(dst, kind)
+    if why is not None:
+        raise OverwriteRefused(f"{dst}: not replaced: {why}; --overwrite replaces only {kind.what}")
+
+
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, *, kind: Written = CHECKPOINT,
+                     protect: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to ``dst``; rename it to ``dst`` if the block succeeds.
 
-    On any exception the temporary directory is removed and ``dst`` is untouched.
+    ``dst`` is checked by :func:`check_destination` before and again just before the rename; an
+    old ``dst`` is moved aside, the new one renamed in, and only then the old one deleted. On any
+    exception the temporary directory is removed and ``dst`` is untouched.
     """
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(dst, overwrite=overwrite, kind=kind, protect=protect)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name[:40]}.tmp-", dir=dst.parent))
     try:
         yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        check_destination(dst, overwrite=overwrite, kind=kind, protect=protect)
+        if not os.path.lexists(dst):
+            os.replace(tmp, dst)
+            return
+        old = tempfile.mkdtemp(prefix=f".{dst.name[:40]}.old-", dir=dst.parent)
+        os.replace(dst, old)  # a folder renamed onto an empty one: atomic, links inside untouched
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,15 +198,55 @@ def params_digest(params: Any) -> str | None:
     return h.hexdigest()
 
 
-def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool) -> Path:
+def _is_orbax_noise(unraisable) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Keep orbax's failure noise off stderr while saving: its absl ERROR logs (each with a writer
+    thread's traceback) and the "Event loop is closed" errors its writer threads raise into
+    callbacks after a failed write (~100 tracebacks for one full disk). The exception the save
+    raises says what went wrong. After a failure the filter for those thread errors stays
+    installed: they keep arriving from orbax's threads after the save has returned."""
+    absl = logging.getLogger("absl")
+    level, hook = absl.level, sys.unraisablehook
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda u: None if _is_orbax_noise(u) else hook(u)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        absl.setLevel(level)
+        if not failed:
+            sys.unraisablehook = hook
+
+
+def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
+    check_destination(dst, overwrite=overwrite, protect=protect)  # before hashing gigabytes
     digest = params_digest(params)
     if digest is not None:
         meta = {**meta, DIGEST_KEY: digest}
-    with atomic_directory(dst, overwrite) as tmp:
+    with atomic_directory(dst, overwrite, protect=protect) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        with _params_checkpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        try:
+            with quiet_orbax(), _params_checkpointer() as ckptr:
+                ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        except Exception as e:  # orbax/TensorStore raise ValueError, OSError, ... for a full disk
+            # TensorStore's text names temporary files; what the user needs is its tail ("No space left ...")
+            reason = _first_line(e, tail='": ')
+            raise CheckpointError(f"{dst}: cannot write the checkpoint, nothing was written ({reason})") from e
     return Path(dst)
+
+
+def _first_line(e: BaseException, tail: str | None = None) -> str:
+    """An exception as one short line (with ``tail``: only what follows its last occurrence)."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    return line.rsplit(tail, 1)[-1][:400] if tail else f"{type(e).__name__}: {line[:400]}"
 
 
 def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
@@ -149,10 +284,8 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
         try:
             params = ckptr.restore(params_dir, target)
         except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
-            text = str(e).strip()
-            first = text.splitlines()[0][:300] if text else type(e).__name__
             raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
-                                  f"matching the recorded config ({type(e).__name__}: {first})") from e
+                                  f"matching the recorded config ({_first_line(e)})") from e
     expected = meta.get(DIGEST_KEY)
     if verify and expected is not None:
         got = params_digest(params)
@@ -162,10 +295,14 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
     return params
 
 
-def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
-    """Write ``decoder`` to the checkpoint directory ``dst`` atomically. Returns the path."""
+def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False,
+                 protect: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``decoder`` to the checkpoint directory ``dst`` atomically. Returns the path.
+
+    ``overwrite``: replace an existing ``dst`` that is a cmjax checkpoint, never one of the inputs
+    ``protect`` or a folder holding one (see :func:`check_destination`)."""
     meta = {"format": FORMAT, "version": VERSION, "config": decoder.config.to_dict(), "source": source}
-    return _save(meta, decoder.params, dst, overwrite)
+    return _save(meta, decoder.params, dst, overwrite, protect)
 
 
 def read_config(path: str | os.PathLike) -> DecoderConfig:
@@ -193,11 +330,13 @@ def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool 
     return Decoder(config, _restore(path, abstract_params(config), sharding, meta, verify))
 
 
-def save_vae(vae: vae_lib.VAE, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
-    """Write an SD VAE (whole or encoder-only) to the checkpoint directory ``dst`` atomically."""
+def save_vae(vae: vae_lib.VAE, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False,
+             protect: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write an SD VAE (whole or encoder-only) to the checkpoint directory ``dst`` atomically
+    (``overwrite`` and ``protect`` as in save_decoder)."""
     meta = {"format": VAE_FORMAT, "version": VERSION, "config": vae.config.to_dict(), "parts": list(vae.parts),
             "source": source}
-    return _save(meta, vae.params, dst, overwrite)
+    return _save(meta, vae.params, dst, overwrite, protect)
 
 
 def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[str, ...]]:

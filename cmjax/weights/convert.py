@@ -35,7 +35,7 @@ import numpy as np
 
 from cmjax.decoding.decoder import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
-from cmjax.weights.checkpoint import save_decoder, save_vae
+from cmjax.weights.checkpoint import check_destination, save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError
 from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
@@ -305,15 +305,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None 
 
     ``kind``: "decoder" or "vae" to override what the source is recognised as (a
     ``ConsistencyDecoderVAE`` is a decoder by default; ``kind="vae"`` takes its SD encoder).
+    ``overwrite``: replace an existing ``dst`` that is a cmjax checkpoint (never ``src``, a folder
+    holding it or a symbolic link: ``checkpoint.check_destination``).
     ``keep_dtype``: store fp16/bf16 params as they are (default: upcast to float32; a checkpoint
     stored in fp16 still loads as float32). ``report``: called with one line per step.
     Returns the Decoder (or, for ``kind="vae"``, the VAE) that was written.
     """
     if kind not in (None, *KINDS):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    dst = Path(dst)
-    if dst.exists() and not overwrite:  # fail before reading gigabytes
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    protect = (src,)  # --overwrite never replaces the source (or a folder holding it)
+    check_destination(dst, overwrite=overwrite, protect=protect)  # before reading gigabytes
     dtype = None if keep_dtype else np.float32
     source = detect_source(src)
     if report:
@@ -331,14 +332,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None 
         model = load_pytorch_vae(source.path, dtype=dtype)
         done()
         done = _timed(report, "saved the checkpoint")
-        save_vae(model, dst, source=origin, overwrite=overwrite)
+        save_vae(model, dst, source=origin, overwrite=overwrite, protect=protect)
         done()
         return model
     decoder = decoder_from_source(source, dtype=dtype, report=report)
     source.tensors = None
     _make_contiguous(decoder.params)
     done = _timed(report, "saved the checkpoint")
-    save_decoder(decoder, dst, source=origin, overwrite=overwrite)
+    save_decoder(decoder, dst, source=origin, overwrite=overwrite, protect=protect)
     done()
     return decoder
 

@@ -16,6 +16,9 @@ a ConsistencyDecoderVAE keeps ``decoder_unet.*`` and drops the bundled SD encode
 encoder weights would give a folder whose ``encode()`` silently returns garbage. So the full
 folder is written only from real encoder weights, and the UNet otherwise.
 
+Every folder written also holds ``cmjax-export.json`` (what it was exported from; diffusers
+ignores it): ``--overwrite`` replaces only a folder that has it and nothing else of its own.
+
 Decode settings that diffusers does not store (it hard-codes the latent statistics and
 sigma_data; a UNet2DModel has no latent settings at all) must have their default values for a
 ConsistencyDecoderVAE export, and are reported when a UNet2DModel export leaves them out.
@@ -33,12 +36,16 @@ from cmjax.decoding.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, Deco
 from cmjax.decoding.schedule import SIGMA_DATA
 from cmjax.models import vae as vae_lib
 from cmjax.weights import hub
-from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, load_vae
-from cmjax.weights.diffusers import find_weights, read_safetensors
+from cmjax.weights.checkpoint import CONFIG_FILE, Written, atomic_directory, check_destination, load_vae
+from cmjax.weights.diffusers import find_weights, read_config_json, read_safetensors
 from cmjax.weights.mapping import flax_to_torch
 from cmjax.weights.sd_vae import load_pytorch_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# What marks a folder this module wrote (diffusers ignores the file): --overwrite replaces only such a folder.
+MARKER, EXPORT_FORMAT = "cmjax-export.json", "cmjax-export"
+EXPORT = Written("a diffusers folder exported by cmjax", MARKER, (EXPORT_FORMAT,),
+                 frozenset({"config.json", WEIGHTS, MARKER}))
 # Written into config.json; the first diffusers release with ConsistencyDecoderVAE.
 DIFFUSERS_VERSION = "0.24.0"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -146,11 +153,8 @@ def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str
     config_path = folder / "config.json"
     if not config_path.is_file():
         return None
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
-    if cfg.get("_class_name") != "ConsistencyDecoderVAE":
+    cfg = read_config_json(config_path)
+    if not isinstance(cfg, dict) or cfg.get("_class_name") != "ConsistencyDecoderVAE":
         return None
     weights = find_weights(folder) if src.is_dir() else src
     tensors = read_safetensors(weights)
@@ -192,12 +196,20 @@ def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
 # Export
 
 
-def _write(dst: Path, config: dict, tensors: Mapping[str, np.ndarray], overwrite: bool) -> None:
+def _write(dst: Path, config: dict, tensors: Mapping[str, np.ndarray], overwrite: bool, protect: tuple,
+           ckpt: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
 
-    with atomic_directory(dst, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    with atomic_directory(dst, overwrite, kind=EXPORT, protect=protect) as tmp:
+        try:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            marker = {"format": EXPORT_FORMAT, "version": 1, "source": str(Path(ckpt).absolute())}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        except Exception as e:  # a full disk: OSError, or safetensors' own error type
+            text = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+            raise ExportError(f"{dst}: cannot write the export, nothing was written "
+                              f"({text[0][:300] if text else type(e).__name__})") from e
 
 
 def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_from: str | os.PathLike | None = None,
@@ -205,14 +217,16 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     """Write the decoder checkpoint ``ckpt`` as a diffusers folder ``dst`` (see the module docstring).
 
     ``dtype``: "float32" or "float16", of every tensor written. Nothing is left at ``dst`` on failure.
+    ``overwrite``: replace an existing ``dst`` that this function wrote (it holds ``cmjax-export.json``
+    and nothing else of its own), never ``ckpt``/``encoder_from`` or a folder holding them.
     Returns ``dst``.
     """
     say = report or (lambda _m: None)
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    protect = (ckpt,) if encoder_from is None else (ckpt, encoder_from)  # --overwrite never replaces an input
+    check_destination(dst, overwrite=overwrite, kind=EXPORT, protect=protect)
     if not (Path(ckpt) / CONFIG_FILE).is_file():
         raise ExportError(f"{ckpt}: not a cmjax decoder checkpoint (no {CONFIG_FILE}); convert PyTorch weights "
                           "with `python -m cmjax.convert SRC DST` first")
@@ -227,7 +241,7 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
             unstored.append(f"upsample_factor {cfg.upsample_factor}, scaling_factor {cfg.scaling_factor}")
         if unstored:
             say("note: a UNet2DModel folder does not record these decode settings: " + "; ".join(unstored))
-        _write(dst, unet2d_config(cfg), unet, overwrite)
+        _write(dst, unet2d_config(cfg), unet, overwrite, protect, ckpt)
         say(f"wrote {dst}: UNet2DModel (decoder UNet only; pass --encoder-from for a ConsistencyDecoderVAE)")
         return dst
 
@@ -251,6 +265,6 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
             f"{cfg.scaling_factor}; the decoder's is written")
     tensors = {f"decoder_unet.{k}": v for k, v in unet.items()}
     tensors.update({k: np.ascontiguousarray(v).astype(cast, copy=False) for k, v in encoder.items()})
-    _write(dst, consistency_vae_config(cfg, fields), tensors, overwrite)
+    _write(dst, consistency_vae_config(cfg, fields), tensors, overwrite, protect, ckpt)
     say(f"wrote {dst}: ConsistencyDecoderVAE (decoder from {ckpt}, encoder from {encoder_from})")
     return dst

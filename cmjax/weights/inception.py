@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from cmjax.cache import cache_dir
 from cmjax.models import inception
-from cmjax.weights.checkpoint import atomic_directory
+from cmjax.weights.checkpoint import Written, atomic_directory
 from cmjax.weights.mapping import unflatten
 from cmjax.weights.torch_pickle import load_torch_file
 
@@ -34,6 +34,8 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 CACHE_NAME = "pt_inception-2015-12-05"
 _TORCH_PREFIX = "net.layers."
+# the converted cache folder (load_params replaces one that lacks its params, and nothing else)
+CACHE = Written("a cmjax Inception cache", "source.json", (), frozenset({"source.json", "params"}))
 
 
 class InceptionWeightsError(FileNotFoundError):
@@ -146,7 +148,7 @@ def load_params(cache: str | os.PathLike | None = None, weights: str | os.PathLi
     if verbose:
         print(f"converting FID Inception weights {src} -> {path}", file=sys.stderr, flush=True)
     params = convert_torchscript(src)
-    with atomic_directory(path.absolute(), overwrite=True) as tmp:
+    with atomic_directory(path.absolute(), overwrite=True, kind=CACHE) as tmp:
         (tmp / "source.json").write_text(json.dumps({"source": str(src), "sha1": sha1}, indent=2) + "\n")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)

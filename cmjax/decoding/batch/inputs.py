@@ -16,7 +16,6 @@ import functools
 import glob
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,10 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
-from cmjax.images import from_uint8, to_rgb
+from cmjax.files import array_headers, printable
+from cmjax.images import from_uint8, to_rgb, upright, upright_size
+from cmjax.weights.diffusers import read_safetensors_header
+from cmjax.weights.mapping import ConversionError
 
 LATENT_SUFFIXES = (".npy", ".npz", ".safetensors")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -91,8 +93,9 @@ def _safe_name(key: str) -> str:
 
 
 def display(path: Path | str) -> str:
-    """A path as messages print it: bytes that are not UTF-8 shown as \\xNN (printable anywhere)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as messages print it: as it is, or quoted with newlines, control characters and bytes
+    that are not UTF-8 escaped (``'a\\nb.npy'``, ``'bad\\xff.npy'``) so it reads as one name."""
+    return printable(str(path), quote=True)
 
 
 def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Source], list[str]]:
@@ -105,13 +108,13 @@ def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Sourc
     for arg in inputs:
         if glob.has_magic(arg):
             base = _glob_base(arg)
-            files = _glob_files(arg, base, suffixes)
-            if not files:
+            files, special = _glob_files(arg, base, suffixes)
+            if not files and not special:
                 errors.append(f"{display(arg)}: matches no {'/'.join(suffixes)} files")
             found += [Source(f, _rel(f, Path(base))) for f in files]
         elif os.path.isdir(arg):
-            files = _walk(Path(arg), suffixes)
-            if not files:
+            files, special = _walk(Path(arg), suffixes)
+            if not files and not special:
                 errors.append(f"{display(arg)}: folder holds no {'/'.join(suffixes)} files")
             found += [Source(f, _rel(f, Path(arg))) for f in files]
         elif os.path.isfile(arg):
@@ -119,17 +122,26 @@ def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Sourc
                 found.append(Source(Path(arg), Path(arg).name))
             else:
                 errors.append(f"{display(arg)}: not a {'/'.join(suffixes)} file")
-        elif os.path.exists(arg):  # a FIFO or device would block or never end when read
-            errors.append(f"{display(arg)}: not a regular file or folder")
         else:
-            errors.append(f"{display(arg)}: no such file or folder")
+            special = [Path(arg)]
+        errors += [_not_a_file(p) for p in special]
     seen, sources = set(), []
     for s in sorted(found, key=lambda s: (s.rel, str(s.path))):
         real = os.path.realpath(s.path)
         if real not in seen:
             seen.add(real)
             sources.append(s)
-    return sources, errors
+    return sources, list(dict.fromkeys(errors))  # a file named twice is reported once
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, found or named as an input, is not read: a FIFO or device would block or never
+    end, a dangling link has nothing behind it."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{display(path)}: a symbolic link to nothing ({display(os.readlink(path))}); skipped"
+    if os.path.exists(path):
+        return f"{display(path)}: not a regular file or folder (a FIFO, device or socket); skipped"
+    return f"{display(path)}: no such file or folder"
 
 
 def _glob_base(pattern: str) -> str:
@@ -142,8 +154,9 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def _glob_files(pattern: str, base: str, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files matched by a glob, and the files below the folders it matches.
+def _glob_files(pattern: str, base: str, suffixes: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """Files matched by a glob, and the files below the folders it matches; and the matched names
+    with those suffixes that are not regular files (FIFOs, devices, dangling links).
 
     ``glob.glob``'s ``**`` follows links to folders without remembering them, so two links to an
     ancestor (``l1 -> .``, ``l2 -> .``) make it run for ever; a pattern with ``**`` is therefore
@@ -151,15 +164,23 @@ def _glob_files(pattern: str, base: str, suffixes: tuple[str, ...]) -> list[Path
     if "**" not in Path(pattern).parts:
         matches = sorted(glob.glob(pattern))
         files = [Path(m) for m in matches if os.path.isfile(m) and m.lower().endswith(suffixes)]
-        return files + [f for m in matches if os.path.isdir(m) for f in _walk(Path(m), suffixes)]
+        special = [Path(m) for m in matches if not os.path.isfile(m) and not os.path.isdir(m)
+                   and m.lower().endswith(suffixes)]
+        for m in matches:
+            if os.path.isdir(m):
+                below, odd = _walk(Path(m), suffixes)
+                files, special = files + below, special + odd
+        return files, special
     pattern_parts = list(Path(pattern).parts[len(Path(base).parts) if base != "." else 0:])
-    files = []
-    for f in _walk(Path(base), suffixes):
+    files, special = [], []
+    walked, odd = _walk(Path(base), suffixes)
+    regular = set(walked)
+    for f in walked + odd:
         parts = _rel(f, Path(base)).split("/")
         # the file itself, or a folder above it, matches (glob then lists the folder's files)
         if any(_parts_match(parts[:n], pattern_parts) for n in range(1, len(parts) + 1)):
-            files.append(f)
-    return files
+            (files if f in regular else special).append(f)
+    return files, special
 
 
 def _parts_match(path: Sequence[str], pattern: Sequence[str]) -> bool:
@@ -171,10 +192,12 @@ def _parts_match(path: Sequence[str], pattern: Sequence[str]) -> bool:
     return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) and _parts_match(path[1:], pattern[1:])
 
 
-def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def _walk(root: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
     """Files below ``root`` with these suffixes, following links to folders but entering each real
-    folder once (a link to an ancestor, ``l1 -> .``, would otherwise loop until memory runs out)."""
-    out, visited = [], {os.path.realpath(root)}
+    folder once (a link to an ancestor, ``l1 -> .``, would otherwise loop until memory runs out);
+    and the names with these suffixes that are not regular files (FIFOs, devices, dangling
+    links: never opened, reported). Hidden names (temporaries) are left out."""
+    out, special, visited = [], [], {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in dirnames:
@@ -183,9 +206,10 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
                 visited.add(real)
                 keep.append(d)
         dirnames[:] = keep
-        out += [Path(dirpath, f) for f in filenames if f.lower().endswith(suffixes) and not f.startswith(".")
-                and os.path.isfile(os.path.join(dirpath, f))]  # no FIFOs or devices
-    return out
+        for f in filenames:
+            if f.lower().endswith(suffixes) and not f.startswith("."):
+                (out if os.path.isfile(os.path.join(dirpath, f)) else special).append(Path(dirpath, f))
+    return out, special
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -220,32 +244,23 @@ def detect_layout(shape: Sequence[int], layout: str | None = None, channels: int
 
 
 def _array_headers(path: Path) -> list[tuple[str | None, tuple[int, ...], str]]:
-    """(key, shape, dtype name) of each array in a latent file, reading headers only."""
+    """(key, shape, dtype name) of each array in a latent file, reading headers only; every shape is
+    checked against the bytes that back it (InputError otherwise)."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise InputError("not a .npy file (no NumPy header)")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        return [(None, arr.shape, arr.dtype.name)]
-    if suffix == ".npz":
-        out = []
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if not name.endswith(".npy"):
-                    continue
-                with zf.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    fmt = np.lib.format
-                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                    shape, _, dtype = read(f)
-                out.append((name[:-4], shape, np.dtype(dtype).name))
-        if not out:
-            raise InputError("no arrays in this .npz file")
-        return out
+    if suffix in (".npy", ".npz"):
+        try:
+            headers = array_headers(path)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if (headers[0][0] is None) != (suffix == ".npy"):
+            raise InputError(f"a {'.npz archive' if suffix == '.npy' else '.npy file'} named {suffix}")
+        return [(key, shape, dtype.name) for key, shape, dtype in headers]
     if suffix == ".safetensors":
-        with safe_open(str(path), framework="numpy") as f:
-            out = [(k, tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()]
+        try:  # the checks convert makes: duplicate names, offsets and sizes against the file
+            header, _ = read_safetensors_header(path)
+        except ConversionError as e:
+            raise InputError(str(e).removeprefix(f"{path}: ")) from None
+        out = [(k, shape, dtype.name) for k, (dtype, shape, _, _) in header.items()]
         if not out:
             raise InputError("no tensors in this .safetensors file")
         return out
@@ -286,7 +301,7 @@ def scan_image(source: Source, factor: int) -> tuple[list[Item], list[str]]:
     """An image file's item: its size (H, W) cropped down to multiples of ``factor`` (header only)."""
     try:
         with Image.open(source.path) as img:
-            w, h = img.size
+            w, h = upright_size(img)
     except Exception as e:  # noqa: BLE001
         return [], [f"{display(source.path)}: cannot read image: {reason(e)}"]
     if h < factor or w < factor:
@@ -335,7 +350,7 @@ class Reader:
         """(H, W, 3) float32 in [-1, 1], center-cropped to ``item.shape``."""
         with Image.open(item.source.path) as img:
             img.load()
-            rgb = np.asarray(to_rgb(img), np.uint8)
+            rgb = np.asarray(to_rgb(upright(img)), np.uint8)
         h, w = item.shape
         top, left = (rgb.shape[0] - h) // 2, (rgb.shape[1] - w) // 2
         return from_uint8(rgb[top:top + h, left:left + w])

@@ -1,7 +1,7 @@
 """The run of a batch decode (decode.py's flags and main are cmjax.cli.decode): the plan, the
 loop over batches, the summary.
 
-    run: inputs.discover + scan -> drop clashes / outputs outside --output / finished items
+    run: inputs.discover + scan -> drop clashes / names too long / outputs outside --output / finished items
          -> plan_batches -> per shape: program.compile_program ("compiling ... once per input
             shape"), refused when its memory estimate does not fit -> per batch: read this host's
             rows, run the program, write the previous batch's outputs while this one computes
@@ -30,6 +30,7 @@ from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 from cmjax.decoding.decoder import DecoderConfig
 from cmjax.evaluation import metrics
+from cmjax.files import printable
 from cmjax.images import image_grid, to_uint8
 
 COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
@@ -149,14 +150,18 @@ def _replicated(tree: Any, mesh) -> Any:
 
 
 def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[str]) -> tuple[list[Item], list[str]]:
-    """Items whose output names are taken (by an earlier item, or by an input file) or fall outside
-    --output become errors."""
+    """Items whose output names are too long for the file system, are taken (by an earlier item, or
+    by an input file) or fall outside --output become errors, before anything is decoded."""
     owner: dict[str, Item] = {}
     kept, errors = [], []
+    limits = outputs.name_limits(options.output)
     for item in items:
         paths = options.output_paths(item)
         clash = next((owner[str(p)] for p in paths if str(p) in owner), None)
-        if not all(outputs.is_inside(p, options.output) for p in paths):
+        too_long = next((why for p in paths if (why := outputs.name_problem(p, options.output, limits))), None)
+        if too_long is not None:
+            errors.append(f"{item.name}: {too_long}; rename the input (or choose a shorter --output)")
+        elif not all(outputs.is_inside(p, options.output) for p in paths):
             errors.append(f"{item.name}: its output {inputs.display(paths[0])} would lie outside --output "
                           f"{inputs.display(options.output)} (a '..' in the pattern?); name the file directly")
         elif clash is not None:
@@ -226,7 +231,7 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
 
     def fail(msg: str) -> None:
         local_fail.append(msg)
-        (log or (lambda m: tqdm.write(m, file=sys.stderr)))(f"error: {msg}")
+        (log or (lambda m: tqdm.write(m, file=sys.stderr)))(f"error: {printable(msg)}")
 
     if options.images and vae is None:
         raise ValueError("--images needs the SD VAE (--vae)")
