@@ -8,7 +8,7 @@
     gan = cmjax.decode_gan(vae, latents)             # the VAE's own decoder
 """
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode, decode_latents
-from cmjax.models.unet import ConsistencyUNet, UNetConfig
+from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
 from cmjax.models.vae import decode_gan, encode as encode_images
 from cmjax.weights.checkpoint import save_decoder
 from cmjax.weights.hub import load_decoder, load_vae

@@ -112,7 +112,7 @@ def tiny_checkpoints(tmp_path_factory):
     from cmjax.weights import checkpoint
     from cmjax.decoding import decoder as decoder_lib
     from cmjax.models import vae as vae_lib
-    from cmjax.models.unet import UNetConfig
+    from cmjax.models.decoder_unet import UNetConfig
 
     root = tmp_path_factory.mktemp("recon")
     dcfg = decoder_lib.DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,

@@ -24,7 +24,7 @@ import numpy as np
 
 from cmjax.decoding import schedule
 from cmjax.models.layers import add_leaves, prepared_kernels, upsample_nearest, with_prepared_kernels
-from cmjax.models.unet import ConsistencyUNet, UNetConfig
+from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
 LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)

@@ -46,7 +46,7 @@ from cmjax.decoding import decoder as decoder_lib, schedule
 from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents, denoise, normalize_latents
 from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
 from cmjax.models.layers import compute_dtype, upsample_nearest
-from cmjax.models.unet import UNetConfig
+from cmjax.models.decoder_unet import UNetConfig
 from cmjax.models.vae import encode_latents
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import read_config, read_vae_config, save_decoder

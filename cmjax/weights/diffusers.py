@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cmjax.decoding.decoder import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
-from cmjax.models.unet import UNetConfig
+from cmjax.models.decoder_unet import UNetConfig
 from cmjax.weights.errors import parse_json
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 
