@@ -38,7 +38,8 @@ from bench_decoder import PeakRSS  # noqa: E402
 from cmjax import data, parallel  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.batch import outputs, program  # noqa: E402
-from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
+from cmjax.decoding.decoder import decode_latents  # noqa: E402
+from cmjax.models.decoder_config import Decoder, DecoderConfig  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
@@ -187,7 +188,7 @@ def tiling_error(args) -> None:
 def memory_only(args) -> None:
     h, w = (int(v) for v in args.latent.split("x"))
     cfg = TINY if args.model == "tiny" else DecoderConfig()
-    from cmjax.decoding.decoder import abstract_params
+    from cmjax.models.decoder_config import abstract_params
 
     params = abstract_params(cfg, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     latents = jax.ShapeDtypeStruct((1, h, w, 4), jnp.float32)

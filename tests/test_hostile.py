@@ -26,7 +26,7 @@ import pytest
 from cmjax.weights import checkpoint
 from cmjax import data
 from cmjax.weights.mapping import flax_to_torch
-from cmjax.decoding.decoder import ConfigError, DecoderConfig, abstract_params
+from cmjax.models.decoder_config import ConfigError, DecoderConfig, abstract_params
 from cmjax.models.decoder_unet import UNetConfig
 from tests import hostile_files as hf
 from tests.random_decoder import random_decoder

@@ -478,8 +478,8 @@ def test_decoder_finetune_psnr_rises(tmp_path):
     linear 8x8-patch encoder (data.latents='patch'). The 1-step and 2-step reconstruction PSNR of a
     fixed eval batch (16 images) must rise by > 2 dB (measured: 7.44 -> 10.21 dB 1-step, 7.19 ->
     10.52 dB 2-step); the exported EMA decoder loads with cmjax.load_decoder."""
+    from cmjax.models.decoder_config import Decoder
     from cmjax.weights.checkpoint import load_decoder, save_decoder
-    from cmjax.decoding.decoder import Decoder
 
     c = decoder_tiny.get_config()
     c.ict.s0, c.ict.s1 = 10, 10

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
+from cmjax.models.decoder_config import Decoder, DecoderConfig, abstract_params
 from cmjax.weights.errors import CheckpointError, parse_json
 
 FORMAT = "cmjax-decoder"

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import Decoder
+from cmjax.models.decoder_config import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
 from cmjax.weights.checkpoint import save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError

@@ -29,9 +29,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
-from cmjax.decoding.schedule import SIGMA_DATA
+from cmjax.consistency import SIGMA_DATA
 from cmjax.models import vae as vae_lib
+from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, load_vae
 from cmjax.weights.diffusers import find_weights, read_safetensors

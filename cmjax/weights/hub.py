@@ -46,7 +46,7 @@ from typing import Callable
 
 from cmjax import parallel
 from cmjax.cache import cache_dir
-from cmjax.decoding.decoder import Decoder
+from cmjax.models.decoder_config import Decoder
 from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
 from cmjax.weights.checkpoint import CONFIG_FILE

@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from cmjax import parallel
 from cmjax.decoding import tiling
-from cmjax.decoding.decoder import DecoderConfig, decode_latents
+from cmjax.decoding.decoder import decode_latents
+from cmjax.models.decoder_config import DecoderConfig
 from cmjax.models import vae as vae_lib
 from cmjax.models.layers import compute_dtype
 

@@ -28,7 +28,7 @@ from cmjax import data, parallel
 from cmjax.decoding import schedule, tiling
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
-from cmjax.decoding.decoder import DecoderConfig
+from cmjax.models.decoder_config import DecoderConfig
 from cmjax.evaluation import metrics
 
 COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
