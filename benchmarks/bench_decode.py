@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decoder import PeakRSS  # noqa: E402
 
 from cmjax import data, parallel  # noqa: E402
+from cmjax.batch_decode import outputs, program  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
-from cmjax.decoding.batch import outputs, program  # noqa: E402
 from cmjax.decoding.decoder import decode_latents  # noqa: E402
-from cmjax.models.decoder_config import Decoder, DecoderConfig  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
+from cmjax.models.decoder_config import Decoder, DecoderConfig  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 

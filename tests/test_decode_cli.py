@@ -1,4 +1,4 @@
-"""decode.py and cmjax.decoding.batch: inputs, layouts, sharding, multi-host, failures, resuming, images.
+"""decode.py and cmjax.batch_decode: inputs, layouts, sharding, multi-host, failures, resuming, images.
 
 Every run uses a tiny random-weight decoder. Runs on several devices or processes are subprocesses
 (XLA's device count is fixed at start-up); they share a persistent compilation cache, so a program
@@ -23,9 +23,9 @@ from PIL import Image
 
 import cmjax
 from cmjax import data
-from cmjax.decoding.batch import inputs, program
+from cmjax.batch_decode import inputs, program
 from cmjax.cli import decode as decode_cmd
-from cmjax.decoding.batch import run as batch_run
+from cmjax.batch_decode import run as batch_run
 from tests.random_decoder import random_decoder, random_params
 
 REPO = Path(__file__).resolve().parent.parent

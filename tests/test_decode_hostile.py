@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cmjax
-from cmjax.decoding.batch import inputs, program
+from cmjax.batch_decode import inputs, program
 from cmjax.cli import decode as decode_cmd
 from tests.random_decoder import TINY, random_decoder
 from tests.test_decode_cli import ckpt, cli_args, env, run_main  # noqa: F401 - ckpt and env are fixtures

@@ -99,7 +99,7 @@ def test_tiled_decode_matches_untiled(params):
 def test_batch_decode_uses_tiles(params):
     """decode.py's --tile: the sharded batch step decodes tiled, with the item's own noise field."""
     from cmjax import parallel
-    from cmjax.decoding.batch import program
+    from cmjax.batch_decode import program
 
     mesh = parallel.make_mesh(jax.devices()[:1])
     step = program.make_decode_fn(TINY, mesh, seed=0, timesteps=(1008,), tile=4, overlap=2)

@@ -1,6 +1,6 @@
 """The command lines, one module each, all argparse: flags and ``main(argv) -> exit status``.
 
-    decode   decode.py, cmjax-decode        latents or images -> PNGs (cmjax.decoding.batch)
+    decode   decode.py, cmjax-decode        latents or images -> PNGs (cmjax.batch_decode)
     train    train.py, cmjax-train          configs/*.py -> a training run (cmjax.training)
     convert  python -m cmjax.convert        PyTorch weights -> a cmjax checkpoint (cmjax.weights)
     export   python -m cmjax.export         a cmjax decoder -> a diffusers folder (cmjax.weights.export)

@@ -1,7 +1,7 @@
 """decode.py / cmjax-decode: the flags of batch decoding, their validation, and main.
 
     flags -> DecodeOptions (checked) -> cmjax.load_decoder / load_vae (any name or path, resolved
-    once by cmjax.weights.hub) -> cmjax.decoding.batch.run.run -> summary, exit status
+    once by cmjax.weights.hub) -> cmjax.batch_decode.run.run -> summary, exit status
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from cmjax import parallel
+from cmjax.batch_decode import inputs, outputs, program
+from cmjax.batch_decode.run import DecodeOptions, run
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import schedule
-from cmjax.decoding.batch import inputs, outputs, program
-from cmjax.decoding.batch.run import DecodeOptions, run
 from cmjax.weights import hub
 
 DESCRIPTION = """Decode SD latents (or images, via the SD VAE) into PNGs with the consistency decoder.

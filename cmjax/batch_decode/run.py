@@ -25,9 +25,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cmjax import data, parallel
+from cmjax.batch_decode import inputs, outputs, program
+from cmjax.batch_decode.inputs import Item
 from cmjax.decoding import schedule, tiling
-from cmjax.decoding.batch import inputs, outputs, program
-from cmjax.decoding.batch.inputs import Item
 from cmjax.models.decoder_config import DecoderConfig
 from cmjax.evaluation import metrics
 
