@@ -28,7 +28,7 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import jax, numpy as np
-from cmjax.weights.convert import convert
+from cmjax.weights.from_pytorch import convert
 base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t1 = time.perf_counter()
 convert(sys.argv[1], sys.argv[2])

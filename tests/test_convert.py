@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.weights.convert import ConversionError, convert, detect_source  # noqa: E402
+from cmjax.weights.from_pytorch import ConversionError, convert, detect_source  # noqa: E402
 from cmjax.weights.openai import diffusers_to_openai_name, openai_to_diffusers_name  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import nhwc, reference_decode, save_vae, tiny_consistency_vae  # noqa: E402

@@ -16,7 +16,7 @@ from cmjax.decoding import decoder as decoder_lib
 from cmjax.decoding import schedule
 from cmjax.models import decoder_config
 from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
-from cmjax.weights.convert import ConversionError, convert
+from cmjax.weights.from_pytorch import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 
 ATOL = 1e-5  # fp32 on CPU: cmjax and PyTorch agree to float32 rounding

@@ -3,7 +3,7 @@
     decode   decode.py, cmjax-decode        latents or images -> PNGs (cmjax.batch_decode)
     train    train.py, cmjax-train          configs/*.py -> a training run (cmjax.training)
     convert  python -m cmjax.convert        PyTorch weights -> a cmjax checkpoint (cmjax.weights)
-    export   python -m cmjax.export         a cmjax decoder -> a diffusers folder (cmjax.weights.export)
+    export   python -m cmjax.export         a cmjax decoder -> a diffusers folder (cmjax.weights.to_diffusers)
     eval     python -m cmjax.eval           FID, statistics, sigma search, reconstruction (cmjax.evaluation)
     edit     python -m cmjax.edit           zero-shot editing grids (cmjax.editing)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 from cmjax.cli import HelpFormatter
-from cmjax.weights.convert import ConversionError, convert
+from cmjax.weights.from_pytorch import ConversionError, convert
 from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
 
 

@@ -50,8 +50,8 @@ from cmjax.models.decoder_config import Decoder
 from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
 from cmjax.weights.checkpoint import CONFIG_FILE
-from cmjax.weights.convert import KINDS, convert
 from cmjax.weights.diffusers import WEIGHT_FILES
+from cmjax.weights.from_pytorch import KINDS, convert
 from cmjax.weights.openai import PAIR_WEIGHTS
 
 OPENAI_DECODER_URL = ("https://openaipublic.azureedge.net/diff-vae/"
