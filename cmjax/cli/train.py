@@ -22,7 +22,7 @@ import ml_collections
 
 from cmjax.cli import HelpFormatter
 from cmjax.training import NonFiniteLossError, train_and_evaluate
-from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
+from cmjax.training.run_checkpoints import CheckpointRestoreError, CheckpointSaveError
 
 _PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
