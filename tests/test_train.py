@@ -479,7 +479,7 @@ def test_decoder_finetune_psnr_rises(tmp_path):
     fixed eval batch (16 images) must rise by > 2 dB (measured: 7.44 -> 10.21 dB 1-step, 7.19 ->
     10.52 dB 2-step); the exported EMA decoder loads with cmjax.load_decoder."""
     from cmjax.models.decoder_config import Decoder
-    from cmjax.weights.checkpoint import load_decoder, save_decoder
+    from cmjax.weights.checkpoint import read_decoder, save_decoder
 
     c = decoder_tiny.get_config()
     c.ict.s0, c.ict.s1 = 10, 10
@@ -495,7 +495,7 @@ def test_decoder_finetune_psnr_rises(tmp_path):
     assert [r["step"] for r in evals] == [0, 120]
     for s in ("psnr_1step", "psnr_2step"):
         assert evals[1][s] > evals[0][s] + 2.0, evals
-    exported = load_decoder(os.path.join(workdir, "decoder_ema"))
+    exported = read_decoder(os.path.join(workdir, "decoder_ema"))
     for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(state.ema_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert os.path.isfile(os.path.join(workdir, "samples", "00000120_recon.png"))

@@ -177,8 +177,8 @@ def read_config(path: str | os.PathLike) -> DecoderConfig:
         raise CheckpointError(str(e)) from None
 
 
-def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
-    """Load a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
+def read_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
+    """Read a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
 
     Only directories: names and PyTorch files are resolved by :func:`cmjax.weights.hub.load_decoder`
     (``cmjax.load_decoder``), which calls this.
@@ -212,9 +212,9 @@ def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[s
         raise CheckpointError(f"{path}: bad VAE config ({e})") from e
 
 
-def load_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
-    """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by
-    ``save_vae``; ``sharding`` and ``verify`` as in load_decoder. PyTorch VAEs and names are
+def read_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
+    """Read an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by
+    ``save_vae``; ``sharding`` and ``verify`` as in read_decoder. PyTorch VAEs and names are
     resolved by :func:`cmjax.weights.hub.load_vae` (``cmjax.load_vae``), which calls this."""
     path = Path(path).absolute()
     config, parts = read_vae_config(path)

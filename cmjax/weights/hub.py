@@ -372,7 +372,7 @@ def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool
     """``cmjax.load_decoder``: a Decoder from any name or path :func:`resolve_checkpoint` takes
     (downloaded and converted on first use; on several hosts, process 0 first)."""
     path = _resolve_on_every_host(name_or_path, "decoder", progress, report)
-    return checkpoint.load_decoder(path, sharding=sharding, verify=verify)
+    return checkpoint.read_decoder(path, sharding=sharding, verify=verify)
 
 
 def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
@@ -382,7 +382,7 @@ def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = T
     ConsistencyDecoderVAE folder, an LDM/single-file checkpoint, or "openai/consistency-decoder"
     (its bundled SD encoder only)."""
     path = _resolve_on_every_host(name_or_path, "vae", progress, report)
-    return checkpoint.load_vae(path, sharding=sharding, verify=verify)
+    return checkpoint.read_vae(path, sharding=sharding, verify=verify)
 
 
 def _slug(text: str) -> str:
