@@ -325,7 +325,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     and converted if needed: the one way every command names a checkpoint (--checkpoint, --vae, ...).
 
     * an existing cmjax checkpoint directory (or any other directory holding no recognisable
-      PyTorch checkpoint): returned unchanged, for ``checkpoint.load_*`` to read or reject;
+      PyTorch checkpoint): returned unchanged, for ``checkpoint.read_*`` to read or reject;
     * a PyTorch checkpoint file or folder (``decoder.pt``, a diffusers folder, an LDM VAE, ...):
       converted once into the cache (keyed by kind, path, size and modification time);
     * ``"openai"``: OpenAI's decoder.pt, downloaded, SHA-256 verified, converted once (decoder only);
