@@ -350,7 +350,7 @@ def test_cli_help_and_existing_dst(tmp_path, sources, capsys):
     for word in ("openai/consistency-decoder", "--kind", "--keep-dtype", "TorchScript", "embedding.safetensors"):
         assert word in out
     (tmp_path / "dst").mkdir()
-    assert main([str(sources["script"]), str(tmp_path / "dst")]) == 1
+    assert main([str(sources["script"]), str(tmp_path / "dst")]) == 2  # a usage error
     assert "already exists" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), str(tmp_path / "dst2")]) == 1
     assert "nope: no such file or folder" in capsys.readouterr().err

@@ -177,7 +177,7 @@ def test_cli(converted, tmp_path, capsys):
     assert main([str(ckpt), str(tmp_path / "unet")]) == 0
     err = capsys.readouterr().err
     assert "UNet2DModel" in err and f"--encoder-from {folder}" in err  # the hint
-    assert main([str(ckpt), str(tmp_path / "unet")]) == 1
+    assert main([str(ckpt), str(tmp_path / "unet")]) == 2  # a usage error
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -7,6 +7,11 @@
     eval     python -m cmjax.eval           FID, statistics, sigma search, reconstruction (cmjax.evaluation)
     edit     python -m cmjax.edit           zero-shot editing grids (cmjax.editing)
 
+Shared conventions: where a command writes is ``--output`` (``--out``, eval's and edit's earlier
+spelling, still works: argparse takes any unique prefix of an option); a usage error exits with
+status 2 in every command: argparse's own, and arguments that cannot run as given (such as an
+existing DST without ``--overwrite``).
+
 ``HelpFormatter`` is the one ``--help`` style of every cmjax command: descriptions keep their line
 breaks, reStructuredText markup from docstrings is shown as plain text, and every option whose
 default is not None or False ends with ``(default: X)`` unless its text already gives it.

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
 from cmjax.cli import HelpFormatter
-from cmjax.weights.from_pytorch import ConversionError, convert
-from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
+from cmjax.weights.hub import NAMES, convert_checkpoint
+from cmjax.weights.mapping import ConversionError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cmjax.convert", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("src", metavar="SRC", help="a checkpoint file or folder, or a name: openai, "
-                        "openai/consistency-decoder")
+    parser.add_argument("src", metavar="SRC", help=f"a checkpoint file or folder, or a name: {', '.join(NAMES)}")
     parser.add_argument("dst", metavar="DST", help="the cmjax checkpoint directory to create")
     parser.add_argument("--kind", choices=("decoder", "vae"), help="convert SRC as this instead of what it is "
                         "recognised as (e.g. --kind vae takes the SD encoder out of a ConsistencyDecoderVAE)")
@@ -49,14 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        src = args.src
-        if not Path(src).exists() and src in (OPENAI, HUB_REPO):
-            if Path(args.dst).exists() and not args.overwrite:  # before a multi-GB download
-                raise FileExistsError(f"{args.dst} already exists (pass --overwrite to replace it)")
-            fetch = fetch_openai_decoder if src == OPENAI else fetch_hub_decoder
-            src = fetch(progress=not args.quiet, report=report)
-        model = convert(src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype, overwrite=args.overwrite,
-                        report=report)
+        model = convert_checkpoint(args.src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype,
+                                   overwrite=args.overwrite, progress=not args.quiet, report=report)
+    except FileExistsError as e:  # DST without --overwrite: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ConversionError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

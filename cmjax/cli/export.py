@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         to_diffusers.export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
                                     overwrite=args.overwrite, report=report)
+    except FileExistsError as e:  # DST without --overwrite: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ConversionError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -41,6 +41,13 @@ CONFIG_FILE = "cmjax.json"
 PARAMS_DIR = "params"
 
 
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
+    """FileExistsError if ``dst`` exists and ``overwrite`` is not set: every writer checks this
+    before reading or downloading anything (the CLIs exit 2 on it: a usage error)."""
+    if Path(dst).exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``dst``; rename it to ``dst`` if the block succeeds.
@@ -48,8 +55,7 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     On any exception the temporary directory is removed and ``dst`` is untouched.
     """
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:

@@ -35,7 +35,7 @@ import numpy as np
 
 from cmjax.models.decoder_config import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
-from cmjax.weights.checkpoint import save_decoder, save_vae
+from cmjax.weights.checkpoint import check_destination, save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError
 from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
                                   looks_like_openai)
@@ -314,8 +314,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None 
     if kind not in (None, *KINDS):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     dst = Path(dst)
-    if dst.exists() and not overwrite:  # fail before reading gigabytes
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(dst, overwrite)  # fail before reading gigabytes
     dtype = None if keep_dtype else np.float32
     source = detect_source(src)
     if report:

@@ -49,7 +49,7 @@ from cmjax.cache import cache_dir
 from cmjax.models.decoder_config import Decoder
 from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
-from cmjax.weights.checkpoint import CONFIG_FILE
+from cmjax.weights.checkpoint import CONFIG_FILE, check_destination
 from cmjax.weights.diffusers import WEIGHT_FILES
 from cmjax.weights.from_pytorch import KINDS, convert
 from cmjax.weights.openai import PAIR_WEIGHTS
@@ -285,6 +285,16 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
     return config.parent
 
 
+def fetch_named(name: str, *, progress: bool = True, report: Report | None = None) -> Path:
+    """The PyTorch files a published name (``NAMES``) stands for, downloaded, verified and cached
+    on first use: ``OPENAI`` -> OpenAI's decoder.pt, ``HUB_REPO`` -> the Hub folder."""
+    if name == OPENAI:
+        return fetch_openai_decoder(progress=progress, report=report)
+    if name == HUB_REPO:
+        return fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
+    raise ValueError(f"{name!r} is not a published checkpoint name ({', '.join(NAMES)})")
+
+
 class _SilentTqdm:
     """A tqdm class with the bar disabled, for huggingface_hub's ``tqdm_class`` (built lazily)."""
 
@@ -348,18 +358,32 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         return _convert_into_cache(path, f"local-{_slug(path.name)}-{key}{suffix}", kind, report=report)
     if text == OPENAI and kind == "decoder":
-        url = openai_url()
-        pt = fetch_openai_decoder(progress=progress, report=report)
-        return _convert_into_cache(pt, f"openai-{expected_sha256(url)[:16]}", kind, report=report)
+        pt = fetch_named(OPENAI, progress=progress, report=report)
+        return _convert_into_cache(pt, f"openai-{expected_sha256(openai_url())[:16]}", kind, report=report)
     if text == HUB_REPO:
         dst = cache_dir() / "checkpoints" / f"hf-{_slug(HUB_REPO)}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
             return dst
-        folder = fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
+        folder = fetch_named(HUB_REPO, progress=progress, report=report)
         return _convert_into_cache(folder, dst.name, kind, report=report)
     names = NAMES if kind == "decoder" else (HUB_REPO,)
     raise FileNotFoundError(f"{text}: no such checkpoint directory or file, and not a known {kind} checkpoint name "
                             f"({', '.join(repr(n) for n in names)})")
+
+
+def convert_checkpoint(name_or_path: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None = None,
+                       keep_dtype: bool = False, overwrite: bool = False, progress: bool = True,
+                       report: Report | None = None):
+    """``python -m cmjax.convert``: convert a PyTorch checkpoint file or folder, or the one a
+    published name stands for (fetched first, as :func:`resolve_checkpoint` fetches it), into the
+    cmjax checkpoint directory ``dst``. Returns the Decoder or VAE written; see
+    :func:`cmjax.weights.from_pytorch.convert` for the other arguments."""
+    text = os.fspath(name_or_path)
+    src = name_or_path
+    if not Path(text).exists() and text in NAMES:
+        check_destination(dst, overwrite)  # before a multi-GB download
+        src = fetch_named(text, progress=progress, report=report)
+    return convert(src, dst, kind=kind, keep_dtype=keep_dtype, overwrite=overwrite, report=report)
 
 
 def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> Path:
@@ -390,5 +414,5 @@ def _slug(text: str) -> str:
 
 
 __all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",
-           "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "load_decoder", "load_vae", "offline",
-           "resolve_checkpoint"]
+           "convert_checkpoint", "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_named",
+           "fetch_openai_decoder", "load_decoder", "load_vae", "offline", "resolve_checkpoint"]

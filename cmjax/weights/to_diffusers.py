@@ -33,7 +33,7 @@ from cmjax.consistency import SIGMA_DATA
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.weights import hub
-from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, read_vae
+from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, check_destination, read_vae
 from cmjax.weights.diffusers import find_weights, read_safetensors
 from cmjax.weights.mapping import flax_to_torch
 from cmjax.weights.sd_vae import load_pytorch_vae
@@ -211,8 +211,7 @@ def export_decoder(ckpt: str | os.PathLike, dst: str | os.PathLike, *, encoder_f
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_destination(dst, overwrite)
     if not (Path(ckpt) / CONFIG_FILE).is_file():
         raise ExportError(f"{ckpt}: not a cmjax decoder checkpoint (no {CONFIG_FILE}); convert PyTorch weights "
                           "with `python -m cmjax.convert SRC DST` first")
