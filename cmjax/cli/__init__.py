@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :mod:`cmjax.editing` -> cmjax.editing
 _LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
@@ -28,6 +29,13 @@ _LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
 def plain_text(text: str) -> str:
     """Docstring text without Sphinx roles and double-backquoted literals."""
     return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
+
+
+def error_status(e: Exception) -> int:
+    """Print ``error: E`` (one line) and return the exit status of a command that writes DST: 2 for
+    the usage error of an existing DST without --overwrite (FileExistsError), 1 for anything else."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2 if isinstance(e, FileExistsError) else 1
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

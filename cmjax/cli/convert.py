@@ -20,7 +20,7 @@ import sys
 
 import jax
 
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, error_status
 from cmjax.weights.hub import NAMES, convert_checkpoint
 from cmjax.weights.mapping import ConversionError
 
@@ -49,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = convert_checkpoint(args.src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype,
                                    overwrite=args.overwrite, progress=not args.quiet, report=report)
-    except FileExistsError as e:  # DST without --overwrite: a usage error
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error_status(e)
     leaves = jax.tree.leaves(model.params)
     n = sum(x.size for x in leaves)
     dtypes = "/".join(sorted({str(x.dtype) for x in leaves}))

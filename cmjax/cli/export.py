@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from cmjax.cli import HelpFormatter
+from cmjax.cli import HelpFormatter, error_status
 from cmjax.weights import checkpoint, to_diffusers
 from cmjax.weights.mapping import ConversionError
 
@@ -35,12 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         to_diffusers.export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
                                     overwrite=args.overwrite, report=report)
-    except FileExistsError as e:  # DST without --overwrite: a usage error
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (ConversionError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error_status(e)
     if args.encoder_from is None:
         _hint_encoder(Path(args.ckpt))
     return 0

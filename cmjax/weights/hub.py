@@ -51,8 +51,7 @@ from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
 from cmjax.weights.checkpoint import CONFIG_FILE, check_destination
 from cmjax.weights.diffusers import WEIGHT_FILES
-from cmjax.weights.from_pytorch import KINDS, convert
-from cmjax.weights.openai import PAIR_WEIGHTS
+from cmjax.weights.from_pytorch import KINDS, convert, is_pytorch_folder
 
 OPENAI_DECODER_URL = ("https://openaipublic.azureedge.net/diff-vae/"
                       "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb/decoder.pt")
@@ -351,8 +350,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     path = Path(text).expanduser()
     suffix = "" if kind == "decoder" else f"-{kind}"
     if path.exists():
-        if path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(
-                (path / n).exists() for n in ("config.json", PAIR_WEIGHTS, "decoder.pt"))):
+        if path.is_dir() and ((path / CONFIG_FILE).is_file() or not is_pytorch_folder(path)):
             return path
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]

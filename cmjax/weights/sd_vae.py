@@ -27,7 +27,6 @@ before the usual (out, in) -> (in, out) transpose.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cmjax.models.vae import DECODER, ENCODER, VAE, VAEConfig, abstract_params
-from cmjax.weights.diffusers import WEIGHT_FILES, find_weights, read_safetensors
+from cmjax.weights.diffusers import WEIGHT_FILES, find_weights, read_config_json, read_safetensors
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 from cmjax.weights.torch_pickle import CheckpointError, load_torch_file
 
@@ -288,10 +287,9 @@ def load_pytorch_vae(src: str | Path, *, dtype: Any = np.float32, config: VAECon
     state, fmt = vae_state(_read_tensors(weights), str(weights))
     config_path = weights.parent / "config.json"
     if config is None and fmt != LDM and config_path.is_file():
+        meta = read_config_json(config_path)  # ConversionError naming the file if it is not JSON
         try:
-            config = config_from_diffusers(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{config_path}: invalid JSON ({e})") from e
+            config = config_from_diffusers(meta)
         except ConversionError as e:
             raise ConversionError(f"{config_path}: {e}") from e
     if config is None:

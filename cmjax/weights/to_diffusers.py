@@ -35,6 +35,7 @@ from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR,
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import CONFIG_FILE, atomic_directory, check_destination, read_vae
 from cmjax.weights.diffusers import find_weights, read_safetensors
+from cmjax.weights.errors import parse_json
 from cmjax.weights.mapping import flax_to_torch
 from cmjax.weights.sd_vae import load_pytorch_vae
 
@@ -146,10 +147,7 @@ def _consistency_vae_encoder(src: Path) -> tuple[dict[str, np.ndarray], dict[str
     config_path = folder / "config.json"
     if not config_path.is_file():
         return None
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_path}: invalid JSON ({e})") from e
+    cfg = parse_json(config_path.read_bytes(), str(config_path), ExportError)
     if cfg.get("_class_name") != "ConsistencyDecoderVAE":
         return None
     weights = find_weights(folder) if src.is_dir() else src
