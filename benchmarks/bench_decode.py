@@ -37,6 +37,7 @@ from bench_decoder import PeakRSS  # noqa: E402
 
 from cmjax import data, parallel  # noqa: E402
 from cmjax.batch_decode import outputs, program  # noqa: E402
+from cmjax.batch_decode.options import DecodeOptions  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.decoder import decode_latents  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
@@ -85,9 +86,9 @@ def throughput(args) -> None:
     t = time.perf_counter()
     decoder = random_decoder(args.model, param_dtype)
     print(f"{args.model} decoder, random weights ({param_dtype.__name__} params) in {time.perf_counter() - t:.1f} s")
-    overlap = None if args.tile is None else tiling.default_overlap(args.tile)
-    step = program.make_decode_fn(decoder.config, mesh, seed=0, timesteps=(1008, 512)[:args.steps], dtype=args.dtype,
-                                  tile=args.tile, overlap=overlap, micro_batch=args.micro_batch)
+    options = DecodeOptions(timesteps=(1008, 512)[:args.steps], dtype=args.dtype, tile=args.tile,
+                            micro_batch=args.micro_batch)  # tile overlap: the default, tile // 4
+    step = program.make_decode_fn(decoder.config, mesh, options)
     unit = mesh.size * args.micro_batch
     batch = -(-args.batch // unit) * unit
     rng = np.random.default_rng(0)

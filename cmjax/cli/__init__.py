@@ -22,6 +22,8 @@ import argparse
 import re
 import sys
 
+from cmjax.decoding import schedule
+
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")  # :mod:`cmjax.editing` -> cmjax.editing
 _LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
 
@@ -29,6 +31,24 @@ _LITERAL = re.compile(r"``([^`]+)``")       # ``--steps`` -> --steps
 def plain_text(text: str) -> str:
     """Docstring text without Sphinx roles and double-backquoted literals."""
     return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
+
+
+def timesteps_from_flags(timesteps: str | None, steps: int | None = None,
+                         num_train_timesteps: int = schedule.NUM_TRAIN_TIMESTEPS) -> tuple[int, ...]:
+    """The decoder's timesteps from ``--timesteps`` ("1008,512": each on the distilled grid of a
+    model with ``num_train_timesteps``) or else ``--steps`` (evenly spaced; by default as many as
+    ``schedule.DEFAULT_TIMESTEPS``, which they are for the released model). ValueError naming the flag."""
+    if timesteps is not None:
+        try:
+            values = [int(t) for t in timesteps.split(",")] if timesteps.strip() else []
+        except ValueError:
+            raise ValueError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+        if not values:
+            example = ",".join(map(str, schedule.DEFAULT_TIMESTEPS))
+            raise ValueError(f"--timesteps is empty: give at least one timestep, e.g. {example}")
+        return schedule.check_timesteps(values, num_train_timesteps)
+    steps = len(schedule.DEFAULT_TIMESTEPS) if steps is None else steps
+    return schedule.timesteps_for_steps(steps, num_train_timesteps)
 
 
 def error_status(e: Exception) -> int:

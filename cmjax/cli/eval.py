@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import data
-from cmjax.cli import HelpFormatter
-from cmjax.decoding import decoder as decoder_lib
+from cmjax.cli import HelpFormatter, timesteps_from_flags
+from cmjax.decoding import decoder as decoder_lib, schedule
 from cmjax.evaluation import fid as fid_lib, latent_stats, metrics
 from cmjax.models import vae as vae_lib
 from cmjax.training import trained
@@ -53,8 +53,8 @@ def _recon(args) -> int:
     from tqdm.auto import tqdm
 
 
-    timesteps = tuple(int(t) for t in args.timesteps.split(",")) if args.timesteps else (1008, 512)
     dec = hub.load_decoder(args.decoder)
+    timesteps = timesteps_from_flags(args.timesteps, num_train_timesteps=dec.config.unet.num_train_timesteps)
     vae = hub.load_vae(args.vae)
     if "encoder" not in vae.parts:
         raise ValueError(f"{args.vae}: this VAE checkpoint has no encoder; recon needs one to make latents")
@@ -306,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", required=True, help="cmjax consistency-decoder checkpoint folder")
     p.add_argument("--vae", required=True, help="cmjax SD VAE checkpoint folder (encoder; GAN decoder if present)")
     p.add_argument("--size", type=int, default=256, help="resize + center-crop to this square size (multiple of 8)")
-    p.add_argument("--timesteps", help="consistency decoder timesteps (default 1008,512)")
+    p.add_argument("--timesteps", help="consistency decoder timesteps on its distilled grid (default: "
+                   f"{len(schedule.DEFAULT_TIMESTEPS)} steps, {','.join(map(str, schedule.DEFAULT_TIMESTEPS))} "
+                   "for the released model)")
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="images encoded and decoded per call")
     p.add_argument("--grid-images", type=int, default=8, help="rows in the grid image")
