@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             f"model), e.g. {default} (default: from --steps)")
     for field in flag_fields():  # DecodeOptions' fields: their flags, defaults and help
         kw = dict(field.metadata)
-        p.add_argument(kw.pop("flag", "--" + field.name.replace("_", "-")), dest=field.name, default=field.default, **kw)
+        name = kw.pop("flag", "--" + field.name.replace("_", "-"))
+        p.add_argument(name, dest=field.name, default=field.default, **kw)
     p.add_argument("--vae", help="SD VAE for --images: a cmjax VAE checkpoint or PyTorch weights (diffusers "
                    "AutoencoderKL folder, LDM checkpoint) (default: the SD encoder bundled with "
                    f"{DEFAULT_VAE} on the Hub; it has no GAN decoder, so --compare needs --vae)")
