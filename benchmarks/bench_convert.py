@@ -28,7 +28,7 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import jax, numpy as np
-from cmjax.weights.convert import convert
+from cmjax.weights.from_pytorch import convert
 base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t1 = time.perf_counter()
 convert(sys.argv[1], sys.argv[2])
@@ -58,7 +58,7 @@ def build_safetensors(folder: Path) -> None:
 
     from cmjax.weights.mapping import torch_key_for
     from cmjax.weights.openai import PAIR_EMBEDDING, PAIR_WEIGHTS, diffusers_to_openai_name
-    from cmjax.decoding.decoder import DecoderConfig, abstract_params
+    from cmjax.models.decoder_config import DecoderConfig, abstract_params
 
     rng = np.random.default_rng(0)
     state = {}

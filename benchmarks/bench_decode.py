@@ -36,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decoder import PeakRSS  # noqa: E402
 
 from cmjax import parallel  # noqa: E402
+from cmjax.batch_decode import outputs, program  # noqa: E402
+from cmjax.batch_decode.options import DecodeOptions  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
-from cmjax.decoding.batch import outputs, program  # noqa: E402
-from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents  # noqa: E402
+from cmjax.decoding.decoder import decode_latents  # noqa: E402
 from cmjax.evaluation import metrics  # noqa: E402
 from cmjax.images import to_uint8  # noqa: E402
+from cmjax.models.decoder_config import Decoder, DecoderConfig  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
 from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
 
@@ -85,9 +87,9 @@ def throughput(args) -> None:
     t = time.perf_counter()
     decoder = random_decoder(args.model, param_dtype)
     print(f"{args.model} decoder, random weights ({param_dtype.__name__} params) in {time.perf_counter() - t:.1f} s")
-    overlap = None if args.tile is None else tiling.default_overlap(args.tile)
-    step = program.make_decode_fn(decoder.config, mesh, seed=0, timesteps=(1008, 512)[:args.steps], dtype=args.dtype,
-                                  tile=args.tile, overlap=overlap, micro_batch=args.micro_batch)
+    options = DecodeOptions(timesteps=(1008, 512)[:args.steps], dtype=args.dtype, tile=args.tile,
+                            micro_batch=args.micro_batch)  # tile overlap: the default, tile // 4
+    step = program.make_decode_fn(decoder.config, mesh, options)
     unit = mesh.size * args.micro_batch
     batch = -(-args.batch // unit) * unit
     rng = np.random.default_rng(0)
@@ -188,7 +190,7 @@ def tiling_error(args) -> None:
 def memory_only(args) -> None:
     h, w = (int(v) for v in args.latent.split("x"))
     cfg = TINY if args.model == "tiny" else DecoderConfig()
-    from cmjax.decoding.decoder import abstract_params
+    from cmjax.models.decoder_config import abstract_params
 
     params = abstract_params(cfg, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     latents = jax.ShapeDtypeStruct((1, h, w, 4), jnp.float32)

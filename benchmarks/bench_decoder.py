@@ -206,9 +206,9 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
           f"(best {flops / min(t_torch) / 1e9:.0f}){ceiling}")
     print(machine_line())
     if args.profile:
-        from cmjax.decoding.decoder import _decode_jit
+        from cmjax.decoding.decoder import _decode_jit, prepared_params
 
-        params = decoder.prepared_params(latents.shape, dtype)  # what cmjax.decode runs with
+        params = prepared_params(decoder, latents.shape, dtype)  # what cmjax.decode runs with
         lowered = _decode_jit.lower(params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
                                     timesteps=cmjax.decoding.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
         profile_cmjax(run_cmjax, lowered, args.profile)
@@ -290,7 +290,7 @@ def main() -> None:
 
     import cmjax
     from cmjax.weights.mapping import torch_to_flax
-    from cmjax.decoding.decoder import abstract_params
+    from cmjax.models.decoder_config import abstract_params
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)

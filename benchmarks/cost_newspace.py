@@ -73,7 +73,7 @@ def main() -> None:
 
     # the parts, each compiled on its own: one decoder forward, and the VAE encoder
     dcfg = fam.config
-    from cmjax.decoding.decoder import abstract_params, make_network
+    from cmjax.models.decoder_config import abstract_params, make_network
 
     net = make_network(dcfg, dtype=compute_dtype(c.compute_dtype))
     fwd = jax.jit(lambda p, x, t: net.apply({"params": p}, x, t))

@@ -7,8 +7,9 @@
     latents = cmjax.encode_images(vae, images)       # raw posterior mean (B,H/8,W/8,C), C = 4 or 16
     gan = cmjax.decode_gan(vae, latents)             # the VAE's own decoder
 """
-from cmjax.decoding.decoder import Decoder, DecoderConfig, decode, decode_latents
-from cmjax.models.unet import ConsistencyUNet, UNetConfig
+from cmjax.decoding.decoder import decode, decode_latents
+from cmjax.models.decoder_config import Decoder, DecoderConfig
+from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
 from cmjax.models.vae import decode_gan, encode as encode_images
 from cmjax.weights.checkpoint import save_decoder
 from cmjax.weights.hub import load_decoder, load_vae

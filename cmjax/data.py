@@ -1,5 +1,5 @@
 """Training input: sources, grain transforms, the per-host sharded loader (grain's checkpoint
-handler saves its iterator, see cmjax.training.checkpointing), and the step from host-local numpy
+handler saves its iterator, see cmjax.training.run_checkpoints), and the step from host-local numpy
 batches to one global `jax.Array`. Pixel conversions and grids are cmjax.images'.
 
 Data flow:

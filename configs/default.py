@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.fourier_scale = 0.02
     c.model.embedding_size = 128
     c.model.time_inputs = 1      # 2 for meanflow: u(z, r, t) embeds t and t - r
-    # decoder family (cmjax.models.unet.UNetConfig; init_checkpoint overrides it)
+    # decoder family (cmjax.models.decoder_unet.UNetConfig; init_checkpoint overrides it)
     c.model.unet = ml_collections.ConfigDict()
     c.model.unet.block_out_channels = (320, 640, 1024, 1024)
     c.model.unet.layers_per_block = 3

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 
 import cmjax
-from cmjax.decoding.decoder import DecoderConfig, abstract_params
-from cmjax.models.unet import UNetConfig
+from cmjax.models.decoder_config import DecoderConfig, abstract_params
+from cmjax.models.decoder_unet import UNetConfig
 
 TINY = DecoderConfig(unet=UNetConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8))
 

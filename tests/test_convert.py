@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.weights.convert import ConversionError, convert, detect_source  # noqa: E402
+from cmjax.weights.from_pytorch import ConversionError, convert, detect_source  # noqa: E402
 from cmjax.weights.openai import diffusers_to_openai_name, openai_to_diffusers_name  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import nhwc, reference_decode, save_vae, tiny_consistency_vae  # noqa: E402
@@ -165,9 +165,9 @@ def test_diffusers_folder_with_bin_weights(tmp_path):
 def test_full_size_architecture_inferred_from_openai_names():
     """The released network's names and shapes (no weights allocated): (320, 640, 1024, 1024), 3 layers."""
     from cmjax.weights.diffusers import infer_config
-    from cmjax.weights.openai import count_levels, openai_state_to_diffusers
-    from cmjax.decoding.decoder import DecoderConfig, abstract_params
+    from cmjax.models.decoder_config import DecoderConfig, abstract_params
     from cmjax.weights.mapping import torch_key_for
+    from cmjax.weights.openai import count_levels, openai_state_to_diffusers
 
     shapes = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(DecoderConfig()))[0]:
@@ -350,7 +350,7 @@ def test_cli_help_and_existing_dst(tmp_path, sources, capsys):
     for word in ("openai/consistency-decoder", "--kind", "--keep-dtype", "TorchScript", "embedding.safetensors"):
         assert word in out
     (tmp_path / "dst").mkdir()
-    assert main([str(sources["script"]), str(tmp_path / "dst")]) == 1
+    assert main([str(sources["script"]), str(tmp_path / "dst")]) == 2  # a usage error
     assert "already exists" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), str(tmp_path / "dst2")]) == 1
     assert "nope: no such file or folder" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def _labels(loader):
 
 def _restored(loader, state: bytes):
     """A fresh iterator over ``loader`` set to ``state`` (what grain's checkpoint handler does on
-    restore, see cmjax.training.checkpointing)."""
+    restore, see cmjax.training.run_checkpoints)."""
     iterator = iter(loader)
     iterator.set_state(state)
     return iterator

@@ -1,4 +1,4 @@
-"""decode.py and cmjax.decoding.batch: inputs, layouts, sharding, multi-host, failures, resuming, images.
+"""decode.py and cmjax.batch_decode: inputs, layouts, sharding, multi-host, failures, resuming, images.
 
 Every run uses a tiny random-weight decoder. Runs on several devices or processes are subprocesses
 (XLA's device count is fixed at start-up); they share a persistent compilation cache, so a program
@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 
 import cmjax
+from cmjax.batch_decode import inputs, program
 from cmjax.images import to_uint8
-from cmjax.decoding.batch import inputs, program
 from cmjax.cli import decode as decode_cmd
-from cmjax.decoding.batch import run as batch_run
+from cmjax.batch_decode import run as batch_run
+from cmjax.batch_decode.options import DecodeOptions
 from tests.random_decoder import random_decoder, random_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -325,7 +326,7 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
     np.save(folder / "y.npy", rng.normal(size=(2, 4, 1, 1)).astype(np.float32))  # NCHW 1x1
     np.save(folder / "z.npy", rng.normal(size=(1, 2, 4)).astype(np.float32))
     zipfile.ZipFile(folder / "z.npz", "w").close()  # an empty archive
-    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008,), batch_size=2, progress=False)
+    options = DecodeOptions(output=tmp_path / "out", timesteps=(1008,), batch_size=2, progress=False)
     messages = []
     summary = batch_run.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
     assert (summary.decoded, summary.failed, summary.programs) == (6, 1, 2)

@@ -5,7 +5,6 @@ the file or flag and the problem, no traceback, no partial output, and every oth
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import io
@@ -20,8 +19,8 @@ import numpy as np
 import pytest
 
 import cmjax
-from cmjax.decoding.batch import inputs, program
-from cmjax.cli import decode as decode_cmd
+from cmjax.batch_decode import inputs, program
+from cmjax.cli import timesteps_from_flags
 from tests import hostile_files as hf
 from tests.random_decoder import TINY, random_decoder
 from tests.test_decode_cli import ckpt, cli_args, env, run_main  # noqa: F401 - ckpt and env are fixtures
@@ -155,9 +154,8 @@ def test_timesteps_are_checked_against_the_model(tmp_path, capsys):
                            "--timesteps", "1008,512")
     assert status == 2 and "t64: timesteps [1008, 512] are not on the distilled grid" in err
     assert "64 training timesteps" in err and not (tmp_path / "o").exists()
-    args = argparse.Namespace(timesteps=None, steps=None)
-    assert decode_cmd.timesteps_from_args(args, 64) == (63, 32)
-    assert decode_cmd.timesteps_from_args(args) == (1008, 512)
+    assert timesteps_from_flags(None, None, 64) == (63, 32)
+    assert timesteps_from_flags(None) == (1008, 512)
 
 
 def _npy_header_only(shape, data: bytes) -> bytes:

@@ -14,8 +14,9 @@ import torch
 import cmjax
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.decoding import schedule
+from cmjax.models import decoder_config
 from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
-from cmjax.weights.convert import ConversionError, convert
+from cmjax.weights.from_pytorch import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 
 ATOL = 1e-5  # fp32 on CPU: cmjax and PyTorch agree to float32 rounding
@@ -67,7 +68,7 @@ def test_timestep_grid():
 
 
 def test_full_size_param_count():
-    params = decoder_lib.abstract_params(cmjax.DecoderConfig())
+    params = decoder_config.abstract_params(cmjax.DecoderConfig())
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 621_277_702
 
 
@@ -151,8 +152,8 @@ def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch)
     vae, _, peer_decoder = peer
     monkeypatch.setenv(OVERRIDE_ENV, "winograd")
     dec = cmjax.Decoder(peer_decoder.config, peer_decoder.params)
-    prepared = dec.prepared_params((2, 3, 2, 4))
-    assert dec.prepared_params((2, 3, 2, 4)) is prepared
+    prepared = decoder_lib.prepared_params(dec, (2, 3, 2, 4))
+    assert decoder_lib.prepared_params(dec, (2, 3, 2, 4)) is prepared
     convs = list(_convs(dec.params, prepared))
     assert len(convs) > 10
     for raw, ready in convs:  # every 3x3 conv: its 16 Winograd matrices, next to the same raw kernel
@@ -164,11 +165,11 @@ def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch)
     noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
     ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
     np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise)), ref, atol=ATOL, rtol=0)
-    assert list(dec._prepared) == [((2, 3, 2, 4), "float32")]
-    dec.prepared_params((1, 2, 2, 4))
-    assert list(dec._prepared) == [((1, 2, 2, 4), "float32")]  # one shape at a time
+    assert list(dec.prepared) == [((2, 3, 2, 4), "float32")]
+    decoder_lib.prepared_params(dec, (1, 2, 2, 4))
+    assert list(dec.prepared) == [((1, 2, 2, 4), "float32")]  # one shape at a time
     dec.release_prepared()
-    assert not dec._prepared
+    assert not dec.prepared
 
 
 def _convs(raw, ready):

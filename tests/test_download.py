@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.weights.convert import convert  # noqa: E402
+from cmjax.weights.from_pytorch import convert  # noqa: E402
 from cmjax.cli.convert import main as convert_main  # noqa: E402
 from cmjax.weights.hub import DownloadError, resolve_checkpoint  # noqa: E402
 from tests import openai_peer  # noqa: E402

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
 from cmjax.weights.checkpoint import save_decoder  # noqa: E402
-from cmjax.weights.convert import convert  # noqa: E402
-from cmjax.weights.export import ExportError, export_decoder  # noqa: E402
+from cmjax.weights.from_pytorch import convert  # noqa: E402
+from cmjax.weights.to_diffusers import ExportError, export_decoder  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae  # noqa: E402
 
@@ -177,7 +177,7 @@ def test_cli(converted, tmp_path, capsys):
     assert main([str(ckpt), str(tmp_path / "unet")]) == 0
     err = capsys.readouterr().err
     assert "UNet2DModel" in err and f"--encoder-from {folder}" in err  # the hint
-    assert main([str(ckpt), str(tmp_path / "unet")]) == 1
+    assert main([str(ckpt), str(tmp_path / "unet")]) == 2  # a usage error
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])

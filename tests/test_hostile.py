@@ -26,8 +26,8 @@ import pytest
 from cmjax.weights import checkpoint
 from cmjax import data
 from cmjax.weights.mapping import flax_to_torch
-from cmjax.decoding.decoder import ConfigError, DecoderConfig, abstract_params
-from cmjax.models.unet import UNetConfig
+from cmjax.models.decoder_config import ConfigError, DecoderConfig, abstract_params
+from cmjax.models.decoder_unet import UNetConfig
 from tests import hostile_files as hf
 from tests.random_decoder import random_decoder
 
@@ -43,7 +43,7 @@ import contextlib, io, json, resource, signal, sys, time, traceback
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 import numpy as np, jax
 from cmjax.cli.convert import main
-from cmjax.weights.checkpoint import load_decoder
+from cmjax.weights.checkpoint import read_decoder
 cases, original = json.load(open(sys.argv[1])), dict(np.load(sys.argv[2]))
 
 def alarm(*_):
@@ -59,7 +59,7 @@ for name, src, dst in cases:
             rc = main([src, dst, "-q"])
         if rc == 0:
             got = {{jax.tree_util.keystr(p): np.asarray(v) for p, v in
-                   jax.tree_util.tree_flatten_with_path(load_decoder(dst).params)[0]}}
+                   jax.tree_util.tree_flatten_with_path(read_decoder(dst).params)[0]}}
             same = got.keys() == original.keys() and all(np.array_equal(got[k], original[k]) for k in got)
     except BaseException as e:  # what a user would see as a traceback
         rc, same = "uncaught", None
@@ -402,14 +402,14 @@ def _drop(path: list):
 def test_tampered_cmjax_json_is_one_line_naming_the_field(saved, tmp_path, change, message):
     path = _tampered(saved, tmp_path, change)
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.load_decoder(path)
+        checkpoint.read_decoder(path)
     assert message in str(e.value) and str(path / "cmjax.json") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_duplicate_json_keys_are_refused_in_every_json_input(saved, tmp_path):
     """json.loads keeps the last of two equal keys; another reader may keep the first and see
     another file. cmjax.json (at any depth), a diffusers config.json and a safetensors header refuse it."""
-    from cmjax.weights.convert import convert
+    from cmjax.weights.from_pytorch import convert
     from cmjax.weights.errors import parse_json
 
     text = (saved / "cmjax.json").read_text()
@@ -417,7 +417,7 @@ def test_duplicate_json_keys_are_refused_in_every_json_input(saved, tmp_path):
     shutil.copytree(saved, dst)
     (dst / "cmjax.json").write_text(text.replace('"unet": {', '"unet": {"layers_per_block": 9, ', 1))
     with pytest.raises(checkpoint.CheckpointError, match="key 'layers_per_block' appears twice") as e:
-        checkpoint.load_decoder(dst)
+        checkpoint.read_decoder(dst)
     assert str(dst / "cmjax.json") in str(e.value)
     folder = tmp_path / "unet"
     folder.mkdir()
@@ -451,17 +451,17 @@ def test_damaged_params_are_refused(saved, tmp_path, damage):
     else:
         target.unlink()
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.load_decoder(path)
+        checkpoint.read_decoder(path)
     assert str(path / "params") in str(e.value) and "\n" not in str(e.value)
     if damage == "flip":
         assert "do not match the digest" in str(e.value)
-        loaded = checkpoint.load_decoder(path, verify=False)  # the escape hatch reads it as it is
+        loaded = checkpoint.read_decoder(path, verify=False)  # the escape hatch reads it as it is
         assert loaded.config == MICRO
 
 
 def test_digest_is_recorded_and_verifies(saved):
     meta = json.loads((saved / "cmjax.json").read_text())
-    decoder = checkpoint.load_decoder(saved)
+    decoder = checkpoint.read_decoder(saved)
     assert meta["params_sha256"] == checkpoint.params_digest(decoder.params)
     assert meta["params_sha256"] == checkpoint.params_digest(random_decoder(config=MICRO).params)
 

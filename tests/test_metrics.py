@@ -110,14 +110,13 @@ def random_params(abstract, seed: int):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     from cmjax.weights import checkpoint
-    from cmjax.decoding import decoder as decoder_lib
-    from cmjax.models import vae as vae_lib
-    from cmjax.models.unet import UNetConfig
+    from cmjax.models import decoder_config, vae as vae_lib
+    from cmjax.models.decoder_unet import UNetConfig
 
     root = tmp_path_factory.mktemp("recon")
-    dcfg = decoder_lib.DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                                     norm_num_groups=4))
-    dec = decoder_lib.Decoder(dcfg, random_params(decoder_lib.abstract_params(dcfg), 0))
+    dcfg = decoder_config.DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                                        norm_num_groups=4))
+    dec = decoder_config.Decoder(dcfg, random_params(decoder_config.abstract_params(dcfg), 0))
     vcfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     vae = vae_lib.VAE(vcfg, random_params(vae_lib.abstract_params(vcfg), 1))
     checkpoint.save_decoder(dec, root / "decoder")

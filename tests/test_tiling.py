@@ -99,10 +99,11 @@ def test_tiled_decode_matches_untiled(params):
 def test_batch_decode_uses_tiles(params):
     """decode.py's --tile: the sharded batch step decodes tiled, with the item's own noise field."""
     from cmjax import parallel
-    from cmjax.decoding.batch import program
+    from cmjax.batch_decode import program
+    from cmjax.batch_decode.options import DecodeOptions
 
     mesh = parallel.make_mesh(jax.devices()[:1])
-    step = program.make_decode_fn(TINY, mesh, seed=0, timesteps=(1008,), tile=4, overlap=2)
+    step = program.make_decode_fn(TINY, mesh, DecodeOptions(timesteps=(1008,), tile=4, tile_overlap=2))
     latents = np.random.default_rng(2).normal(size=(1, 6, 5, 4)).astype(np.float32)
     got = np.asarray(step(params, latents, program.identity_key_data("t.npy")[None]))
     noise = jnp.asarray(program.noise_for(0, "t.npy", 1, (48, 40)))

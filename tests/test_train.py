@@ -32,7 +32,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from cmjax import consistency as C
 from cmjax import data, parallel
 from cmjax.decoding import schedule
-from cmjax.training import checkpointing, families, input_pipeline, optim, reporting
+from cmjax.training import families, input_pipeline, optim, reporting, run_checkpoints
 from cmjax.training import state as state_lib
 from cmjax.training import step as step_lib
 from cmjax.training import NonFiniteLossError, train_and_evaluate, validate_config
@@ -114,7 +114,7 @@ def test_configs_load_and_cifar10_matches_the_paper():
     f = decoder_finetune.get_config()
     assert f.family == "decoder" and f.model.unet.block_out_channels == (320, 640, 1024, 1024)
     for cfg in (default.get_config(), digits_tiny.get_config(), decoder_tiny.get_config(), f, c):
-        json.dumps(checkpointing.config_json(cfg))  # checkpointable
+        json.dumps(run_checkpoints.config_json(cfg))  # checkpointable
     s = cifar10_sct.get_config()
     assert (s.algorithm, s.scm.p_mean, s.scm.p_std, s.scm.tangent_norm_c, s.scm.mid_t) == ("sct", -1.0, 1.4, 0.1, 1.1)
     e = cifar10_ect.get_config()  # locuslab/ect run_ecm.sh + ct_train.py defaults
@@ -192,7 +192,7 @@ def _frozen_for(config, fam):
     frozen = {}
     if config.family == "decoder":
         mesh = parallel.make_mesh(jax.devices()[:1])
-        frozen["encoder"], _ = checkpointing.load_encoder(config, fam, mesh)
+        frozen["encoder"], _ = run_checkpoints.load_encoder(config, fam, mesh)
     if config.algorithm == "cd":
         frozen["teacher"] = fam.init_params(jax.random.key(99))
     return frozen
@@ -294,7 +294,7 @@ def test_loop_on_mock_tfds_edm_teacher_then_cd(tmp_path):
     fam = families.make_family(c2)
     abstract = jax.eval_shape(fam.init_params, jax.random.key(0))
     mesh = parallel.make_mesh(jax.devices()[:1])
-    restored = checkpointing.restore_params(teacher_dir, abstract, state_lib.tree_shardings(abstract, mesh, False))
+    restored = run_checkpoints.restore_params(teacher_dir, abstract, state_lib.tree_shardings(abstract, mesh, False))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(teacher.ema_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     d = c2.ema_decay  # student EMA after one step: d * teacher + (1 - d) * params_1
@@ -317,7 +317,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     fam = families.make_family(c)
     abstract = jax.eval_shape(fam.init_params, jax.random.key(0))
     mesh = parallel.make_mesh(jax.devices()[:1])
-    params = checkpointing.restore_params(workdir, abstract, state_lib.tree_shardings(abstract, mesh, False), "params")
+    params = run_checkpoints.restore_params(workdir, abstract, state_lib.tree_shardings(abstract, mesh, False), "params")
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
@@ -375,15 +375,15 @@ class _FailingManager:
 
 def test_checkpoint_failures_are_one_line_errors(capsys):
     m = _FailingManager()
-    with pytest.raises(checkpointing.CheckpointRestoreError) as e:
+    with pytest.raises(run_checkpoints.CheckpointRestoreError) as e:
         empty = types.SimpleNamespace(to_dict=dict)
-        checkpointing.restore_latest(m, empty, empty, None)
+        run_checkpoints.restore_latest(m, empty, empty, None)
     assert "no checkpoint in /runs/x/checkpoints can be read (steps 8, 4" in str(e.value)
     assert "\n" not in str(e.value) and "NOT_FOUND: Error reading step 8" in str(e.value)
     err = capsys.readouterr().err
     assert "checkpoint /runs/x/checkpoints/8 cannot be read" in err and "/4 cannot be read" in err
-    for check in (checkpointing.check_saves, checkpointing.finish):
-        with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device") as e:
+    for check in (run_checkpoints.check_saves, run_checkpoints.finish):
+        with pytest.raises(run_checkpoints.CheckpointSaveError, match="No space left on device") as e:
             check(m)
         assert "\n" not in str(e.value) and "previous checkpoints are intact" in str(e.value)
 
@@ -478,8 +478,8 @@ def test_decoder_finetune_psnr_rises(tmp_path):
     linear 8x8-patch encoder (data.latents='patch'). The 1-step and 2-step reconstruction PSNR of a
     fixed eval batch (16 images) must rise by > 2 dB (measured: 7.44 -> 10.21 dB 1-step, 7.19 ->
     10.52 dB 2-step); the exported EMA decoder loads with cmjax.load_decoder."""
-    from cmjax.weights.checkpoint import load_decoder, save_decoder
-    from cmjax.decoding.decoder import Decoder
+    from cmjax.models.decoder_config import Decoder
+    from cmjax.weights.checkpoint import read_decoder, save_decoder
 
     c = decoder_tiny.get_config()
     c.ict.s0, c.ict.s1 = 10, 10
@@ -495,7 +495,7 @@ def test_decoder_finetune_psnr_rises(tmp_path):
     assert [r["step"] for r in evals] == [0, 120]
     for s in ("psnr_1step", "psnr_2step"):
         assert evals[1][s] > evals[0][s] + 2.0, evals
-    exported = load_decoder(os.path.join(workdir, "decoder_ema"))
+    exported = read_decoder(os.path.join(workdir, "decoder_ema"))
     for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(state.ema_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert os.path.isfile(os.path.join(workdir, "samples", "00000120_recon.png"))

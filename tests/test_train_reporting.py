@@ -7,7 +7,7 @@ import json
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cmjax.training import checkpointing, resume, train_and_evaluate
+from cmjax.training import resume, run_checkpoints, train_and_evaluate
 from configs import digits_tiny
 
 
@@ -62,7 +62,7 @@ def test_finished_run_says_so_and_where_its_outputs_are(tmp_path, capsys):
     assert "the run is complete: step 2 of total_steps=2" in out and "compiling" not in out
     assert out.splitlines()[-1] == closing
     # The saved config is what curriculum_change compares with.
-    manager = checkpointing.make_manager(str(workdir))
+    manager = run_checkpoints.make_manager(str(workdir))
     saved = resume.saved_config(manager, 2)
     manager.close()
     longer = ml_collections.ConfigDict(c.to_dict())
@@ -79,8 +79,8 @@ def test_reading_a_run_logs_no_read_only_notices(tmp_path, caplog):
     from cmjax.training.trained import read_run_config
 
     c = digits_tiny.get_config()
-    manager = checkpointing.make_manager(str(tmp_path), async_save=False)
-    manager.save(3, args=ocp.args.Composite(config=ocp.args.JsonSave(checkpointing.config_json(c))))
+    manager = run_checkpoints.make_manager(str(tmp_path), async_save=False)
+    manager.save(3, args=ocp.args.Composite(config=ocp.args.JsonSave(run_checkpoints.config_json(c))))
     manager.close()
     with caplog.at_level(logging.WARNING):
         config, step = read_run_config(str(tmp_path))

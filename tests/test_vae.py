@@ -377,7 +377,7 @@ def test_unreadable_sources(tmp_path):
 def test_checkpoint_roundtrip(peer, tmp_path):
     _, _, vae = peer
     checkpoint.save_vae(vae, tmp_path / "vae", source="tiny")
-    again = checkpoint.load_vae(tmp_path / "vae")
+    again = checkpoint.read_vae(tmp_path / "vae")
     assert again.config == vae.config and again.parts == ("encoder", "decoder")
     assert_same_params(jax.tree.map(np.asarray, again.params), vae.params)
     assert json.loads((tmp_path / "vae" / "cmjax.json").read_text())["format"] == "cmjax-vae"
@@ -386,14 +386,14 @@ def test_checkpoint_roundtrip(peer, tmp_path):
     # encoder-only
     enc, _ = vae_lib.split_params(vae.params)
     checkpoint.save_vae(vae_lib.VAE(vae.config, enc), tmp_path / "enc")
-    enc_only = checkpoint.load_vae(tmp_path / "enc")
+    enc_only = checkpoint.read_vae(tmp_path / "enc")
     assert enc_only.parts == ("encoder",)
     assert_same_params(jax.tree.map(np.asarray, enc_only.params), enc)
     # formats are not confused
     with pytest.raises(ValueError, match="format is 'cmjax-vae', not 'cmjax-decoder'"):
-        checkpoint.load_decoder(tmp_path / "vae")
+        checkpoint.read_decoder(tmp_path / "vae")
     with pytest.raises(ValueError, match="not a cmjax VAE checkpoint"):
-        checkpoint.load_vae(tmp_path)
+        checkpoint.read_vae(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "vae"]  # no temporary directories left
 
 

@@ -19,7 +19,7 @@ import cmjax
 from cmjax.weights import checkpoint
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import latent_stats, metrics
-from cmjax.models import vae as vae_lib
+from cmjax.models import decoder_config, vae as vae_lib
 from cmjax.weights.sd_vae import load_pytorch_vae
 from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 from tests.torch_peers import nchw, nhwc
@@ -154,10 +154,10 @@ def test_old_vae_checkpoint_without_new_fields_loads(tmp_path):
 # The decoder's latent space
 
 
-def sixteen_channel_config(**kw) -> decoder_lib.DecoderConfig:
+def sixteen_channel_config(**kw) -> decoder_config.DecoderConfig:
     unet = cmjax.UNetConfig(in_channels=19, block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
-    return decoder_lib.DecoderConfig(unet=unet, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-                                     latent_mean=tuple(np.linspace(-0.5, 0.5, 16)), latent_std=(2.0,) * 16, **kw)
+    return decoder_config.DecoderConfig(unet=unet, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                        latent_mean=tuple(np.linspace(-0.5, 0.5, 16)), latent_std=(2.0,) * 16, **kw)
 
 
 def test_normalize_latents_hand_values():
@@ -166,10 +166,10 @@ def test_normalize_latents_hand_values():
     z = np.full((1, 1, 1, 16), 2.0, np.float32)
     expected = ((2.0 - 0.1159) * 0.3611 - np.linspace(-0.5, 0.5, 16)) / 2.0
     np.testing.assert_allclose(np.asarray(decoder_lib.normalize_latents(z, cfg))[0, 0, 0], expected, rtol=1e-6)
-    sd1 = decoder_lib.DecoderConfig()
+    sd1 = decoder_config.DecoderConfig()
     z4 = np.ones((1, 1, 1, 4), np.float32)
     np.testing.assert_allclose(np.asarray(decoder_lib.normalize_latents(z4, sd1))[0, 0, 0],
-                               (0.18215 - np.array(decoder_lib.LATENT_MEAN)) / np.array(decoder_lib.LATENT_STD),
+                               (0.18215 - np.array(decoder_config.LATENT_MEAN)) / np.array(decoder_config.LATENT_STD),
                                rtol=1e-6)
 
 
@@ -177,11 +177,11 @@ def test_decoder_config_round_trip_and_old_files(tmp_path):
     """The latent fields are stored in cmjax.json; a file without shift_factor (older cmjax) loads
     with shift 0 and decodes exactly as before."""
     cfg = sixteen_channel_config()
-    dec = decoder_lib.Decoder(cfg, decoder_lib.init_params(cfg, jax.random.key(1)))
+    dec = decoder_config.Decoder(cfg, decoder_config.init_params(cfg, jax.random.key(1)))
     checkpoint.save_decoder(dec, tmp_path / "d16")
     assert cmjax.load_decoder(tmp_path / "d16").config == cfg
-    sd1 = decoder_lib.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4))
-    checkpoint.save_decoder(decoder_lib.Decoder(sd1, decoder_lib.init_params(sd1, jax.random.key(2))), tmp_path / "d4")
+    sd1 = decoder_config.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4))
+    checkpoint.save_decoder(decoder_config.Decoder(sd1, decoder_config.init_params(sd1, jax.random.key(2))), tmp_path / "d4")
     meta_path = tmp_path / "d4" / "cmjax.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["shift_factor"]
@@ -191,13 +191,13 @@ def test_decoder_config_round_trip_and_old_files(tmp_path):
 
 def test_decode_names_a_channel_mismatch():
     cfg = sixteen_channel_config()
-    dec = decoder_lib.Decoder(cfg, decoder_lib.init_params(cfg, jax.random.key(1)))
+    dec = decoder_config.Decoder(cfg, decoder_config.init_params(cfg, jax.random.key(1)))
     out = cmjax.decode(dec, np.zeros((1, 2, 2, 16), np.float32), timesteps=(1008,))
     assert out.shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="16-channel latents of the VAE it was trained for"):
         cmjax.decode(dec, np.zeros((1, 2, 2, 4), np.float32))
     with pytest.raises(ValueError, match="one value per latent channel"):
-        decoder_lib.DecoderConfig(unet=cfg.unet, latent_channels=16)
+        decoder_config.DecoderConfig(unet=cfg.unet, latent_channels=16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,8 +237,8 @@ def test_latent_stats_command_matches_numpy(tmp_path, capsys):
     assert (stats["latent_channels"], stats["scaling_factor"], stats["shift_factor"]) == (16, 0.3611, 0.1159)
     assert "-> " + str(out) in capsys.readouterr().out
     # the file feeds a decoder config directly
-    dcfg = decoder_lib.DecoderConfig(unet=sixteen_channel_config().unet, latent_channels=16,
-                                     latent_mean=stats["latent_mean"], latent_std=stats["latent_std"])
+    dcfg = decoder_config.DecoderConfig(unet=sixteen_channel_config().unet, latent_channels=16,
+                                        latent_mean=stats["latent_mean"], latent_std=stats["latent_std"])
     assert len(dcfg.latent_mean) == 16
     # bad input: one line naming the problem, exit status 2, no output file
     rc = eval_lib.main(["latent-stats", "--vae", str(tmp_path / "vae"), "--images", str(tmp_path / "none"),
@@ -255,9 +255,9 @@ def test_latent_stats_command_matches_numpy(tmp_path, capsys):
 def test_retarget_params_copies_all_but_the_latent_inputs():
     from cmjax.training import families
 
-    base = decoder_lib.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1,
-                                                           norm_num_groups=4))
-    params = jax.device_get(decoder_lib.init_params(base, jax.random.key(0)))
+    base = decoder_config.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1,
+                                                              norm_num_groups=4))
+    params = jax.device_get(decoder_config.init_params(base, jax.random.key(0)))
     vcfg = vae_lib.VAEConfig(**SPACES["sd3"])
     new = families.retarget_decoder_config(base, vcfg)
     assert (new.latent_channels, new.unet.in_channels, new.scaling_factor, new.shift_factor) == (16, 19, 1.5305, 0.0609)
@@ -271,7 +271,7 @@ def test_retarget_params_copies_all_but_the_latent_inputs():
     assert_same_params(rest(moved), rest(params))
     np.testing.assert_array_equal(moved["conv_in"]["bias"], params["conv_in"]["bias"])
     # the shapes are exactly the new config's
-    abstract = decoder_lib.abstract_params(new)
+    abstract = decoder_config.abstract_params(new)
     assert jax.tree.map(np.shape, moved) == jax.tree.map(lambda a: a.shape, abstract)
     # with zero latent weights the decoder ignores the latents: SD 1.x's decoder at its mean latent
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 3)), jnp.float32)
@@ -292,7 +292,7 @@ def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
                         tmp_path / "vae")
     c = decoder_newspace.get_config()
     c.data.vae_checkpoint = str(tmp_path / "vae")
-    base = decoder_lib.DecoderConfig()
+    base = decoder_config.DecoderConfig()
     stats = {"latent_mean": list(np.linspace(-1, 1, 16)), "latent_std": [0.5] * 16, "latent_channels": 16,
              "scaling_factor": 1.5305, "shift_factor": 0.0609}
     (tmp_path / "s.json").write_text(json.dumps(stats))
@@ -339,7 +339,7 @@ def test_newspace_decoder_psnr_rises(tmp_path):
     c = decoder_tiny.get_config()
     sd1 = families.make_family(c)
     assert sd1.config.latent_channels == 4
-    checkpoint.save_decoder(decoder_lib.Decoder(sd1.config, sd1.init_params(jax.random.key(3))), tmp_path / "sd1")
+    checkpoint.save_decoder(decoder_config.Decoder(sd1.config, sd1.init_params(jax.random.key(3))), tmp_path / "sd1")
     newspace = decoder_newspace.get_config()
     c.model.retarget_latents, c.model.latent_stats = newspace.model.retarget_latents, str(tmp_path / "stats.json")
     c.model.init_checkpoint = str(tmp_path / "sd1")

@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
-from cmjax.cli import HelpFormatter, print_error
-from cmjax.weights.checkpoint import check_destination
-from cmjax.weights.convert import ConversionError, convert
-from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
+from cmjax.cli import HelpFormatter, error_status
+from cmjax.weights.hub import NAMES, convert_checkpoint
+from cmjax.weights.mapping import ConversionError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cmjax.convert", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("src", metavar="SRC", help="a checkpoint file or folder, or a name: openai, "
-                        "openai/consistency-decoder")
+    parser.add_argument("src", metavar="SRC", help=f"a checkpoint file or folder, or a name: {', '.join(NAMES)}")
     parser.add_argument("dst", metavar="DST", help="the cmjax checkpoint directory to create")
     parser.add_argument("--kind", choices=("decoder", "vae"), help="convert SRC as this instead of what it is "
                         "recognised as (e.g. --kind vae takes the SD encoder out of a ConsistencyDecoderVAE)")
@@ -50,16 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        src = args.src
-        if not Path(src).exists() and src in (OPENAI, HUB_REPO):
-            check_destination(args.dst, overwrite=args.overwrite)  # before a multi-GB download
-            fetch = fetch_openai_decoder if src == OPENAI else fetch_hub_decoder
-            src = fetch(progress=not args.quiet, report=report)
-        model = convert(src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype, overwrite=args.overwrite,
-                        report=report)
+        model = convert_checkpoint(args.src, args.dst, kind=args.kind, keep_dtype=args.keep_dtype,
+                                   overwrite=args.overwrite, progress=not args.quiet, report=report)
     except (ConversionError, ValueError, OSError) as e:
-        print_error(e)
-        return 1
+        return error_status(e)
     leaves = jax.tree.leaves(model.params)
     n = sum(x.size for x in leaves)
     dtypes = "/".join(sorted({str(x.dtype) for x in leaves}))

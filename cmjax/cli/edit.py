@@ -1,6 +1,6 @@
 """Zero-shot editing with a trained image CM; writes before/after PNG grids.
 
-    python -m cmjax.edit TASK --checkpoint WORKDIR [--images SRC] [--out DIR] [options]
+    python -m cmjax.edit TASK --checkpoint WORKDIR [--images SRC] [--output DIR] [options]
 
 TASK (see :mod:`cmjax.editing`):
     inpaint      regenerate a region: --mask center|left|right|top|bottom|random, or --mask-file PNG
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=int, default=8, help="interpolate: points from alpha=0 to 1")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--upscale", type=int, help="nearest-neighbour upscaling of the grid (default: to >= 64 px)")
-    p.add_argument("--out", default="edits", help="output folder; the grid is OUT/TASK.png")
+    p.add_argument("--output", default="edits", help="output folder; the grid is OUTPUT/TASK.png")
     return p
 
 
@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = load_images(args.images, model, args.num, args.data_dir) if args.task != "interpolate" else None
         rows, caption = run_task(args.task, model, images, args)
         upscale = args.upscale or max(1, 64 // model.image_shape[0])
-        path = save_image_grid(os.path.join(args.out, f"{args.task}.png"), rows, upscale=upscale,
+        path = save_image_grid(os.path.join(args.output, f"{args.task}.png"), rows, upscale=upscale,
                                column_labels=caption.split(" | "))
     except (ValueError, FileNotFoundError, OSError) as e:
         print_error(e)

@@ -3,9 +3,9 @@
     python -m cmjax.eval fid --ref DIR_OR_TFDS --samples DIR
     python -m cmjax.eval fid --ref tfds:cifar10 --checkpoint WORKDIR --num-samples 50000 --steps 2
     python -m cmjax.eval sigma-search --ref tfds:cifar10 --checkpoint WORKDIR --lo 0.2 --hi 3 --iters 5
-    python -m cmjax.eval stats --ref DIR --resolution 32 --out ref.npz
+    python -m cmjax.eval stats --ref DIR --resolution 32 --output ref.npz
     python -m cmjax.eval recon --images DIR --decoder CKPT --vae CKPT [--size 256]
-    python -m cmjax.eval latent-stats --vae CKPT --images DIR_OR_TFDS [--resolution 256] --out stats.json
+    python -m cmjax.eval latent-stats --vae CKPT --images DIR_OR_TFDS [--resolution 256] --output stats.json
 
 ``--ref``/``--samples`` take an image folder, ``tfds:NAME[:SPLIT]``, ``digits`` or an ``.npz`` of
 FID statistics (see :mod:`cmjax.evaluation.fid`); reference statistics are cached. ``--checkpoint`` is the
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import data, images
-from cmjax.cli import HelpFormatter, print_error
-from cmjax.files import atomic_write
-from cmjax.decoding import decoder as decoder_lib
+from cmjax.cli import HelpFormatter, print_error, timesteps_from_flags
+from cmjax.decoding import decoder as decoder_lib, schedule
 from cmjax.evaluation import fid as fid_lib, latent_stats, metrics, sources
+from cmjax.files import atomic_write
 from cmjax.models import vae as vae_lib
 from cmjax.training import trained
 from cmjax.weights import hub
@@ -54,8 +54,8 @@ def _recon(args) -> int:
     from tqdm.auto import tqdm
 
 
-    timesteps = tuple(int(t) for t in args.timesteps.split(",")) if args.timesteps else (1008, 512)
     dec = hub.load_decoder(args.decoder)
+    timesteps = timesteps_from_flags(args.timesteps, num_train_timesteps=dec.config.unet.num_train_timesteps)
     vae = hub.load_vae(args.vae)
     if "encoder" not in vae.parts:
         raise ValueError(f"{args.vae}: this VAE checkpoint has no encoder; recon needs one to make latents")
@@ -99,20 +99,21 @@ def _recon(args) -> int:
     print("\n| decoder | PSNR (dB) | SSIM | images |\n|---|---|---|---|")
     for k, s in summary.items():
         print(f"| {s['name']} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['num_images']} |")
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output, exist_ok=True)
     g = args.grid_images
     shown = [k for k in ("gan", "consistency") if k in outs]
     cols = [np.concatenate(inputs)[:g]] + [images.to_uint8(np.concatenate(outs[k])[:g]) for k in shown]
     rows = [np.stack([c[i] for c in cols]) for i in range(len(cols[0]))]  # input | GAN | consistency
     psnrs = [[""] + [f"{per[k]['psnr'][i]:.2f} dB" for k in shown] for i in range(len(rows))]
-    grid_path = images.save_image_grid(os.path.join(args.out, "recon_grid.png"), rows,
-                                     upscale=max(1, 64 // args.size), cell_labels=psnrs,
-                                     column_labels=["input"] + [names[k] for k in shown])
+    grid_path = images.save_image_grid(os.path.join(args.output, "recon_grid.png"), rows,
+                                       upscale=max(1, 64 // args.size), cell_labels=psnrs,
+                                       column_labels=["input"] + [names[k] for k in shown])
     record = {"summary": summary, "per_image": per, "timesteps": list(timesteps), "size": args.size,
               "images": args.images, "decoder": args.decoder, "vae": args.vae}
-    atomic_write(os.path.join(args.out, "recon_metrics.json"), lambda fh: fh.write(json.dumps(record, indent=2).encode()))
+    atomic_write(os.path.join(args.output, "recon_metrics.json"),
+                 lambda fh: fh.write(json.dumps(record, indent=2).encode()))
     print(f"grid (rows: images; columns: input | {' | '.join(names[k] for k in shown)}; PSNR under each) "
-          f"-> {grid_path}\nmetrics -> {os.path.join(args.out, 'recon_metrics.json')}")
+          f"-> {grid_path}\nmetrics -> {os.path.join(args.output, 'recon_metrics.json')}")
     return 0
 
 
@@ -132,12 +133,12 @@ def _latent_stats(args) -> int:
     out = {"vae": str(args.vae), "images": str(args.images), "resolution": args.resolution,
            "latent_channels": vae.config.latent_channels, "scaling_factor": vae.config.scaling_factor,
            "shift_factor": vae.config.shift_factor, **stats}
-    atomic_write(args.out, lambda fh: fh.write(json.dumps(out, indent=2).encode()))
+    atomic_write(args.output, lambda fh: fh.write(json.dumps(out, indent=2).encode()))
     print(f"{stats['num_images']} images, {stats['num_positions']} latent positions; scaled latents "
           f"(z - {vae.config.shift_factor}) * {vae.config.scaling_factor}:")
     print("mean " + " ".join(f"{v:.4f}" for v in stats["latent_mean"]))
     print("std  " + " ".join(f"{v:.4f}" for v in stats["latent_std"]))
-    print(f"-> {args.out}")
+    print(f"-> {args.output}")
     return 0
 
 
@@ -227,8 +228,8 @@ def _sigma_search(args) -> int:
 def _stats(args) -> int:
     extractor = _extractor(args)
     stats = _ref_stats(args, extractor, args.resolution)
-    stats.save(args.out)
-    print(json.dumps({"out": args.out, "num_images": stats.num_images, "resolution": args.resolution}))
+    stats.save(args.output)
+    print(json.dumps({"out": args.output, "num_images": stats.num_images, "resolution": args.resolution}))
     return 0
 
 
@@ -293,9 +294,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-space", action="store_true", help="split the interval in log(sigma)")
 
     p = sub.add_parser("stats", formatter_class=HelpFormatter,
-                       help="compute (and cache) reference statistics, and write them to --out")
+                       help="compute (and cache) reference statistics, and write them to --output")
     _add_fid_common(p)
-    p.add_argument("--out", required=True, help="output .npz (mu, sigma, num_images)")
+    p.add_argument("--output", required=True, help="output .npz (mu, sigma, num_images)")
 
     p = sub.add_parser("recon", formatter_class=HelpFormatter,
                        help="consistency decoder vs SD GAN decoder: PSNR/SSIM table and a grid")
@@ -303,12 +304,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", required=True, help="cmjax consistency-decoder checkpoint folder")
     p.add_argument("--vae", required=True, help="cmjax SD VAE checkpoint folder (encoder; GAN decoder if present)")
     p.add_argument("--size", type=int, default=256, help="resize + center-crop to this square size (multiple of 8)")
-    p.add_argument("--timesteps", help="consistency decoder timesteps (default 1008,512)")
+    p.add_argument("--timesteps", help="consistency decoder timesteps on its distilled grid (default: "
+                   f"{len(schedule.DEFAULT_TIMESTEPS)} steps, {','.join(map(str, schedule.DEFAULT_TIMESTEPS))} "
+                   "for the released model)")
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="images encoded and decoded per call")
     p.add_argument("--grid-images", type=int, default=8, help="rows in the grid image")
     p.add_argument("--seed", type=int, default=0, help="consistency decoder noise seed")
-    p.add_argument("--out", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
+    p.add_argument("--output", default="recon_eval", help="folder for recon_grid.png and recon_metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("latent-stats", formatter_class=HelpFormatter,
@@ -320,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
                    "without it every image must have the first one's size")
     p.add_argument("--max-images", type=int, help="use only the first N images (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images encoded per call")
-    p.add_argument("--out", default="latent_stats.json", help="output JSON (latent_mean, latent_std, ...)")
+    p.add_argument("--output", default="latent_stats.json", help="output JSON (latent_mean, latent_std, ...)")
     return parser
 
 

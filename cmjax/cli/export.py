@@ -1,4 +1,4 @@
-"""``python -m cmjax.export CKPT DST`` / cmjax-export: the flags of :mod:`cmjax.weights.export`."""
+"""``python -m cmjax.export CKPT DST`` / cmjax-export: the flags of :mod:`cmjax.weights.to_diffusers`."""
 from __future__ import annotations
 
 import argparse
@@ -6,21 +6,21 @@ import json
 import sys
 from pathlib import Path
 
-from cmjax.cli import HelpFormatter, print_error
-from cmjax.weights import checkpoint, export
+from cmjax.cli import HelpFormatter, error_status
+from cmjax.weights import checkpoint, to_diffusers
 from cmjax.weights.mapping import ConversionError
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m cmjax.export``."""
-    parser = argparse.ArgumentParser(prog="python -m cmjax.export", description=export.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cmjax.export", description=to_diffusers.__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("ckpt", metavar="CKPT", help="a cmjax decoder checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="the diffusers folder to create")
     parser.add_argument("--encoder-from", metavar="SRC", help="SD encoder weights: a diffusers "
                         "ConsistencyDecoderVAE folder, a cmjax VAE checkpoint or an SD VAE checkpoint; "
                         "without it only the UNet is written (a UNet2DModel folder)")
-    parser.add_argument("--dtype", choices=sorted(export.DTYPES), default="float32", help="dtype of the written "
+    parser.add_argument("--dtype", choices=sorted(to_diffusers.DTYPES), default="float32", help="dtype of the written "
                         "weights (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a folder cmjax exported (never CKPT, a folder holding it, a folder with other files or a symbolic link)")
     return parser
@@ -33,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        export.export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
-                       overwrite=args.overwrite, report=report)
+        to_diffusers.export_decoder(args.ckpt, args.dst, encoder_from=args.encoder_from, dtype=args.dtype,
+                                    overwrite=args.overwrite, report=report)
     except (ConversionError, ValueError, OSError) as e:
-        print_error(e)
-        return 1
+        return error_status(e)
     if args.encoder_from is None:
         _hint_encoder(Path(args.ckpt))
     return 0

@@ -26,7 +26,7 @@ from cmjax.files import printable
 from cmjax.models.layers import DTYPES
 from cmjax.training import NonFiniteLossError, train_and_evaluate
 from cmjax.training.algorithms import ALGORITHMS
-from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
+from cmjax.training.run_checkpoints import CheckpointRestoreError, CheckpointSaveError
 
 _PREFIX = "--config."
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")

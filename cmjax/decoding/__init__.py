@@ -5,6 +5,7 @@
                   (lax.scan over the steps, taking a denoise function) -> images in [-1, 1];
                   ``decode`` is the checked public entry, ``decode_latents`` the pure function
     tiling.py     a tiled denoise function for large images (overlapping latent tiles, blended)
-    batch/        what decode.py runs: inputs (files, headers) -> program (per-item noise, sharded
-                  jit) -> outputs (atomic PNG/.npy) -> run (planning, multi-host, CLI)
+
+What a decoder is (its config, the Decoder record) is :mod:`cmjax.models.decoder_config`; what
+decode.py runs over files on every host is :mod:`cmjax.batch_decode`.
 """

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax.decoding import schedule
-from cmjax.decoding.decoder import DecoderConfig, decode_latents, denoise
+from cmjax.decoding.decoder import decode_latents, denoise
+from cmjax.models.decoder_config import DecoderConfig
 
 
 def default_overlap(tile: int) -> int:

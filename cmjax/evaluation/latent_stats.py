@@ -23,7 +23,7 @@ def latent_statistics(vae, batches, dtype=jnp.float32) -> dict[str, Any]:
     arrays; 1-channel images are repeated to RGB), over every image and latent position.
 
     These are the ``latent_mean``/``latent_std`` a consistency decoder for this VAE normalises with
-    (OpenAI's for SD 1.x: ``cmjax.decoding.decoder.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
+    (OpenAI's for SD 1.x: ``cmjax.models.decoder_config.LATENT_MEAN``/``LATENT_STD``). Sums are float64.
     Returns {"latent_mean", "latent_std" (lists), "num_images", "num_positions"}.
     """
 

@@ -3,7 +3,8 @@
     layers.py        GroupNorm (fp32 statistics), conv (lax.conv, or im2col on CPU), dense,
                      ResnetBlock (scale-shift time conditioning, down/up resampling), attention
        |
-       +-> unet.py        ConsistencyUNet: the consistency decoder's network (diffusers UNet2DModel names)
+       +-> decoder_unet.py  ConsistencyUNet: the consistency decoder's network (diffusers UNet2DModel names)
+             +-> decoder_config.py  DecoderConfig (every field's bounds) and the Decoder record (config + params)
        +-> image_unet.py  ImageUNet: small unconditional image consistency models
        +-> vae.py         the SD VAE: encoder (images -> latent moments) and GAN decoder
     inception.py     the FID InceptionV3 (TF graph of 2015-12-05), pool-3 features

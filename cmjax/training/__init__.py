@@ -5,7 +5,7 @@
 
 Modules: ``families`` (model parameterisations), ``algorithms`` (one entry per algorithm: loss,
 sampler, target network, teacher), ``step`` (the pure train step), ``state`` (TrainState,
-shardings), ``optim``, ``input_pipeline``, ``checkpointing``, ``reporting``, ``loop``, ``trained``
+shardings), ``optim``, ``input_pipeline``, ``run_checkpoints``, ``reporting``, ``loop``, ``trained``
 (loading a finished run for evaluation and editing).
 """
 from cmjax.training.loop import NonFiniteLossError, train_and_evaluate, validate_config

@@ -42,11 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import consistency as C
-from cmjax.decoding import decoder as decoder_lib, schedule
-from cmjax.decoding.decoder import Decoder, DecoderConfig, decode_latents, denoise, normalize_latents
+from cmjax.decoding import schedule
+from cmjax.decoding.decoder import decode_latents, denoise, normalize_latents
+from cmjax.models import decoder_config
+from cmjax.models.decoder_config import Decoder, DecoderConfig
+from cmjax.models.decoder_unet import UNetConfig
 from cmjax.models.image_unet import ImageUNet, ImageUNetConfig
 from cmjax.models.layers import compute_dtype, upsample_nearest
-from cmjax.models.unet import UNetConfig
 from cmjax.models.vae import encode_latents
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import read_config, read_vae_config, save_decoder
@@ -342,7 +344,7 @@ def decoder_family(config) -> Family:
                              "one use configs/decoder_newspace.py (model.retarget_latents=True)")
 
     def init_params(key):
-        return decoder_lib.init_params(dcfg, key)
+        return decoder_config.init_params(dcfg, key)
 
     def consistency_fn(params, y, sigma, cond, dropout_rng=None):
         # The decoder UNet has no dropout; dropout_rng is accepted for a uniform signature.

@@ -25,7 +25,7 @@ import numpy as np
 
 from cmjax import data as data_lib, parallel
 from cmjax.evaluation import fid as fid_lib, metrics as eval_metrics
-from cmjax.training import algorithms, checkpointing, input_pipeline, reporting, resume
+from cmjax.training import algorithms, input_pipeline, reporting, resume, run_checkpoints
 from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family
 from cmjax.training.optim import make_optimizer
@@ -141,7 +141,7 @@ def _load_init_params(config, family: Family, model: Model, mesh, frozen) -> Any
         return None
     if "teacher" in frozen and path == algorithms.get(config.algorithm).teacher(config):
         return frozen["teacher"]
-    return checkpointing.load_run_params(path, model.init_params, mesh, config)
+    return run_checkpoints.load_run_params(path, model.init_params, mesh, config)
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
@@ -158,23 +158,23 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     frozen, frozen_sh = {}, {}
     if algo.needs_teacher:
-        frozen["teacher"], frozen_sh["teacher"] = checkpointing.load_teacher(algo.teacher(config), config, family,
+        frozen["teacher"], frozen_sh["teacher"] = run_checkpoints.load_teacher(algo.teacher(config), config, family,
                                                                              mesh, config.fsdp)
     if family.conditional:
-        enc, enc_sh = checkpointing.load_encoder(config, family, mesh)
+        enc, enc_sh = run_checkpoints.load_encoder(config, family, mesh)
         if enc is not None:
             frozen["encoder"], frozen_sh["encoder"] = enc, enc_sh
 
     source = input_pipeline.make_source(config)
     iterator = iter(input_pipeline.make_loader(config, source))
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
+    manager = run_checkpoints.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
     latest = manager.latest_step()
     if latest is None:
         init_params = _load_init_params(config, family, model, mesh, frozen)
         state, shardings = create_train_state(model.init_params, tx, config, mesh, init_params)
     else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
         abstract, shardings = train_state_layout(model.init_params, tx, config, mesh)
-        state, latest = checkpointing.restore_latest(manager, abstract, shardings, iterator)
+        state, latest = run_checkpoints.restore_latest(manager, abstract, shardings, iterator)
         resume.after_restore(manager, latest, config, workdir)
 
     data_sh = parallel.data_sharding(mesh)
@@ -206,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     try:
         with _StopFlag() as stop:
             while step < total:
-                checkpointing.check_saves(manager)  # a failed async save stops the run now
+                run_checkpoints.check_saves(manager)  # a failed async save stops the run now
                 if t_start is None:
                     reporting.say("compiling the train step (once per input shape) ...")
                     t_compile = time.perf_counter()
@@ -248,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     if eval_metrics:
                         writer.write(step, eval_metrics)
                 if save_now:
-                    checkpointing.save(manager, step, state, iterator, config)
+                    run_checkpoints.save(manager, step, state, iterator, config)
                 if t_start is not None:  # evaluation and saving do not count as training time
                     t_start += time.perf_counter() - t_pause
                 if stopping:
@@ -257,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     finally:
         progress.close()
         try:
-            checkpointing.finish(manager)
+            run_checkpoints.finish(manager)
         finally:
             writer.close()
     exported = None

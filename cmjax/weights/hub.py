@@ -52,13 +52,12 @@ from typing import Callable
 from cmjax import parallel
 from cmjax.cache import cache_dir, slug
 from cmjax.files import create_temp, temp_pid
-from cmjax.decoding.decoder import Decoder
+from cmjax.models.decoder_config import Decoder
 from cmjax.models.vae import VAE
 from cmjax.weights import checkpoint
-from cmjax.weights.checkpoint import CONFIG_FILE
-from cmjax.weights.convert import KINDS, convert
+from cmjax.weights.checkpoint import CONFIG_FILE, check_destination
 from cmjax.weights.diffusers import WEIGHT_FILES
-from cmjax.weights.openai import PAIR_WEIGHTS
+from cmjax.weights.from_pytorch import KINDS, convert, is_pytorch_folder
 
 OPENAI_DECODER_URL = ("https://openaipublic.azureedge.net/diff-vae/"
                       "c9cebd3132dd9c42936d803e33424145a748843c8f716c0814838bdc8a2fe7cb/decoder.pt")
@@ -386,6 +385,16 @@ def fetch_hub_decoder(repo: str = HUB_REPO, *, revision: str | None = None, prog
     return config.parent
 
 
+def fetch_named(name: str, *, progress: bool = True, report: Report | None = None) -> Path:
+    """The PyTorch files a published name (``NAMES``) stands for, downloaded, verified and cached
+    on first use: ``OPENAI`` -> OpenAI's decoder.pt, ``HUB_REPO`` -> the Hub folder."""
+    if name == OPENAI:
+        return fetch_openai_decoder(progress=progress, report=report)
+    if name == HUB_REPO:
+        return fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
+    raise ValueError(f"{name!r} is not a published checkpoint name ({', '.join(NAMES)})")
+
+
 class _SilentTqdm:
     """A tqdm class with the bar disabled, for huggingface_hub's ``tqdm_class`` (built lazily)."""
 
@@ -426,7 +435,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     and converted if needed: the one way every command names a checkpoint (--checkpoint, --vae, ...).
 
     * an existing cmjax checkpoint directory (or any other directory holding no recognisable
-      PyTorch checkpoint): returned unchanged, for ``checkpoint.load_*`` to read or reject;
+      PyTorch checkpoint): returned unchanged, for ``checkpoint.read_*`` to read or reject;
     * a PyTorch checkpoint file or folder (``decoder.pt``, a diffusers folder, an LDM VAE, ...):
       converted once into the cache (keyed by kind, path, size and modification time);
     * ``"openai"``: OpenAI's decoder.pt, downloaded, SHA-256 verified, converted once (decoder only);
@@ -442,26 +451,39 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     path = Path(text).expanduser()
     suffix = "" if kind == "decoder" else f"-{kind}"
     if path.exists():
-        if path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(
-                (path / n).exists() for n in ("config.json", PAIR_WEIGHTS, "decoder.pt"))):
+        if path.is_dir() and ((path / CONFIG_FILE).is_file() or not is_pytorch_folder(path)):
             return path
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         name = slug(path.name, sep="--", fallback="checkpoint")
         return _convert_into_cache(path, f"local-{name}-{key}{suffix}", kind, report=report)
     if text == OPENAI and kind == "decoder":
-        url = openai_url()
-        pt = fetch_openai_decoder(progress=progress, report=report)
-        return _convert_into_cache(pt, f"openai-{expected_sha256(url)[:16]}", kind, report=report)
+        pt = fetch_named(OPENAI, progress=progress, report=report)
+        return _convert_into_cache(pt, f"openai-{expected_sha256(openai_url())[:16]}", kind, report=report)
     if text == HUB_REPO:
         dst = cache_dir() / "checkpoints" / f"hf-{slug(HUB_REPO, sep='--')}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
             return dst
-        folder = fetch_hub_decoder(HUB_REPO, progress=progress, report=report)
+        folder = fetch_named(HUB_REPO, progress=progress, report=report)
         return _convert_into_cache(folder, dst.name, kind, report=report)
     names = NAMES if kind == "decoder" else (HUB_REPO,)
     raise FileNotFoundError(f"{text}: no such checkpoint directory or file, and not a known {kind} checkpoint name "
                             f"({', '.join(repr(n) for n in names)})")
+
+
+def convert_checkpoint(name_or_path: str | os.PathLike, dst: str | os.PathLike, *, kind: str | None = None,
+                       keep_dtype: bool = False, overwrite: bool = False, progress: bool = True,
+                       report: Report | None = None):
+    """``python -m cmjax.convert``: convert a PyTorch checkpoint file or folder, or the one a
+    published name stands for (fetched first, as :func:`resolve_checkpoint` fetches it), into the
+    cmjax checkpoint directory ``dst``. Returns the Decoder or VAE written; see
+    :func:`cmjax.weights.from_pytorch.convert` for the other arguments."""
+    text = os.fspath(name_or_path)
+    src = name_or_path
+    if not Path(text).exists() and text in NAMES:
+        check_destination(dst, overwrite=overwrite)  # before a multi-GB download
+        src = fetch_named(text, progress=progress, report=report)
+    return convert(src, dst, kind=kind, keep_dtype=keep_dtype, overwrite=overwrite, report=report)
 
 
 def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> Path:
@@ -474,7 +496,7 @@ def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool
     """``cmjax.load_decoder``: a Decoder from any name or path :func:`resolve_checkpoint` takes
     (downloaded and converted on first use; on several hosts, process 0 first)."""
     path = _resolve_on_every_host(name_or_path, "decoder", progress, report)
-    return checkpoint.load_decoder(path, sharding=sharding, verify=verify)
+    return checkpoint.read_decoder(path, sharding=sharding, verify=verify)
 
 
 def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
@@ -484,9 +506,9 @@ def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = T
     ConsistencyDecoderVAE folder, an LDM/single-file checkpoint, or "openai/consistency-decoder"
     (its bundled SD encoder only)."""
     path = _resolve_on_every_host(name_or_path, "vae", progress, report)
-    return checkpoint.load_vae(path, sharding=sharding, verify=verify)
+    return checkpoint.read_vae(path, sharding=sharding, verify=verify)
 
 
 __all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",
-           "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_openai_decoder", "load_decoder", "load_vae", "offline",
-           "resolve_checkpoint"]
+           "convert_checkpoint", "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_named",
+           "fetch_openai_decoder", "load_decoder", "load_vae", "offline", "resolve_checkpoint"]

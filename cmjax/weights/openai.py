@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import Decoder
+from cmjax.models.decoder_config import Decoder
 from cmjax.weights.diffusers import decoder_from_diffusers_state, read_safetensors
 from cmjax.weights.mapping import ConversionError
 from cmjax.weights.torch_pickle import load_torch_file

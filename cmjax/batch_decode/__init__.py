@@ -1,5 +1,6 @@
 """Batch decoding of latent files (or images) into PNGs on every device of every host: decode.py's library.
 
+    options.DecodeOptions: decode.py's flags (each field is one), read as they are by the steps below
     INPUT... (files, folders, globs)
       -> inputs.discover: sources [(path, rel)] sorted by rel ('/'-separated path below the argument)
       -> inputs.scan_latents / scan_image (headers only): one Item per latent (a .npy / .npz member /
@@ -14,7 +15,7 @@
          -> the program (shard_map: each device loops over its own rows, --micro-batch at a time):
             per-image noise from (seed, item identity), made on the device one step at a time
             -> decode (tiled with --tile) -> images
-         -> outputs: each host writes its rows, PNG (and .npy), temp file + os.replace
+         -> outputs.write_batch: each host writes its rows, PNG (and .npy), temp file + os.replace
       -> run: summary from process 0 (counts, failures, images/s); exit status 1 if anything failed
 
 Reproducibility: an item's noise is ``normal(fold_in(k, step))`` with

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import os
 import resource
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from cmjax import parallel
+from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding import tiling
-from cmjax.decoding.decoder import DecoderConfig, decode_latents
+from cmjax.decoding.decoder import decode_latents
+from cmjax.models.decoder_config import DecoderConfig
 from cmjax.models import vae as vae_lib
 from cmjax.models.layers import compute_dtype
-
-DTYPES = ("bf16", "fp32")  # what --dtype offers; layers.compute_dtype maps the name
-
 
 def identity_key_data(identity: str | bytes) -> np.ndarray:
     """(2,) uint32: the first 8 bytes of sha256(identity), stable across runs, hosts and Pythons.
@@ -98,35 +97,35 @@ def _sharded(rows_fn: Callable, mesh) -> Callable:
     return jax.jit(jax.shard_map(rows_fn, mesh=mesh, in_specs=(P(), data, data), out_specs=data))
 
 
-def make_decode_fn(config: DecoderConfig, mesh, *, seed: int, timesteps: Sequence[int], clip_denoised: bool = True,
-                   dtype: str = "fp32", tile: int | None = None, overlap: int | None = None,
-                   micro_batch: int = 1) -> Callable:
+def _rows_decoder(config: DecoderConfig, options: DecodeOptions) -> Callable:
+    """(params, latents (m, h, w, C), key_data (m, 2)) -> images, as ``options`` ask (seed,
+    timesteps, clip, dtype, tiles)."""
+    return functools.partial(_decode_rows, config=config, seed=options.seed, timesteps=options.timesteps,
+                             clip_denoised=options.clip_denoised, dtype=compute_dtype(options.dtype),
+                             tile=options.tile, overlap=options.overlap)
+
+
+def make_decode_fn(config: DecoderConfig, mesh, options: DecodeOptions) -> Callable:
     """The jitted (params, latents (B, h, w, C), key_data (B, 2)) -> images (B, 8h, 8w, 3), batch
-    sharded over ``mesh``'s data axis; B a multiple of devices x ``micro_batch``. ``tile``/``overlap``
-    in latents (None: untiled); ``dtype`` a key of DTYPES."""
-    fn = functools.partial(_decode_rows, config=config, seed=seed, timesteps=tuple(timesteps),
-                           clip_denoised=clip_denoised, dtype=compute_dtype(dtype), tile=tile, overlap=overlap)
-    return _sharded(_in_micro_batches(fn, micro_batch), mesh)
+    sharded over ``mesh``'s data axis; B a multiple of devices x ``options.micro_batch``."""
+    return _sharded(_in_micro_batches(_rows_decoder(config, options), options.micro_batch), mesh)
 
 
-def make_images_fn(decoder, vae, mesh, *, compare: bool, seed: int, timesteps: Sequence[int],
-                   clip_denoised: bool = True, dtype: str = "fp32", tile: int | None = None,
-                   overlap: int | None = None, micro_batch: int = 1) -> Callable:
+def make_images_fn(decoder, vae, mesh, options: DecodeOptions) -> Callable:
     """Jitted ({"decoder", "vae"} params, images (B, H, W, 3) in [-1, 1], key_data) -> (consistency,
     gan, images), each (B, H, W, 3) float32: the images are encoded (posterior mean) by the SD VAE
-    encoder, decoded by the consistency decoder and, with ``compare``, by the VAE's GAN decoder."""
-    compute = compute_dtype(dtype)
-    decode_fn = functools.partial(_decode_rows, config=decoder.config, seed=seed, timesteps=tuple(timesteps),
-                                  clip_denoised=clip_denoised, dtype=compute, tile=tile, overlap=overlap)
+    encoder, decoded by the consistency decoder and, with ``options.compare``, by the VAE's GAN decoder."""
+    compute = compute_dtype(options.dtype)
+    decode_fn = _rows_decoder(decoder.config, options)
 
     def encode_decode(params, images, key_data):
         latents = vae_lib.encode_latents(params["vae"], images, config=vae.config, dtype=compute)
         consistency = decode_fn(params["decoder"], latents, key_data)
         gan = (vae_lib.decode_latents_gan(params["vae"], latents, config=vae.config, dtype=compute)
-               if compare else jnp.zeros_like(images))
+               if options.compare else jnp.zeros_like(images))
         return consistency, gan, images
 
-    return _sharded(_in_micro_batches(encode_decode, micro_batch), mesh)
+    return _sharded(_in_micro_batches(encode_decode, options.micro_batch), mesh)
 
 
 # ------------------------------------------------------------------------------------------------

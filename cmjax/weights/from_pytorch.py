@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import Decoder
+from cmjax.models.decoder_config import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
 from cmjax.weights.checkpoint import check_destination, save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError
@@ -48,6 +48,10 @@ DIFFUSERS, OPENAI_TORCHSCRIPT, OPENAI_SAFETENSORS, TORCH_PICKLE, TORCHSCRIPT = (
 _DECODER_CLASSES = ("ConsistencyDecoderVAE", "UNet2DModel")
 _VAE_CLASSES = ("AutoencoderKL",)
 _BIN_WEIGHTS = "diffusion_pytorch_model.bin"
+_CONFIG_JSON, _DECODER_PT = "config.json", "decoder.pt"
+# What makes a folder a PyTorch checkpoint, in the order _detect_folder tries them: a diffusers
+# config.json (+ weights), OpenAI's extracted pair, OpenAI's decoder.pt.
+FOLDER_MARKERS = (_CONFIG_JSON, PAIR_WEIGHTS, _DECODER_PT)
 
 Report = Callable[[str], None]
 
@@ -136,8 +140,13 @@ def _naming(names: list[str]) -> tuple[str, str]:
                           f"{sorted(names)[:6]})")
 
 
+def is_pytorch_folder(folder: Path) -> bool:
+    """True if ``folder`` holds one of FOLDER_MARKERS (then it is converted, or refused, as one)."""
+    return any((folder / name).exists() for name in FOLDER_MARKERS)
+
+
 def _detect_folder(folder: Path) -> Source:
-    config = folder / "config.json"
+    config = folder / _CONFIG_JSON
     if config.is_file():
         meta = diffusers_fmt.read_config_json(config)
         if not isinstance(meta, dict):
@@ -157,18 +166,16 @@ def _detect_folder(folder: Path) -> Source:
             src.kind = "vae"
         src.detail = f"{cls or 'model'} folder ({weights.name})"
         return src
-    if (folder / PAIR_WEIGHTS).is_file():
-        src = _detect_file(folder / PAIR_WEIGHTS)
-        src.path = folder
-        return src
-    if (folder / "decoder.pt").is_file():
-        src = _detect_file(folder / "decoder.pt")
-        src.path = folder
-        return src
+    for name in FOLDER_MARKERS[1:]:  # OpenAI's files
+        if (folder / name).is_file():
+            src = _detect_file(folder / name)
+            src.path = folder
+            return src
     seen = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     raise ConversionError(
         f"{folder}: not a recognised checkpoint folder: no {' or '.join(diffusers_fmt.WEIGHT_FILES)} "
-        f"(diffusers, with config.json), no {PAIR_WEIGHTS} (OpenAI, extracted), no decoder.pt (OpenAI); "
+        f"(diffusers, with {_CONFIG_JSON}), no {PAIR_WEIGHTS} (OpenAI, extracted), no {_DECODER_PT} "
+        f"(OpenAI); "
         f"it holds {seen[:12] if seen else 'nothing'}{' ...' if len(seen) > 12 else ''}")
 
 

@@ -1,6 +1,7 @@
-"""Outputs of a batch decode: names below --output, atomic writes.
+"""Outputs of a batch decode: atomic writes below --output.
 
-    Item -> output_paths: <output>/<stem>.png [, <stem>.npy with --save-npy, <stem>_compare.png]
+    a finished batch -> write_batch: this host's rows, each item's files (DecodeOptions.output_paths:
+         <stem>.png [, <stem>.npy with --save-npy, <stem>_compare.png with --compare])
          -> write_png / write_npy: cmjax.files.atomic_write, a temporary sibling created
             exclusively under an unpredictable name and renamed onto the name, so a name that
             exists holds a whole file and a planted link is never written through (a killed run
@@ -14,22 +15,20 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from cmjax import parallel
+from cmjax.batch_decode.inputs import Item, reason
+from cmjax.batch_decode.options import DecodeOptions
+from cmjax.evaluation import metrics
 from cmjax.files import TMP_MARK, atomic_write, temp_pid
+from cmjax.images import image_grid, to_uint8
 
-
-def output_paths(item, output: Path, *, save_npy: bool = False, compare: bool = False) -> list[Path]:
-    """Every file written for ``item`` (an inputs.Item) below ``output``; it is finished when all exist."""
-    base = output / item.stem
-    paths = [base.with_name(base.name + ".png")]
-    if save_npy:
-        paths.append(base.with_name(base.name + ".npy"))
-    if compare:
-        paths.append(base.with_name(base.name + "_compare.png"))
-    return paths
+COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
 
 
 def is_inside(path: Path, folder: Path) -> bool:
@@ -118,3 +117,40 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_batch(items: Sequence[Item | None], ok: Sequence[bool], out: Any, options: DecodeOptions,
+                psnr: dict[str, list[float]], fail: Callable[[str], None]) -> int:
+    """Fetch this host's rows of a finished batch (``out``: the program's result) and write the
+    ``ok`` ones; --compare PSNRs are appended to ``psnr``. Returns how many items were written."""
+    if isinstance(out, tuple):  # --images: (consistency, gan, inputs)
+        images, extra = parallel.local_rows(out[0]), [parallel.local_rows(o) for o in out[1:]]
+    else:
+        images, extra = parallel.local_rows(out), None
+    written = 0
+    for r, (item, good) in enumerate(zip(items, ok)):
+        if not good:
+            continue
+        try:
+            paths = options.output_paths(item)
+            if options.save_npy:
+                write_npy(paths[1], images[r])
+            if options.compare and extra is not None:
+                _write_compare(item, paths[-1], extra[1][r], extra[0][r], images[r], psnr)
+            write_png(paths[0], to_uint8(images[r]))  # last: its presence marks the item finished
+            written += 1
+        except Exception as e:  # noqa: BLE001
+            fail(f"{item.name}: cannot write output: {reason(e)}")
+    return written
+
+
+def _write_compare(item: Item, path: Path, original, gan, consistency, psnr: dict[str, list[float]]) -> None:
+    """input | SD GAN decoder | consistency decoder, labelled, with PSNRs against the input below."""
+    psnr_gan = metrics.mean_psnr(gan, original)  # clipped to [-1, 1], as the PNG is
+    psnr_cd = metrics.mean_psnr(consistency, original)
+    psnr.setdefault("gan", []).append(psnr_gan)
+    psnr.setdefault("consistency", []).append(psnr_cd)
+    tqdm.write(f"{item.name}: PSNR SD GAN decoder {psnr_gan:.2f} dB, consistency decoder {psnr_cd:.2f} dB")
+    strip = image_grid([np.stack([original, gan, consistency])], column_labels=COMPARE_LABELS,
+                       cell_labels=[["", f"PSNR {psnr_gan:.2f} dB", f"PSNR {psnr_cd:.2f} dB"]])
+    write_png(path, strip)

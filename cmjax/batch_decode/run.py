@@ -4,7 +4,8 @@ loop over batches, the summary.
     run: inputs.discover + scan -> drop clashes / names too long / outputs outside --output / finished items
          -> plan_batches -> per shape: program.compile_program ("compiling ... once per input
             shape"), refused when its memory estimate does not fit -> per batch: read this host's
-            rows, run the program, write the previous batch's outputs while this one computes
+            rows, run the program, write the previous batch's outputs (outputs.write_batch) while
+            this one computes
 
 Exit status: 0 when every input was decoded, 1 when any failed, 2 on a usage or checkpoint error
 (then nothing is written).
@@ -16,7 +17,6 @@ import hashlib
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,54 +25,15 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cmjax import parallel
-from cmjax.decoding import schedule, tiling
-from cmjax.decoding.batch import inputs, outputs, program
-from cmjax.decoding.batch.inputs import Item
-from cmjax.decoding.decoder import DecoderConfig
-from cmjax.evaluation import metrics
+from cmjax.batch_decode import inputs, outputs, program
+from cmjax.batch_decode.inputs import Item
+from cmjax.batch_decode.options import DecodeOptions
 from cmjax.files import printable
-from cmjax.images import image_grid, to_uint8
-
-COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
+from cmjax.models.decoder_config import DecoderConfig
 
 
 # ------------------------------------------------------------------------------------------------
-# Options and results
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """What decode.py's flags set. ``batch_size`` is global (all devices of all hosts)."""
-
-    output: Path
-    timesteps: tuple[int, ...] = schedule.DEFAULT_TIMESTEPS
-    batch_size: int = 8
-    seed: int = 0
-    dtype: str = "fp32"
-    clip_denoised: bool = True
-    layout: str | None = None  # None: detect by the 4-channel axis; "nchw" / "nhwc" to force
-    save_npy: bool = False
-    skip_existing: bool = False
-    tile: int | None = None  # latent tile size; None: untiled
-    tile_overlap: int | None = None  # latents; None: tiling.default_overlap(tile)
-    micro_batch: int = 1  # images each device decodes at once; outputs depend on it (and nothing else)
-    images: bool = False  # inputs are images: encode with the SD VAE first
-    compare: bool = False  # also write input | SD GAN decoder | consistency decoder
-    progress: bool = True
-
-    @property
-    def overlap(self) -> int | None:
-        if self.tile is None:
-            return None
-        return tiling.default_overlap(self.tile) if self.tile_overlap is None else self.tile_overlap
-
-    def output_paths(self, item: Item) -> list[Path]:
-        return outputs.output_paths(item, self.output, save_npy=self.save_npy, compare=self.compare)
-
-    def program_args(self) -> dict[str, Any]:
-        """The keyword arguments of program.make_decode_fn / make_images_fn."""
-        return dict(seed=self.seed, timesteps=tuple(self.timesteps), clip_denoised=self.clip_denoised,
-                    dtype=self.dtype, tile=self.tile, overlap=self.overlap, micro_batch=self.micro_batch)
+# Results
 
 
 @dataclasses.dataclass
@@ -226,6 +187,10 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
     """
     start = time.perf_counter()
     mesh = parallel.make_mesh() if mesh is None else mesh
+    if options.images and vae is None:
+        raise ValueError("--images needs the SD VAE (--vae)")
+    if options.output is None:
+        raise ValueError("--output is needed: the folder to write to")
     lead = jax.process_index() == 0
     local_fail = []
 
@@ -233,50 +198,80 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
         local_fail.append(msg)
         (log or (lambda m: tqdm.write(m, file=sys.stderr)))(f"error: {printable(msg)}")
 
-    if options.images and vae is None:
-        raise ValueError("--images needs the SD VAE (--vae)")
-    config = decoder.config
-    suffixes = inputs.IMAGE_SUFFIXES if options.images else inputs.LATENT_SUFFIXES
-    sources, errors = inputs.discover(input_args, suffixes)
-    items, scan_errors = [], list(errors)
-    for src in sources:
-        found, errs = (inputs.scan_image(src, config.upsample_factor) if options.images
-                       else inputs.scan_latents(src, options.layout, config.latent_channels))
-        items += found
-        scan_errors += errs
-    items, clash_errors = _drop_clashes(items, options, {os.path.realpath(s.path) for s in sources})
-    scan_errors += clash_errors
+    items, scan_errors = _find_items(input_args, options, decoder.config)
     if lead:  # every host saw the same scan errors: report (and count) them once
         for msg in scan_errors:
             fail(msg)
-    if options.skip_existing:
-        done = np.array([all(p.exists() for p in options.output_paths(i)) for i in items], np.int32)
-        done = _host_sum(done) > 0  # finished on any host (hosts may not share a filesystem)
-        skipped = int(done.sum())
-        items = [i for i, d in zip(items, done) if not d]
-    else:
-        skipped = 0
+    items, skipped = _drop_finished(items, options)
     outputs.remove_stale_temps(options.output)
     _check_same_plan(items)
 
     unit = mesh.size * options.micro_batch
     global_batch = -(-max(options.batch_size, 1) // unit) * unit
-    rows = parallel.process_rows(mesh, global_batch)
-    batches = plan_batches(items, global_batch, rows)
-    params = _replicated(decoder.params, mesh)
-    if options.images:
-        params = {"decoder": params, "vae": _replicated(vae.params, mesh)}
-        step = program.make_images_fn(decoder, vae, mesh, compare=options.compare, **options.program_args())
-    else:
-        step = program.make_decode_fn(config, mesh, **options.program_args())
+    batches = plan_batches(items, global_batch, parallel.process_rows(mesh, global_batch))
+    params, step = _program(decoder, vae, mesh, options)
+    note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
+    programs = _Programs(step, params, mesh, options, decoder.config.latent_channels, note)
+    summary = Summary(skipped=skipped)
     bar = tqdm(total=len(items), unit="img", disable=not (lead and options.progress), file=sys.stderr,
                dynamic_ncols=True)
-    note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
-    programs = _Programs(step, params, mesh, options, config.latent_channels, note)
-    reader = inputs.Reader()
-    summary = Summary(skipped=skipped)
-    decoded = 0
-    pending = None
+    decoded = _decode_batches(batches, programs, global_batch, decoder.config, summary, bar, fail)
+    bar.close()
+
+    summary.programs = len(programs.compiled)
+    n_decoded, n_failed = _host_sum([decoded, len(local_fail)])
+    summary.decoded, summary.failed = int(n_decoded), int(n_failed)
+    summary.failures = local_fail
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _find_items(input_args: Sequence[str], options: DecodeOptions, config: DecoderConfig
+                ) -> tuple[list[Item], list[str]]:
+    """Every item of the inputs but those whose outputs clash, and the error messages."""
+    suffixes = inputs.IMAGE_SUFFIXES if options.images else inputs.LATENT_SUFFIXES
+    sources, errors = inputs.discover(input_args, suffixes)
+    items, errors = [], list(errors)
+    for src in sources:
+        found, errs = (inputs.scan_image(src, config.upsample_factor) if options.images
+                       else inputs.scan_latents(src, options.layout, config.latent_channels))
+        items += found
+        errors += errs
+    items, clash_errors = _drop_clashes(items, options, {os.path.realpath(s.path) for s in sources})
+    return items, errors + clash_errors
+
+
+def _drop_finished(items: list[Item], options: DecodeOptions) -> tuple[list[Item], int]:
+    """With --skip-existing: the items not finished on any host (hosts may not share a filesystem),
+    and how many were."""
+    if not options.skip_existing:
+        return items, 0
+    done = np.array([all(p.exists() for p in options.output_paths(i)) for i in items], np.int32)
+    done = _host_sum(done) > 0
+    return [i for i, d in zip(items, done) if not d], int(done.sum())
+
+
+def _program(decoder, vae, mesh, options: DecodeOptions) -> tuple[Any, Callable]:
+    """(params replicated over ``mesh``, the jitted step): latents -> images, or with --images
+    images -> (consistency, gan, images)."""
+    params = _replicated(decoder.params, mesh)
+    if not options.images:
+        return params, program.make_decode_fn(decoder.config, mesh, options)
+    params = {"decoder": params, "vae": _replicated(vae.params, mesh)}
+    return params, program.make_images_fn(decoder, vae, mesh, options)
+
+
+def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch: int, config: DecoderConfig,
+                    summary: Summary, bar: tqdm, fail: Callable[[str], None]) -> int:
+    """Each batch through its shape's program, writing the previous batch's outputs while this one
+    computes. Returns how many items this host wrote."""
+    reader, pending, decoded = inputs.Reader(), None, 0
+
+    def write(batch: _Batch, ok: list[bool], out: Any) -> int:
+        written = outputs.write_batch(batch.items, ok, out, programs.options, summary.psnr, fail)
+        bar.update(batch.count)
+        return written
+
     for batch in batches:
         compiled, refused = programs.get(batch.shape, global_batch)
         bar.unpause()  # the rate and ETA leave out the compile
@@ -286,25 +281,17 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
                     fail(f"{item.name}: {refused}")
             bar.update(batch.count)
             continue
-        arrays, ok = _read_batch(batch, reader, options, config, fail)
+        arrays, ok = _read_batch(batch, reader, programs.options, config, fail)
         key_data = np.stack([program.identity_key_data(i.identity_bytes) if i is not None
                              else np.zeros(2, np.uint32) for i in batch.items])
-        out = compiled(params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
+        mesh = programs.mesh
+        out = compiled(programs.params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
         if pending is not None:
-            decoded += _finish(*pending, options, summary, fail)
-            bar.update(pending[0].count)
+            decoded += write(*pending)
         pending = (batch, ok, out)
     if pending is not None:
-        decoded += _finish(*pending, options, summary, fail)
-        bar.update(pending[0].count)
-    bar.close()
-
-    summary.programs = len(programs.compiled)
-    n_decoded, n_failed = _host_sum([decoded, len(local_fail)])
-    summary.decoded, summary.failed = int(n_decoded), int(n_failed)
-    summary.failures = local_fail
-    summary.seconds = time.perf_counter() - start
-    return summary
+        decoded += write(*pending)
+    return decoded
 
 
 def _read_batch(batch: _Batch, reader: inputs.Reader, options: DecodeOptions, config: DecoderConfig,
@@ -325,39 +312,3 @@ def _read_batch(batch: _Batch, reader: inputs.Reader, options: DecodeOptions, co
             fail(f"{item.name}: {inputs.reason(e)}")
             ok.append(False)
     return arrays, ok
-
-
-def _finish(batch: _Batch, ok: list[bool], out: Any, options: DecodeOptions, summary: Summary,
-            fail: Callable[[str], None]) -> int:
-    """Fetch this host's rows of a finished batch and write them; returns how many were written."""
-    if isinstance(out, tuple):  # --images: (consistency, gan, inputs)
-        images, extra = parallel.local_rows(out[0]), [parallel.local_rows(o) for o in out[1:]]
-    else:
-        images, extra = parallel.local_rows(out), None
-    written = 0
-    for r, (item, good) in enumerate(zip(batch.items, ok)):
-        if not good:
-            continue
-        try:
-            paths = options.output_paths(item)
-            if options.save_npy:
-                outputs.write_npy(paths[1], images[r])
-            if options.compare and extra is not None:
-                _write_compare(item, paths[-1], extra[1][r], extra[0][r], images[r], summary)
-            outputs.write_png(paths[0], to_uint8(images[r]))  # last: its presence marks the item finished
-            written += 1
-        except Exception as e:  # noqa: BLE001
-            fail(f"{item.name}: cannot write output: {inputs.reason(e)}")
-    return written
-
-
-def _write_compare(item: Item, path: Path, original, gan, consistency, summary: Summary) -> None:
-    """input | SD GAN decoder | consistency decoder, labelled, with PSNRs against the input below."""
-    psnr_gan = metrics.mean_psnr(gan, original)  # clipped to [-1, 1], as the PNG is
-    psnr_cd = metrics.mean_psnr(consistency, original)
-    summary.psnr.setdefault("gan", []).append(psnr_gan)
-    summary.psnr.setdefault("consistency", []).append(psnr_cd)
-    tqdm.write(f"{item.name}: PSNR SD GAN decoder {psnr_gan:.2f} dB, consistency decoder {psnr_cd:.2f} dB")
-    strip = image_grid([np.stack([original, gan, consistency])], column_labels=COMPARE_LABELS,
-                            cell_labels=[["", f"PSNR {psnr_gan:.2f} dB", f"PSNR {psnr_cd:.2f} dB"]])
-    outputs.write_png(path, strip)

@@ -32,11 +32,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.decoding.decoder import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
-from cmjax.decoding.schedule import SIGMA_DATA
+from cmjax.consistency import SIGMA_DATA
 from cmjax.models import vae as vae_lib
+from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.weights import hub
-from cmjax.weights.checkpoint import CONFIG_FILE, Written, atomic_directory, check_destination, load_vae
+from cmjax.weights.checkpoint import CONFIG_FILE, Written, atomic_directory, check_destination, read_vae
 from cmjax.weights.diffusers import find_weights, read_config_json, read_safetensors
 from cmjax.weights.mapping import flax_to_torch
 from cmjax.weights.sd_vae import load_pytorch_vae
@@ -181,7 +181,7 @@ def read_encoder(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     if direct is not None:
         return (*direct, None)
     is_cmjax = src.is_dir() and (src / CONFIG_FILE).is_file()
-    vae = load_vae(src) if is_cmjax else load_pytorch_vae(src, dtype=None)
+    vae = read_vae(src) if is_cmjax else load_pytorch_vae(src, dtype=None)
     encoder_params, _ = vae_lib.split_params(vae.params)
     if not encoder_params:
         raise ExportError(f"{src}: this VAE has no encoder (parts: {list(vae.parts)})")
