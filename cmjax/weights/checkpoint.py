@@ -28,6 +28,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -159,8 +160,17 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, *, kind: W
             raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
+
+
+def _remove_tree(path: Path, attempts: int = 50) -> None:
+    """Delete ``path`` even while a writer's thread that failed (orbax's, on a full disk) is still
+    creating files in it: one rmtree can then find a folder that is not empty; try again."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.1)
 
 
 def _params_checkpointer() -> ocp.Checkpointer:
