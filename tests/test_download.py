@@ -408,20 +408,20 @@ def test_a_full_cache_disk_names_the_file_and_url(server, decoder_pt, tmp_path, 
     """ENOSPC while writing (the part file opened on /dev/full): one line with the URL and the file."""
     import os
 
-    from cmjax.weights import hub
+    from cmjax.weights import download
 
     _, sha = decoder_pt
     url = f"{server.url}/diff-vae/{sha}/decoder.pt"
     dest = tmp_path / "cache" / sha / "decoder.pt"
-    real = hub.create_temp
+    real = download.create_temp
 
     def full(path, mark):
         fd, tmp = real(path, mark)
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), tmp
 
-    monkeypatch.setattr(hub, "create_temp", full)
+    monkeypatch.setattr(download, "create_temp", full)
     with pytest.raises(DownloadError) as e:
-        hub.download_verified(url, dest, sha, progress=False)
+        download.download_verified(url, dest, sha, progress=False)
     assert str(e.value) == f"{url}: cannot write the download to {dest}: No space left on device"
     assert not (tmp_path / "cache").exists()

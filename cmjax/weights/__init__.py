@@ -3,6 +3,7 @@
     a name ("openai", "openai/consistency-decoder"), a PyTorch file/folder, or a cmjax directory
       -> hub.py          resolve_checkpoint: the one place that names are resolved and files
                          downloaded (verified) and converted into the cache
+           download.py       one verified, time-bounded download (decoder.pt); offline detection
       -> from_pytorch.py format detection -> a Decoder or VAE in memory, written as a checkpoint
            torch_pickle.py   TorchScript / torch.save files read without torch: load_torch_file
              torch_archives.py   zip and legacy containers, magic bytes
