@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from cmjax import parallel
+from cmjax import parallel, tuning
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import schedule
 from cmjax.decoding.batch import inputs, outputs, program
@@ -81,6 +81,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", help="SD VAE for --images: a cmjax VAE checkpoint or PyTorch weights (diffusers "
                    "AutoencoderKL folder, LDM checkpoint) (default: the SD encoder bundled with "
                    f"{DEFAULT_VAE} on the Hub; it has no GAN decoder, so --compare needs --vae)")
+    p.add_argument("--tune", action="store_true",
+                   help="first measure which conv lowering is fastest for this run's shapes on this CPU "
+                        "(30-170 s once for the full-size decoder, cached; later runs use it without the flag) "
+                        "(default off: the cached measurements, XLA's convolution for the rest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
     p.add_argument("--coordinator",
                    help="multi-host: coordinator address host:port (default: auto-detected in a cluster)")
@@ -121,7 +125,7 @@ def options_from_args(args, num_train_timesteps: int = schedule.NUM_TRAIN_TIMEST
                          seed=args.seed, micro_batch=args.micro_batch, dtype=args.dtype, clip_denoised=args.clip,
                          layout=args.layout, save_npy=args.save_npy, skip_existing=args.skip_existing,
                          tile=args.tile, tile_overlap=args.tile_overlap, images=args.images, compare=args.compare,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, tune=args.tune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if vae.config.latent_channels != decoder.config.latent_channels:
                 raise ValueError(f"--vae {args.vae or DEFAULT_VAE}: its encoder makes {vae.config.latent_channels}-channel "
                                  f"latents, and the decoder {args.checkpoint} reads {decoder.config.latent_channels}")
+        lowering, why = tuning.default_plan()
+        options = dataclasses.replace(options, lowering=lowering)
         problem = outputs.check_writable(options.output)
         if problem is not None:
             raise ValueError(f"--output {inputs.display(options.output)}: cannot write there: {problem}")
@@ -165,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead:
         print(f"{jax.device_count()} device(s) on {jax.process_count()} host(s); timesteps "
               f"{options.timesteps}; {options.dtype}", file=sys.stderr)
+        if not options.tune:
+            print(why, file=sys.stderr)
     summary = run(decoder, args.inputs, options, mesh=mesh, vae=vae)
     if lead:
         if summary.psnr:

@@ -27,9 +27,10 @@ from jax.sharding import PartitionSpec as P
 
 from cmjax import parallel
 from cmjax.decoding import tiling
-from cmjax.decoding.decoder import DecoderConfig, decode_latents
+from cmjax.decoding.decoder import DecoderConfig, abstract_params, decode_latents
 from cmjax.models import vae as vae_lib
-from cmjax.models.layers import compute_dtype
+from cmjax.models.conv_lowering import XLA, ConvShape, LoweringPlan
+from cmjax.models.layers import compute_dtype, conv_shapes
 
 DTYPES = ("bf16", "fp32")  # what --dtype offers; layers.compute_dtype maps the name
 
@@ -63,12 +64,12 @@ def noise_for(seed: int, identity: str | bytes, steps: int, shape: tuple[int, in
 
 
 def _decode_rows(params, latents, key_data, *, config: DecoderConfig, seed: int, timesteps: tuple[int, ...],
-                 clip_denoised: bool, dtype, tile: int | None, overlap: int | None):
+                 clip_denoised: bool, dtype, tile: int | None, overlap: int | None, lowering: LoweringPlan = XLA):
     """latents (B, h, w, C), key_data (B, 2) -> images (B, 8h, 8w, 3) float32."""
     f = config.upsample_factor
     shape = (latents.shape[1] * f, latents.shape[2] * f)
     noise = functools.partial(item_noise, seed, key_data, shape=shape)
-    kw = dict(config=config, timesteps=timesteps, clip_denoised=clip_denoised, dtype=dtype)
+    kw = dict(config=config, timesteps=timesteps, clip_denoised=clip_denoised, dtype=dtype, lowering=lowering)
     if tile is not None and tile < max(latents.shape[1:3]):
         return tiling.decode_latents_tiled(params, latents, noise, tile=tile, overlap=overlap, **kw)
     return decode_latents(params, latents, noise, **kw)
@@ -100,24 +101,39 @@ def _sharded(rows_fn: Callable, mesh) -> Callable:
 
 def make_decode_fn(config: DecoderConfig, mesh, *, seed: int, timesteps: Sequence[int], clip_denoised: bool = True,
                    dtype: str = "fp32", tile: int | None = None, overlap: int | None = None,
-                   micro_batch: int = 1) -> Callable:
+                   micro_batch: int = 1, lowering: LoweringPlan = XLA) -> Callable:
     """The jitted (params, latents (B, h, w, C), key_data (B, 2)) -> images (B, 8h, 8w, 3), batch
     sharded over ``mesh``'s data axis; B a multiple of devices x ``micro_batch``. ``tile``/``overlap``
-    in latents (None: untiled); ``dtype`` a key of DTYPES."""
+    in latents (None: untiled); ``dtype`` a key of DTYPES; ``lowering`` the conv lowering plan."""
+    fn = functools.partial(_decode_rows, config=config, seed=seed, timesteps=tuple(timesteps),
+                           clip_denoised=clip_denoised, dtype=compute_dtype(dtype), tile=tile, overlap=overlap,
+                           lowering=lowering)
+    return _sharded(_in_micro_batches(fn, micro_batch), mesh)
+
+
+def program_conv_shapes(config: DecoderConfig, latent_hw: tuple[int, int], *, seed: int, timesteps: Sequence[int],
+                        clip_denoised: bool = True, dtype: str = "fp32", tile: int | None = None,
+                        overlap: int | None = None, micro_batch: int = 1,
+                        lowering: LoweringPlan = XLA) -> tuple[ConvShape, ...]:
+    """The conv shapes each device's decode runs for h x w latents (``micro_batch`` at a time, tiled
+    with ``tile``; the arguments of ``make_decode_fn``, ``lowering`` unused): what ``cmjax.tuning.tune``
+    measures. An abstract trace: nothing is allocated, whatever the size."""
     fn = functools.partial(_decode_rows, config=config, seed=seed, timesteps=tuple(timesteps),
                            clip_denoised=clip_denoised, dtype=compute_dtype(dtype), tile=tile, overlap=overlap)
-    return _sharded(_in_micro_batches(fn, micro_batch), mesh)
+    latents = jax.ShapeDtypeStruct((micro_batch, *latent_hw, config.latent_channels), jnp.float32)
+    return conv_shapes(fn, abstract_params(config), latents, jax.ShapeDtypeStruct((micro_batch, 2), jnp.uint32))
 
 
 def make_images_fn(decoder, vae, mesh, *, compare: bool, seed: int, timesteps: Sequence[int],
                    clip_denoised: bool = True, dtype: str = "fp32", tile: int | None = None,
-                   overlap: int | None = None, micro_batch: int = 1) -> Callable:
+                   overlap: int | None = None, micro_batch: int = 1, lowering: LoweringPlan = XLA) -> Callable:
     """Jitted ({"decoder", "vae"} params, images (B, H, W, 3) in [-1, 1], key_data) -> (consistency,
     gan, images), each (B, H, W, 3) float32: the images are encoded (posterior mean) by the SD VAE
     encoder, decoded by the consistency decoder and, with ``compare``, by the VAE's GAN decoder."""
     compute = compute_dtype(dtype)
     decode_fn = functools.partial(_decode_rows, config=decoder.config, seed=seed, timesteps=tuple(timesteps),
-                                  clip_denoised=clip_denoised, dtype=compute, tile=tile, overlap=overlap)
+                                  clip_denoised=clip_denoised, dtype=compute, tile=tile, overlap=overlap,
+                                  lowering=lowering)
 
     def encode_decode(params, images, key_data):
         latents = vae_lib.encode_latents(params["vae"], images, config=vae.config, dtype=compute)

@@ -24,12 +24,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cmjax import data, parallel
+from cmjax import data, parallel, tuning
 from cmjax.decoding import schedule, tiling
 from cmjax.decoding.batch import inputs, outputs, program
 from cmjax.decoding.batch.inputs import Item
 from cmjax.decoding.decoder import DecoderConfig
 from cmjax.evaluation import metrics
+from cmjax.models.conv_lowering import XLA, LoweringPlan
 
 COMPARE_LABELS = ("input", "SD GAN decoder", "consistency decoder")
 
@@ -57,6 +58,8 @@ class DecodeOptions:
     images: bool = False  # inputs are images: encode with the SD VAE first
     compare: bool = False  # also write input | SD GAN decoder | consistency decoder
     progress: bool = True
+    lowering: LoweringPlan = XLA  # how each conv is computed (cmjax.tuning.default_plan)
+    tune: bool = False  # measure the lowerings of this run's convs not yet measured on this CPU first
 
     @property
     def overlap(self) -> int | None:
@@ -70,7 +73,8 @@ class DecodeOptions:
     def program_args(self) -> dict[str, Any]:
         """The keyword arguments of program.make_decode_fn / make_images_fn."""
         return dict(seed=self.seed, timesteps=tuple(self.timesteps), clip_denoised=self.clip_denoised,
-                    dtype=self.dtype, tile=self.tile, overlap=self.overlap, micro_batch=self.micro_batch)
+                    dtype=self.dtype, tile=self.tile, overlap=self.overlap, micro_batch=self.micro_batch,
+                    lowering=self.lowering)
 
 
 @dataclasses.dataclass
@@ -257,6 +261,12 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
     global_batch = -(-max(options.batch_size, 1) // unit) * unit
     rows = parallel.process_rows(mesh, global_batch)
     batches = plan_batches(items, global_batch, rows)
+    if options.tune:  # the latent sizes of this run's shapes (pixels / f with --images)
+        f = config.upsample_factor if options.images else 1
+        shapes = [s for h, w in sorted({b.shape for b in batches})
+                  for s in program.program_conv_shapes(config, (h // f, w // f), **options.program_args())]
+        say = (lambda m: print(m, file=sys.stderr, flush=True)) if lead else (lambda m: None)
+        options = dataclasses.replace(options, lowering=tuning.tune(shapes, report=say))
     params = _replicated(decoder.params, mesh)
     if options.images:
         params = {"decoder": params, "vae": _replicated(vae.params, mesh)}
