@@ -282,7 +282,7 @@ def pick(seconds: dict[str, float]) -> str:
 
 
 def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
-         measure_fn: Callable[[ConvShape, Sequence[str]], dict[str, float]] = measure,
+         measure_fn: Callable[[ConvShape, Sequence[str]], dict[str, float]] | None = None,
          max_bytes: int | None = None, max_flops: float = MAX_FLOPS, budget_s: float = BUDGET_S,
          report: Callable[[str], None] = lambda msg: None,
          clock: Callable[[], float] = time.perf_counter) -> LoweringPlan:
@@ -292,8 +292,10 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
     off CPU. A shape whose XLA candidate would allocate more than ``max_bytes`` (default
     ``max_bytes_default()``) or cost more than ``max_flops`` keeps XLA's convolution, unmeasured and
     uncached; other candidates over ``max_bytes`` are skipped. Measuring stops once ``budget_s`` is
-    spent. ``report`` gets a line per measured or skipped shape.
+    spent. ``report`` gets a line per measured or skipped shape. ``measure_fn(shape, names)``: default
+    ``measure``.
     """
+    measure_fn = measure if measure_fn is None else measure_fn
     plan, why = default_plan(path)
     if plan.default != DEFAULT or jax.process_count() > 1 or jax.devices()[0].platform != "cpu":
         report(f"{why}: nothing measured")
@@ -305,7 +307,7 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
     if todo:
         report(f"measuring the conv lowerings of {len(todo)} shape(s) on this CPU, once (cached in {path}; "
                f"at most {budget_s:.0f} s)")
-    start = clock()
+    start, measured = clock(), {}
     for i, shape in enumerate(todo):
         if clock() - start > budget_s:
             report(f"  time budget spent: {len(todo) - i} shape(s) keep XLA's convolution until the next --tune")
@@ -317,10 +319,12 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
             continue
         began = clock()
         seconds = measure_fn(shape, names)
-        choice = pick(seconds)
+        choice = measured[shape.key()] = pick(seconds)
         skipped = sorted(set(candidates(shape)) - set(seconds))
         write_cache(path, machine, shape.key(), {"choice": choice, "seconds": seconds, "version": CACHE_VERSION,
                                                  **({"skipped": skipped} if skipped else {})})
         report(f"  {i + 1}/{len(todo)} {shape.key()}: {choice} ({seconds[choice] / seconds[DEFAULT]:.2f}x XLA's "
                f"time; measured in {clock() - began:.1f} s)")
-    return default_plan(path)[0]
+    # what was just measured counts even where the cache could not be written
+    plan = default_plan(path)[0]
+    return LoweringPlan({**dict(plan.choices), **{k: v for k, v in measured.items() if v != DEFAULT}})
