@@ -225,3 +225,28 @@ def test_cpu_model_tells_generations_apart(tmp_path):
     odd.write_bytes(b"model name\t: Odd \xff CPU\n\n")
     assert tuning.cpu_model(str(odd)).startswith("Odd \ufffd CPU")
     assert tuning.cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_a_huge_latent_beside_a_good_one(tmp_path, monkeypatch, tune):
+    """Issue 24's folder (a good latent and a 4x4096x4096 one), default settings and --tune: the
+    good one is decoded; the huge one is never measured (nor allocated) and fails with one line."""
+    import numpy as np
+
+    from cmjax.decoding.batch import run as batch_run
+    from tests.random_decoder import random_decoder
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "good.npy", np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32))
+    np.lib.format.open_memmap(folder / "huge.npy", mode="w+", dtype=np.float16, shape=(4, 4096, 4096)).flush()
+    measured = []
+    monkeypatch.setattr(tuning, "measure", lambda shape, names: measured.append(shape) or {n: 1.0 for n in names})
+    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008,), progress=False, tune=tune,
+                                      lowering=tuning.default_plan()[0])
+    messages = []
+    summary = batch_run.run(random_decoder(), [str(folder)], options, log=messages.append)
+    assert (summary.decoded, summary.failed) == (1, 1)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.png"]
+    assert len(messages) == 1 and "huge.npy" in messages[0] and "\n" not in messages[0]
+    assert bool(measured) == tune and all(s.height <= 16 for s in measured)  # the good one's shapes only
