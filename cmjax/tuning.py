@@ -52,8 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from cmjax.cache import cache_dir
-from cmjax.models.conv_lowering import (DEFAULT, LOWERINGS, SUBPIXEL, XLA, ConvShape, LoweringPlan,
-                                        candidates)
+from cmjax.models.conv_lowering import DEFAULT, LOWERINGS, SUBPIXEL, XLA, ConvShape, LoweringPlan, candidates
 
 OVERRIDE_ENV = "CMJAX_CONV_LOWERING"
 CACHE_NAME = "conv_lowering.json"

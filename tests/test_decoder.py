@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import cmjax
+from cmjax import tuning
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.decoding import schedule
-from cmjax import tuning
-from cmjax.models.conv_lowering import CONV, XLA, Lowering, LoweringPlan, candidates, winograd_kernel, winograd_run
+from cmjax.models.conv_lowering import CONV, XLA, Lowering, LoweringPlan, winograd_kernel, winograd_run
 from cmjax.weights.convert import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 

@@ -4,13 +4,16 @@ import json
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from cmjax import tuning
 from cmjax.decoding.batch import program
+from cmjax.decoding.batch import run as batch_run
+from cmjax.decoding.decoder import DecoderConfig
 from cmjax.models.conv_lowering import LOWERINGS, XLA, ConvShape, LoweringPlan, candidates
 from cmjax.models.unet import UNetConfig
-from cmjax.decoding.decoder import DecoderConfig
+from tests.random_decoder import random_decoder
 
 SHAPE = ConvShape(2, 4, 6, 64, 32, 3, "float32")
 TINY = DecoderConfig(unet=UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8))
@@ -98,7 +101,7 @@ def test_upsampling_convs_are_measured_with_their_subpixel_variants(tmp_path):
     seconds = tuning.measure(dataclasses.replace(up, in_channels=4, out_channels=4), timer=lambda: float(next(ticks)),
                              repeats=1)
     assert set(seconds) == set(LOWERINGS) | {"subpixel+xla", "subpixel+im2col", "subpixel+im2row"}
-    measure_fn, calls = fake_measure({**{name: 2.0 for name in candidates(up)}, "subpixel+im2row": 1.0})
+    measure_fn, _ = fake_measure({**{name: 2.0 for name in candidates(up)}, "subpixel+im2row": 1.0})
     assert tuning.tune([up], path=path, measure_fn=measure_fn).name(up) == "subpixel+im2row"
     assert json.loads(path.read_text())[tuning.machine_key()][up.key()]["choice"] == "subpixel+im2row"
 
@@ -231,11 +234,6 @@ def test_cpu_model_tells_generations_apart(tmp_path):
 def test_a_huge_latent_beside_a_good_one(tmp_path, monkeypatch, tune):
     """Issue 24's folder (a good latent and a 4x4096x4096 one), default settings and --tune: the
     good one is decoded; the huge one is never measured (nor allocated) and fails with one line."""
-    import numpy as np
-
-    from cmjax.decoding.batch import run as batch_run
-    from tests.random_decoder import random_decoder
-
     folder = tmp_path / "in"
     folder.mkdir()
     np.save(folder / "good.npy", np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32))
