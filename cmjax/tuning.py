@@ -285,13 +285,14 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
          max_bytes: int | None = None, max_flops: float = MAX_FLOPS, budget_s: float = BUDGET_S,
          report: Callable[[str], None] = lambda msg: None,
          clock: Callable[[], float] = time.perf_counter) -> LoweringPlan:
-    """Measure the conv ``shapes`` not yet cached for this CPU, cache them, and return ``default_plan``.
+    """Measure the conv ``shapes`` not yet cached for this CPU, cache them, and return the plan:
+    ``default_plan`` and what was just measured (also where the cache could not be written).
 
     Nothing is measured when CMJAX_CONV_LOWERING forces a lowering, with several processes, or
     off CPU. A shape whose XLA candidate would allocate more than ``max_bytes`` (default
     ``max_bytes_default()``) or cost more than ``max_flops`` keeps XLA's convolution, unmeasured and
-    uncached; other candidates over ``max_bytes`` are skipped. Measuring stops once ``budget_s`` is
-    spent. ``report`` gets a line per measured or skipped shape. ``measure_fn(shape, names)``: default
+    uncached; other candidates over ``max_bytes`` are skipped; a measurement that fails (out of
+    memory after all) keeps XLA's convolution too. Measuring stops once ``budget_s`` is spent. ``report`` gets a line per measured or skipped shape. ``measure_fn(shape, names)``: default
     ``measure``.
     """
     measure_fn = measure if measure_fn is None else measure_fn
@@ -317,7 +318,11 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
                    f"{conv_flops(shape) / 1e9:.0f} GFLOP): XLA's convolution")
             continue
         began = clock()
-        seconds = measure_fn(shape, names)
+        try:
+            seconds = measure_fn(shape, names)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory despite the estimate: keep XLA's, go on
+            report(f"  {shape.key()}: could not be measured ({type(e).__name__}: {str(e)[:100]}): XLA's convolution")
+            continue
         choice = measured[shape.key()] = pick(seconds)
         skipped = sorted(set(candidates(shape)) - set(seconds))
         write_cache(path, machine, shape.key(), {"choice": choice, "seconds": seconds, "version": CACHE_VERSION,

@@ -148,6 +148,22 @@ def test_oversized_shapes_fall_back_without_allocating(tmp_path):
     assert calls == [SHAPE] and entry["skipped"] == ["im2col"] and "im2col" not in entry["seconds"]
 
 
+def test_a_failing_measurement_keeps_xla_and_goes_on(tmp_path):
+    path = tmp_path / "conv_lowering.json"
+    other = dataclasses.replace(SHAPE, height=8)
+    lines = []
+
+    def measure_fn(shape, names):
+        if shape == SHAPE:
+            raise MemoryError("RESOURCE_EXHAUSTED")
+        return {name: 0.5 if name == "im2row" else 1.0 for name in names}
+
+    plan = tuning.tune([SHAPE, other], path=path, measure_fn=measure_fn, report=lines.append)
+    assert (plan.name(SHAPE), plan.name(other)) == ("xla", "im2row")
+    assert any("could not be measured (MemoryError" in line for line in lines)
+    assert list(json.loads(path.read_text())[tuning.machine_key()]) == [other.key()]
+
+
 def test_measuring_stops_when_the_time_budget_is_spent(tmp_path):
     path = tmp_path / "conv_lowering.json"
     shapes = [dataclasses.replace(SHAPE, height=h) for h in (4, 6, 8, 10)]
