@@ -45,8 +45,8 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ def max_bytes_default() -> int:
 # What a measurement is valid for, and the cache
 
 
-@functools.lru_cache(maxsize=None)  # read once per process
+@functools.cache  # read once per process
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name with its family/model/stepping and "+avx512" if it has it (``/proc/cpuinfo``).
 
