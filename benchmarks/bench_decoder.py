@@ -10,9 +10,9 @@ each side next to a 2048^3 matmul's (how close both are to what this CPU can do)
 
 cmjax and diffusers calls are interleaved (medians of ``--repeats``); the CPU model, AVX-512,
 XLA flags, GLIBC_TUNABLES, the conv lowering mode and the load average are printed with every
-result, with each side's page faults per call. The first call on a new machine also measures each
-convolution's lowering (``cmjax.models.conv_lowering``), so its time is reported with the number of
-shapes measured in it; run twice for the warm-cache compile.
+result, with each side's page faults per call. cmjax runs with the lowering plan tuned for this CPU
+(``cmjax.tuning.tune`` on the case's conv shapes: measured on the first run on a machine, reported
+with its time and cached; read from the cache afterwards), or the one ``--lowering`` forces.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.torch_peers: the diffusers reference
 
-from cmjax.models.conv_lowering import LOWERINGS  # noqa: E402  (after the path: runs from a checkout)
+from cmjax import tuning  # noqa: E402  (after the path: runs from a checkout)
+from cmjax.models.conv_lowering import LOWERINGS  # noqa: E402
 
 
 class PeakRSS:
@@ -61,12 +62,10 @@ class PeakRSS:
 
 def machine_line() -> str:
     """CPU model (with or without AVX-512), XLA flags, threads and load: printed with every result."""
-    from cmjax.models.conv_lowering import cpu_model
-
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"[{cpu_model()}; {os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+    return (f"[{tuning.cpu_model()}; {os.cpu_count()} cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
-            f"lowering={os.environ.get('CMJAX_CONV_LOWERING', 'measure')}; load {load}]")
+            f"lowering={os.environ.get(tuning.OVERRIDE_ENV, 'tuned')}; load {load}]")
 
 
 def _hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -137,7 +136,7 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     import torch
 
     import cmjax
-    from cmjax.models.conv_lowering import cache_path, read_cache
+    from cmjax.decoding.decoder import decode_conv_shapes
     from tests.torch_peers import reference_decode
 
     print(f"\ndecode: batch {batch} of {h}x{w} latents -> {8 * h}x{8 * w} px, 2 steps, cmjax {args.dtype}, "
@@ -147,18 +146,21 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     noise = [rng.normal(size=(batch, 8 * h, 8 * w, 3)).astype(np.float32) for _ in range(2)]
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
-    def run_cmjax():
-        return jax.block_until_ready(cmjax.decode(decoder, latents, noise=noise, dtype=dtype))
+    start = time.perf_counter()
+    shapes = decode_conv_shapes(decoder.config, latents.shape, dtype)
+    plan = tuning.tune(shapes, report=print)
+    named = sum(plan.name(shape) != "xla" for shape in shapes)
+    print(f"lowering plan: {named} of {len(shapes)} conv shapes not XLA's convolution, made in "
+          f"{time.perf_counter() - start:.1f} s (cache {tuning.cache_path()})")
 
-    cached = read_cache(cache_path())
+    def run_cmjax():
+        return jax.block_until_ready(cmjax.decode(decoder, latents, noise=noise, dtype=dtype, lowering=plan))
+
     with PeakRSS() as mem_compile:
         start = time.perf_counter()
         ours = np.asarray(run_cmjax())
         compile_s = time.perf_counter() - start
-    measured = sum(entry != cached.get(machine, {}).get(key)  # new entries and entries measured again
-                   for machine, entries in read_cache(cache_path()).items() for key, entry in entries.items())
-    print(f"cmjax first call (compile + run) {compile_s:.2f} s, {measured} conv shapes measured in it "
-          f"(lowering cache {cache_path()}); peak RSS {mem_compile.peak / 2**30:.2f} GiB")
+    print(f"cmjax first call (compile + run) {compile_s:.2f} s; peak RSS {mem_compile.peak / 2**30:.2f} GiB")
 
     run_torch = None
     if not args.no_torch:
@@ -208,9 +210,10 @@ def run_case(decoder, vae, h: int, w: int, batch: int, args, device: str) -> Non
     if args.profile:
         from cmjax.decoding.decoder import _decode_jit, prepared_params
 
-        params = prepared_params(decoder, latents.shape, dtype)  # what cmjax.decode runs with
+        params = prepared_params(decoder, latents.shape, dtype, plan)  # what cmjax.decode runs with
         lowered = _decode_jit.lower(params, jnp.asarray(latents), jnp.stack(noise), config=decoder.config,
-                                    timesteps=cmjax.decoding.schedule.DEFAULT_TIMESTEPS, clip_denoised=True, dtype=dtype)
+                                    timesteps=cmjax.decoding.schedule.DEFAULT_TIMESTEPS, clip_denoised=True,
+                                    dtype=dtype, lowering=plan)
         profile_cmjax(run_cmjax, lowered, args.profile)
         profile_torch(run_torch, args.profile)
 
@@ -242,16 +245,8 @@ def decode_flops(decoder, h: int, w: int, batch: int, dtype) -> float:
     f = decoder.config.upsample_factor
     x_t = jax.ShapeDtypeStruct((batch, f * h, f * w, 3), jnp.float32)
     z_up = jax.ShapeDtypeStruct((batch, f * h, f * w, decoder.config.latent_channels), jnp.float32)
-    forced = os.environ.get("CMJAX_CONV_LOWERING")
-    os.environ["CMJAX_CONV_LOWERING"] = "xla"
-    try:
-        lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(
-            decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
-    finally:
-        if forced is None:
-            del os.environ["CMJAX_CONV_LOWERING"]
-        else:
-            os.environ["CMJAX_CONV_LOWERING"] = forced
+    lowered = jax.jit(denoise, static_argnames=("t", "config", "dtype")).lower(  # default plan: XLA's conv
+        decoder.params, x_t, z_up, t=1008, config=decoder.config, dtype=dtype)
     return len(DEFAULT_TIMESTEPS) * lowered.cost_analysis()["flops"]
 
 
@@ -276,14 +271,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="cmjax compute dtype")
     parser.add_argument("--torch-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--lowering", choices=("measure",) + LOWERINGS,
-                        help="force cmjax's conv lowering (sets CMJAX_CONV_LOWERING)")
+    parser.add_argument("--lowering", choices=LOWERINGS,
+                        help="force cmjax's conv lowering (sets CMJAX_CONV_LOWERING; default: the plan tuned "
+                             "for this CPU)")
     parser.add_argument("--no-torch", action="store_true", help="time cmjax only")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one decode on each side and print the top N costs")
     args = parser.parse_args()
     if args.lowering:
-        os.environ["CMJAX_CONV_LOWERING"] = args.lowering
+        os.environ[tuning.OVERRIDE_ENV] = args.lowering
 
     import torch
     from diffusers import ConsistencyDecoderVAE

@@ -5,7 +5,7 @@
     checkpoints/<name>/              PyTorch weights converted on first use (cmjax.weights.hub)
     inception/                       the FID Inception weights (cmjax.weights.inception)
     fid_stats/                       reference FID statistics (cmjax.evaluation.fid)
-    conv_lowering.json               measured convolution lowerings (cmjax.models.conv_lowering)
+    conv_lowering.json               measured convolution lowerings (cmjax.tuning)
 """
 from __future__ import annotations
 

@@ -423,7 +423,7 @@ def test_help(env):
     options = res.stdout[res.stdout.index("options:"):]
     entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", options)[1:]]  # an entry starts "  -"
     flags = {e.split()[0].rstrip(",") for e in entries}
-    assert {"--checkpoint", "--steps", "--tile", "--vae", "--process-id", "--compare", "--clip"} <= flags, flags
-    assert len(entries) == 22, entries
+    assert {"--checkpoint", "--steps", "--tile", "--vae", "--process-id", "--compare", "--clip", "--tune"} <= flags, flags
+    assert len(entries) == 23, entries
     for entry in entries[1:]:  # all but -h
         assert "default" in entry or "(required)" in entry, entry

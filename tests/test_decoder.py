@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import cmjax
+from cmjax import tuning
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.decoding import schedule
 from cmjax.models import decoder_config
-from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
+from cmjax.models.conv_lowering import CONV, XLA, Lowering, LoweringPlan, winograd_kernel, winograd_run
 from cmjax.weights.from_pytorch import ConversionError, convert
 from tests.torch_peers import nchw, nhwc, reference_decode, save_vae, tiny_consistency_vae
 
@@ -121,7 +122,6 @@ def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
     and every step reads them: no kernel is prepared while the loop body is traced. The decode
     still equals diffusers'."""
     vae, _, dec = peer
-    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
     prepared, calls = [], []
     real = decoder_lib.with_prepared_kernels
 
@@ -140,7 +140,8 @@ def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
     latents = (rng.normal(size=(2, 3, 2, 4)) * 5).astype(np.float32)
     noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
     ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
-    decode = jax.jit(lambda p, z, n: decoder_lib.decode_latents(p, z, n, config=dec.config))
+    decode = jax.jit(lambda p, z, n: decoder_lib.decode_latents(p, z, n, config=dec.config,
+                                                                lowering=LoweringPlan(default="winograd")))
     got = np.asarray(decode(dec.params, jnp.asarray(latents), jnp.stack(noise)))
     assert prepared == [True] and calls and not any(calls)
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
@@ -148,12 +149,13 @@ def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
 
 def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch):
     """``decode`` prepares a shape's kernels once per Decoder (sharing the raw arrays), keeps one
-    shape at a time, and decodes with them to diffusers' image."""
+    shape at a time, and decodes with them to diffusers' image; a plan that prepares nothing adds nothing."""
     vae, _, peer_decoder = peer
-    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
+    plan = LoweringPlan(default="winograd")
     dec = cmjax.Decoder(peer_decoder.config, peer_decoder.params)
-    prepared = decoder_lib.prepared_params(dec, (2, 3, 2, 4))
-    assert decoder_lib.prepared_params(dec, (2, 3, 2, 4)) is prepared
+    assert decoder_lib.prepared_params(dec, (2, 3, 2, 4)) is dec.params and not dec.prepared  # XLA: nothing to prepare
+    prepared = decoder_lib.prepared_params(dec, (2, 3, 2, 4), lowering=plan)
+    assert decoder_lib.prepared_params(dec, (2, 3, 2, 4), lowering=plan) is prepared
     convs = list(_convs(dec.params, prepared))
     assert len(convs) > 10
     for raw, ready in convs:  # every 3x3 conv: its 16 Winograd matrices, next to the same raw kernel
@@ -164,12 +166,65 @@ def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch)
     latents = (rng.normal(size=(2, 3, 2, 4)) * 5).astype(np.float32)
     noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
     ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
-    np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise)), ref, atol=ATOL, rtol=0)
-    assert list(dec.prepared) == [((2, 3, 2, 4), "float32")]
-    decoder_lib.prepared_params(dec, (1, 2, 2, 4))
-    assert list(dec.prepared) == [((1, 2, 2, 4), "float32")]  # one shape at a time
+    np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise, lowering=plan)), ref,
+                               atol=ATOL, rtol=0)
+    assert list(dec.prepared) == [((2, 3, 2, 4), "float32", plan)]
+    decoder_lib.prepared_params(dec, (1, 2, 2, 4), lowering=plan)
+    assert list(dec.prepared) == [((1, 2, 2, 4), "float32", plan)]  # one shape at a time
     dec.release_prepared()
     assert not dec.prepared
+
+
+def test_default_decode_reads_no_plan_it_was_not_given_and_measures_nothing(peer, tmp_path, monkeypatch):
+    """In the default settings (no override, an empty cache) a decode uses XLA's convolution, times
+    nothing and writes nothing to $CMJAX_CACHE, and equals diffusers'."""
+    vae, _, dec = peer
+    monkeypatch.delenv(tuning.OVERRIDE_ENV, raising=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("CMJAX_CACHE", str(cache))
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured on the decode path"))
+    monkeypatch.setattr(tuning, "time_calls", lambda *a, **k: pytest.fail("timed on the decode path"))
+    rng = np.random.default_rng(8)
+    latents = (rng.normal(size=(1, 2, 3, 4)) * 5).astype(np.float32)
+    noise = [rng.normal(size=(1, 16, 24, 3)).astype(np.float32) for _ in range(2)]
+    assert tuning.default_plan()[0] == XLA
+    hlo = decoder_lib._decode_jit.lower(dec.params, jnp.asarray(latents), jnp.stack(noise), config=dec.config,
+                                        timesteps=(1008, 512), clip_denoised=True, dtype=jnp.float32,
+                                        lowering=tuning.default_plan()[0]).as_text()
+    assert hlo.count("convolution(") >= len(decoder_lib.decode_conv_shapes(dec.config, latents.shape)) > 0
+    got = np.asarray(cmjax.decode(dec, latents, noise=noise))
+    np.testing.assert_allclose(got, reference_decode(vae, latents, noise, (1008, 512)), atol=ATOL, rtol=0)
+    assert list(cache.iterdir()) == []
+
+
+def test_decode_with_a_tuned_plan_matches_diffusers(peer, tmp_path, monkeypatch):
+    """A plan made by ``tuning.tune`` (here from timings that make every conv pick another lowering:
+    Winograd, im2col, im2row, subpixel) is what a later default decode reads, and decodes to diffusers' image."""
+    vae, _, dec = peer
+    monkeypatch.delenv(tuning.OVERRIDE_ENV, raising=False)
+    monkeypatch.setenv("CMJAX_CACHE", str(tmp_path))
+    rng = np.random.default_rng(9)
+    latents = (rng.normal(size=(2, 3, 2, 4)) * 5).astype(np.float32)
+    noise = [rng.normal(size=(2, 24, 16, 3)).astype(np.float32) for _ in range(2)]
+    shapes = decoder_lib.decode_conv_shapes(dec.config, latents.shape)
+    wins = ["winograd", "im2col", "im2row"]
+
+    def fake_measure(shape, names):  # the i-th shape's winner: cycling through the lowerings
+        best = (f"subpixel+{wins[shapes.index(shape) % 3 - 1]}" if shape.upsample
+                else wins[shapes.index(shape) % 3])
+        return {name: 0.5 if name == best else 1.0 for name in names}
+
+    plan = tuning.tune(shapes, measure_fn=fake_measure)
+    assert {plan.name(s) for s in shapes} >= {"winograd", "im2col", "im2row", "subpixel+im2row"}
+    assert all(plan.name(s) != "xla" for s in shapes) and tuning.default_plan()[0] == plan
+    print(plan)
+    hlo = decoder_lib._decode_jit.lower(dec.params, jnp.asarray(latents), jnp.stack(noise), config=dec.config,
+                                        timesteps=(1008, 512), clip_denoised=True, dtype=jnp.float32,
+                                        lowering=plan).as_text()
+    assert "convolution(" not in hlo  # every conv is the tuned lowering
+    ref = reference_decode(vae, latents, noise, (1008, 512), clip_denoised=True)
+    np.testing.assert_allclose(np.asarray(cmjax.decode(dec, latents, noise=noise)), ref, atol=ATOL, rtol=0)
 
 
 def _convs(raw, ready):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cmjax.decoding import schedule, tiling
+from cmjax.models.conv_lowering import XLA, LoweringPlan
 
 DTYPES = ("bf16", "fp32")  # what --dtype offers; layers.compute_dtype maps the name
 LAYOUTS = ("nchw", "nhwc")
@@ -54,6 +55,11 @@ class DecodeOptions:
                                 "labelled, and PSNRs (default off)", action="store_true")
     progress: bool = flag(True, "no progress bar (default: a bar on stderr)", flag="--no-progress",
                           action="store_false")
+    tune: bool = flag(False, "first measure which conv lowering is fastest for this run's shapes on this CPU "
+                             "(30-170 s once for the full-size decoder, cached; later runs use it without the "
+                             "flag) (default off: the cached measurements, XLA's convolution for the rest)",
+                      action="store_true")
+    lowering: LoweringPlan = XLA  # how each conv is computed (cmjax.tuning.default_plan; not a flag)
 
     def __post_init__(self):
         if self.output is not None:

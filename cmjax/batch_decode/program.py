@@ -29,9 +29,10 @@ from cmjax import parallel
 from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding import tiling
 from cmjax.decoding.decoder import decode_latents
-from cmjax.models.decoder_config import DecoderConfig
+from cmjax.models.decoder_config import DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
-from cmjax.models.layers import compute_dtype
+from cmjax.models.conv_lowering import XLA, ConvShape, LoweringPlan
+from cmjax.models.layers import compute_dtype, conv_shapes
 
 def identity_key_data(identity: str | bytes) -> np.ndarray:
     """(2,) uint32: the first 8 bytes of sha256(identity), stable across runs, hosts and Pythons.
@@ -62,12 +63,12 @@ def noise_for(seed: int, identity: str | bytes, steps: int, shape: tuple[int, in
 
 
 def _decode_rows(params, latents, key_data, *, config: DecoderConfig, seed: int, timesteps: tuple[int, ...],
-                 clip_denoised: bool, dtype, tile: int | None, overlap: int | None):
+                 clip_denoised: bool, dtype, tile: int | None, overlap: int | None, lowering: LoweringPlan = XLA):
     """latents (B, h, w, C), key_data (B, 2) -> images (B, 8h, 8w, 3) float32."""
     f = config.upsample_factor
     shape = (latents.shape[1] * f, latents.shape[2] * f)
     noise = functools.partial(item_noise, seed, key_data, shape=shape)
-    kw = dict(config=config, timesteps=timesteps, clip_denoised=clip_denoised, dtype=dtype)
+    kw = dict(config=config, timesteps=timesteps, clip_denoised=clip_denoised, dtype=dtype, lowering=lowering)
     if tile is not None and tile < max(latents.shape[1:3]):
         return tiling.decode_latents_tiled(params, latents, noise, tile=tile, overlap=overlap, **kw)
     return decode_latents(params, latents, noise, **kw)
@@ -97,18 +98,30 @@ def _sharded(rows_fn: Callable, mesh) -> Callable:
     return jax.jit(jax.shard_map(rows_fn, mesh=mesh, in_specs=(P(), data, data), out_specs=data))
 
 
-def _rows_decoder(config: DecoderConfig, options: DecodeOptions) -> Callable:
+def _rows_decoder(config: DecoderConfig, options: DecodeOptions, lowering: LoweringPlan | None = None) -> Callable:
     """(params, latents (m, h, w, C), key_data (m, 2)) -> images, as ``options`` ask (seed,
-    timesteps, clip, dtype, tiles)."""
+    timesteps, clip, dtype, tiles, conv lowering plan; ``lowering`` overrides the plan)."""
     return functools.partial(_decode_rows, config=config, seed=options.seed, timesteps=options.timesteps,
                              clip_denoised=options.clip_denoised, dtype=compute_dtype(options.dtype),
-                             tile=options.tile, overlap=options.overlap)
+                             tile=options.tile, overlap=options.overlap,
+                             lowering=options.lowering if lowering is None else lowering)
 
 
 def make_decode_fn(config: DecoderConfig, mesh, options: DecodeOptions) -> Callable:
     """The jitted (params, latents (B, h, w, C), key_data (B, 2)) -> images (B, 8h, 8w, 3), batch
     sharded over ``mesh``'s data axis; B a multiple of devices x ``options.micro_batch``."""
     return _sharded(_in_micro_batches(_rows_decoder(config, options), options.micro_batch), mesh)
+
+
+def program_conv_shapes(config: DecoderConfig, latent_hw: tuple[int, int], options: DecodeOptions
+                        ) -> tuple[ConvShape, ...]:
+    """The conv shapes each device's decode runs for h x w latents (``options.micro_batch`` at a time,
+    tiled as asked): what ``cmjax.tuning.tune`` measures. An abstract trace: nothing is allocated,
+    whatever the size."""
+    fn = _rows_decoder(config, options, lowering=XLA)
+    latents = jax.ShapeDtypeStruct((options.micro_batch, *latent_hw, config.latent_channels), jnp.float32)
+    return conv_shapes(fn, abstract_params(config), latents,
+                       jax.ShapeDtypeStruct((options.micro_batch, 2), jnp.uint32))
 
 
 def make_images_fn(decoder, vae, mesh, options: DecodeOptions) -> Callable:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cmjax import parallel
+from cmjax import parallel, tuning
 from cmjax.batch_decode import inputs, outputs, program
 from cmjax.batch_decode.inputs import Item
 from cmjax.batch_decode.options import DecodeOptions
@@ -209,6 +209,8 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
     unit = mesh.size * options.micro_batch
     global_batch = -(-max(options.batch_size, 1) // unit) * unit
     batches = plan_batches(items, global_batch, parallel.process_rows(mesh, global_batch))
+    if options.tune:
+        options = _tuned(options, batches, decoder.config, lead)
     params, step = _program(decoder, vae, mesh, options)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
     programs = _Programs(step, params, mesh, options, decoder.config.latent_channels, note)
@@ -249,6 +251,15 @@ def _drop_finished(items: list[Item], options: DecodeOptions) -> tuple[list[Item
     done = np.array([all(p.exists() for p in options.output_paths(i)) for i in items], np.int32)
     done = _host_sum(done) > 0
     return [i for i, d in zip(items, done) if not d], int(done.sum())
+
+
+def _tuned(options: DecodeOptions, batches: Sequence[_Batch], config: DecoderConfig, lead: bool) -> DecodeOptions:
+    """--tune: ``options`` with the lowering plan measured for this run's conv shapes (cmjax.tuning)."""
+    f = config.upsample_factor if options.images else 1  # the latent sizes of the shapes (pixels / f with --images)
+    shapes = [s for h, w in sorted({b.shape for b in batches})
+              for s in program.program_conv_shapes(config, (h // f, w // f), options)]
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if lead else (lambda m: None)
+    return dataclasses.replace(options, lowering=tuning.tune(shapes, report=say))
 
 
 def _program(decoder, vae, mesh, options: DecodeOptions) -> tuple[Any, Callable]:

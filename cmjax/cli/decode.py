@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from cmjax import parallel
+from cmjax import parallel, tuning
 from cmjax.batch_decode import inputs, outputs
 from cmjax.batch_decode.options import DecodeOptions, flag_fields
 from cmjax.batch_decode.run import run
@@ -109,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if vae.config.latent_channels != decoder.config.latent_channels:
                 raise ValueError(f"--vae {args.vae or DEFAULT_VAE}: its encoder makes {vae.config.latent_channels}-channel "
                                  f"latents, and the decoder {args.checkpoint} reads {decoder.config.latent_channels}")
+        lowering, why = tuning.default_plan()
+        options = dataclasses.replace(options, lowering=lowering)
         problem = outputs.check_writable(options.output)
         if problem is not None:
             raise ValueError(f"--output {inputs.display(options.output)}: cannot write there: {problem}")
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead:
         print(f"{jax.device_count()} device(s) on {jax.process_count()} host(s); timesteps "
               f"{options.timesteps}; {options.dtype}", file=sys.stderr)
+        if not options.tune:
+            print(why, file=sys.stderr)
     summary = run(decoder, args.inputs, options, mesh=mesh, vae=vae)
     if lead:
         if summary.psnr:

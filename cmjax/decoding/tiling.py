@@ -30,6 +30,7 @@ import numpy as np
 
 from cmjax.decoding import schedule
 from cmjax.decoding.decoder import decode_latents, denoise
+from cmjax.models.conv_lowering import XLA, LoweringPlan
 from cmjax.models.decoder_config import DecoderConfig
 
 
@@ -87,8 +88,8 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[tuple[int, ...],
     return tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
 
 
-def tiled_denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t, config: DecoderConfig, dtype=jnp.float32, *,
-                  tile: int, overlap: int) -> jax.Array:
+def tiled_denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t, config: DecoderConfig, dtype=jnp.float32,
+                  lowering: LoweringPlan = XLA, *, tile: int, overlap: int) -> jax.Array:
     """``decoder.denoise`` computed over overlapping tiles of ``tile x tile`` latents and blended.
 
     x_t (B, H, W, 3), z_up (B, H, W, C) normalised upsampled latents, H = 8h. Returns x0 (B, H, W, 3):
@@ -110,7 +111,7 @@ def tiled_denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t, config: Decod
         start = (0, g[0] * f, g[1] * f, 0)
         x_tile = jax.lax.dynamic_slice(x_t, start, (b, th * f, tw * f, x_t.shape[-1]))
         z_tile = jax.lax.dynamic_slice(z_up, start, (b, th * f, tw * f, z_up.shape[-1]))
-        out = denoise(params, x_tile, z_tile, t, config, dtype)
+        out = denoise(params, x_tile, z_tile, t, config, dtype, lowering)
         weight = (wy[g[2]][:, None] * wx[g[3]][None, :])[None, :, :, None]
         blended = jax.lax.dynamic_slice(acc, start, out.shape) + weight * out
         return jax.lax.dynamic_update_slice(acc, blended, start), None
@@ -121,7 +122,7 @@ def tiled_denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t, config: Decod
 
 def decode_latents_tiled(params: Any, latents: jax.Array, noise, *, config: DecoderConfig,
                          tile: int, overlap: int, timesteps: Sequence[int] = schedule.DEFAULT_TIMESTEPS,
-                         clip_denoised: bool = True, dtype=jnp.float32) -> jax.Array:
+                         clip_denoised: bool = True, dtype=jnp.float32, lowering: LoweringPlan = XLA) -> jax.Array:
     """``decode_latents`` computed over overlapping latent tiles; pure and jittable (all args but arrays static).
 
     latents: (B, h, w, C) raw SD latents; noise: (len(timesteps), B, 8h, 8w, 3) — the full-image
@@ -135,5 +136,5 @@ def decode_latents_tiled(params: Any, latents: jax.Array, noise, *, config: Deco
     rows, cols = tile_grid(latents.shape[1], latents.shape[2], tile, overlap)
     tiled = None if len(rows) == len(cols) == 1 else functools.partial(tiled_denoise, tile=tile, overlap=overlap)
     return decode_latents(params, latents, noise, config=config, timesteps=timesteps, clip_denoised=clip_denoised,
-                          dtype=dtype, denoise_fn=tiled)
+                          dtype=dtype, denoise_fn=tiled, lowering=lowering)
 

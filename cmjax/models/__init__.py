@@ -1,6 +1,8 @@
 """Flax modules and nothing else: no file I/O, no downloads. Each is a pure function of a params pytree.
 
-    layers.py        GroupNorm (fp32 statistics), conv (lax.conv, or im2col on CPU), dense,
+    conv_lowering.py the conv lowerings (XLA's, im2col, im2row, Winograd, subpixel), pure jnp, and the
+                     LoweringPlan (conv shape -> lowering) a network is given (measured by cmjax.tuning)
+    layers.py        GroupNorm (fp32 statistics), conv (lowered as its plan says), dense,
                      ResnetBlock (scale-shift time conditioning, down/up resampling), attention
        |
        +-> decoder_unet.py  ConsistencyUNet: the consistency decoder's network (diffusers UNet2DModel names)

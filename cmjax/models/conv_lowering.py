@@ -1,4 +1,4 @@
-"""How a stride-1 2-D convolution is lowered, chosen per shape by measuring, cached on disk.
+"""How a stride-1 2-D convolution is lowered: the lowerings (pure jnp math) and the plan that picks one per shape.
 
 Lowerings (all NHWC input, HWIO kernel, padding k//2 on each side, same result up to fp rounding;
 the output has the input's size for odd k, one more row and column for even k):
@@ -17,59 +17,23 @@ kernel once, outside its loop over steps (``cmjax.models.layers.with_prepared_ke
 layers) at the low resolution, as one 2x2 conv with 4x the output channels: 16/36 of the
 multiplies and no upsampled copy of the input.
 
-Which is fastest depends on the shape and on the machine: on CPU, XLA's convolution is slow on
-tiny images with many channels, where a single large matmul wins; how large "tiny" is differs
-from one CPU model to the next (github issue 14 of this project: a threshold tuned on one AVX2
-machine was 1.2x off on an AVX-512 one). So ``choose_lowering`` times the candidates once per
-(shape, dtype, backend, device/CPU model, jax version), keeps the answer in a JSON file, and
-reads it at trace time afterwards. A lowering is charged its conv's time plus its kernel
-preparation's / ``EVALS_PER_PREPARE``.
-
-    CMJAX_CONV_LOWERING   "xla" | "im2col" | "im2row" | "winograd": force one lowering everywhere;
-                          "measure" (the default): the cached choice, measured on a cache miss
-    CMJAX_CACHE           cache root (default ~/.cache/cmjax); the file is conv_lowering.json
-
-"xla" stays the answer unless another lowering measured at least ``MARGIN`` faster, so GPU and
-TPU keep ``lax.conv`` unless it is clearly beaten. A cache file that cannot be read or parsed is
-treated as empty (and rewritten on the next store); writes go to a temporary file and are renamed
-into place, merged with what another process may have stored meanwhile.
-
-Caveats: the timing is of the forward convolution alone (a training step's backward pass is not
-measured). Processes of one multi-host program must trace the same program, so with more than one
-process nothing is measured: "xla" is used unless CMJAX_CONV_LOWERING names a lowering (the same
-on every host).
+Which is fastest depends on the shape and on the machine (on CPU, XLA's convolution is slow on
+tiny images with many channels, where one large matmul wins). A ``LoweringPlan`` says which one
+each conv shape uses: a static, printable value that the networks take as an argument, XLA's
+convolution for every shape it does not name. Nothing here measures, caches or reads the
+environment: ``cmjax.tuning`` times the candidates on this machine and makes the plan.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
-import platform
-import tempfile
-import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from cmjax.cache import cache_dir
 
 LOWERINGS = ("xla", "im2col", "im2row", "winograd")
 SUBPIXEL = "subpixel"  # prefix of the upsampling convs' low-resolution variants (see ``candidates``)
 DEFAULT = "xla"
-MEASURE = "measure"
-OVERRIDE_ENV = "CMJAX_CONV_LOWERING"
-CACHE_NAME = "conv_lowering.json"
-MARGIN = 0.95  # another lowering replaces "xla" only when it takes < MARGIN of xla's time
-REPEATS = 5  # timed calls per lowering (interleaved); the minimum is kept, robust to a busy machine
-PRUNE = 2.0  # after each round, lowerings slower than PRUNE x the best so far are not timed again
-# A decode prepares each kernel once for all its network evaluations (two in the default 2-step
-# decode; ``layers.with_prepared_kernels``), so a lowering is charged its preparation / 2.
-EVALS_PER_PREPARE = 2
-CACHE_VERSION = 2  # entries of an older version are measured again (1 timed Winograd transforming its kernel per call)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -239,86 +203,6 @@ class ConvShape:
                 f" k{self.kernel} {self.dtype}" + (" up2" if self.upsample else ""))
 
 
-@functools.lru_cache(maxsize=None)  # read once per process, not once per traced convolution
-def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name with its family/model/stepping and "+avx512" if it has it (``/proc/cpuinfo``).
-
-    The numbers matter: a virtual machine may report only "AMD EPYC", a name shared by five
-    generations with different vector units. Without a model name (Arm, no /proc)
-    ``platform.processor()`` or the machine type stands in.
-    """
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo, errors="replace") as f:  # a stray byte must not stop a decode
-            for line in f:
-                field, _, value = line.partition(":")
-                fields.setdefault(field.strip(), value.strip())
-                if not line.strip():
-                    break  # the first processor's block is enough
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
-           if k in fields]  # x86; Arm (no model name there) has implementer and part
-    if ids:
-        name += f" ({', '.join(ids).replace('cpu family', 'family')})"
-    return name + (" +avx512" if "avx512f" in fields.get("flags", "").split() else "")
-
-
-def machine_key() -> str:
-    """What a measurement is valid for: backend, device (CPU model on CPU), jax version."""
-    device = jax.devices()[0]
-    kind = cpu_model() if device.platform == "cpu" else device.device_kind
-    return f"{device.platform} | {kind} | jax {jax.__version__}"
-
-
-def cache_path() -> Path:
-    return cache_dir() / CACHE_NAME
-
-
-def read_cache(path: Path) -> dict:
-    """{machine key: {shape key: {"choice": name, "seconds": {name: s}}}}; {} if missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
-
-
-def write_cache(path: Path, machine: str, shape_key: str, entry: dict) -> None:
-    """Add one entry, merged with the file's current contents; temp file + rename, never a partial file."""
-    data = read_cache(path)
-    data.setdefault(machine, {})[shape_key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache only costs a re-measurement next time
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
-
-
-def time_calls(calls: dict[str, Callable[[], object]], timer: Callable[[], float] = time.perf_counter,
-               repeats: int = REPEATS) -> dict[str, float]:
-    """Min seconds per call of each zero-argument call, timed in interleaved rounds.
-
-    After each round, calls slower than PRUNE x the best so far are dropped (they cannot win).
-    """
-    best = {name: float("inf") for name in calls}
-    active = list(calls)
-    for _ in range(repeats):
-        for name in active:
-            start = timer()
-            calls[name]()
-            best[name] = min(best[name], timer() - start)
-        active = [name for name in active if best[name] <= PRUNE * min(best.values())]
-    return best
-
-
 def applicable(shape: ConvShape) -> tuple[str, ...]:
     """The lowerings that can run ``shape``'s k x k conv: Winograd's F(2x2, 3x3) only for 3x3 float32
     (in bf16/fp16 its transforms' extra roundings would cost accuracy that a direct conv keeps)."""
@@ -345,70 +229,52 @@ def candidates(shape: ConvShape) -> dict[str, Lowering]:
     return ways
 
 
-def measure(shape: ConvShape, timer: Callable[[], float] = time.perf_counter,
-            repeats: int = REPEATS) -> dict[str, float]:
-    """Seconds per network evaluation of each of ``candidates(shape)`` on random data: the conv on its
-    prepared kernel (see ``time_calls``) plus the kernel's preparation / ``EVALS_PER_PREPARE``."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(shape.batch, shape.height, shape.width, shape.in_channels)).astype(np.float32)
-    kernel = rng.normal(size=(shape.kernel,) * 2 + (shape.in_channels, shape.out_channels)).astype(np.float32)
-    ways = candidates(shape)
-    # Inside a jit trace (where Conv calls this) the arrays and calls must run now, not be staged.
-    with jax.ensure_compile_time_eval():
-        x, kernel = jnp.asarray(x, shape.dtype), jnp.asarray(kernel, shape.dtype)
-        prepares = {name: jax.jit(way.prepare) for name, way in ways.items() if way.form}
-        prepared = {name: jax.block_until_ready(prepares[name](kernel)) if name in prepares else kernel
-                    for name in ways}  # compile + warm up
-        runs = {name: jax.jit(way.run) for name, way in ways.items()}
-        for name, run in runs.items():
-            jax.block_until_ready(run(x, prepared[name]))  # compile + warm up
-        seconds = time_calls({name: lambda name=name: jax.block_until_ready(runs[name](x, prepared[name]))
-                              for name in runs}, timer, repeats)
-        prepare_seconds = time_calls({name: lambda fn=fn: jax.block_until_ready(fn(kernel))
-                                      for name, fn in prepares.items()}, timer, repeats=2)
-    return {name: s + prepare_seconds.get(name, 0.0) / EVALS_PER_PREPARE for name, s in seconds.items()}
 
+@dataclasses.dataclass(frozen=True)
+class LoweringPlan:
+    """Which lowering each convolution uses: a static, hashable value passed to the network.
 
-def pick(seconds: dict[str, float]) -> str:
-    """The fastest lowering, but "xla" unless the fastest beats it by the margin."""
-    fastest = min(seconds, key=seconds.get)
-    if DEFAULT in seconds and seconds[fastest] >= MARGIN * seconds[DEFAULT]:
-        return DEFAULT
-    return fastest
-
-
-def choose_lowering(shape: ConvShape, override: str | None = None, path: Path | None = None,
-                    measure_fn: Callable[[ConvShape], dict[str, float]] = measure) -> str:
-    """The name in ``candidates(shape)`` to use: ``override``, else $CMJAX_CONV_LOWERING, else cached/measured.
-
-    A forced lowering that cannot run the shape (Winograd on a bf16 or 5x5 conv) gives "xla"; for
-    an upsampling conv it means that lowering on the upsampled input (no subpixel variant), which
-    only ``override`` can name.
+    ``choices``: (``ConvShape.key()``, name from ``candidates``) pairs, sorted; ``default``: a name
+    in ``LOWERINGS`` for every conv the plan does not name. A name that cannot run a shape (Winograd
+    on a bf16 or 5x5 conv) gives "xla"; a default lowering on an upsampling conv runs on the
+    upsampled input (only a named choice picks a subpixel variant). 1x1 convs are plain matmuls.
+    ``LoweringPlan()`` is XLA's convolution everywhere. ``str(plan)`` prints it, one conv a line.
     """
-    mode = override or os.environ.get(OVERRIDE_ENV) or MEASURE
-    if mode in LOWERINGS:
-        return mode if mode in applicable(shape) else DEFAULT
-    if override and override in candidates(shape):  # one conv's own choice, e.g. "subpixel+im2col"
-        return override
-    if mode != MEASURE:
-        raise ValueError(f"{'lowering' if override else OVERRIDE_ENV}={mode!r}: expected one of "
-                         f"{', '.join(LOWERINGS + (MEASURE,))}")
-    if shape.kernel == 1:
-        return DEFAULT  # a 1x1 convolution is a plain matmul under every lowering
-    if jax.process_count() > 1:
-        # Hosts measuring on their own (or reading their own caches) could trace different programs
-        # and then hang in the first collective; a multi-host run gets XLA's convolution everywhere
-        # unless CMJAX_CONV_LOWERING names one lowering for all hosts.
-        return DEFAULT
-    path = path or cache_path()
-    machine, key = machine_key(), shape.key()
-    entry = read_cache(path).get(machine, {}).get(key)
-    names = candidates(shape)
-    # an entry measured before a candidate was added, or by another version, is measured again
-    if (isinstance(entry, dict) and entry.get("version") == CACHE_VERSION and entry.get("choice") in names
-            and isinstance(entry.get("seconds"), dict) and set(names) <= set(entry["seconds"])):
-        return entry["choice"]
-    seconds = measure_fn(shape)
-    choice = pick(seconds)
-    write_cache(path, machine, key, {"choice": choice, "seconds": seconds, "version": CACHE_VERSION})
-    return choice
+
+    choices: tuple[tuple[str, str], ...] = ()
+    default: str = DEFAULT
+
+    def __post_init__(self):
+        choices = self.choices.items() if isinstance(self.choices, dict) else self.choices
+        object.__setattr__(self, "choices", tuple(sorted((str(k), str(v)) for k, v in choices)))
+        if self.default not in LOWERINGS:
+            raise ValueError(f"lowering plan: default {self.default!r} is not one of {', '.join(LOWERINGS)}")
+        known = set(LOWERINGS) | {f"{SUBPIXEL}+{name}" for name in LOWERINGS}
+        bad = [f"{key}: {name!r}" for key, name in self.choices if name not in known]
+        if bad:
+            raise ValueError(f"lowering plan: unknown lowering for {', '.join(bad)[:200]}")
+
+    def name(self, shape: ConvShape) -> str:
+        """The name in ``candidates(shape)`` this plan uses for ``shape``."""
+        ways = candidates(shape)
+        chosen = dict(self.choices).get(shape.key())
+        if chosen in ways:
+            return chosen
+        return self.default if self.default in ways else DEFAULT
+
+    def way(self, shape: ConvShape) -> Lowering:
+        return candidates(shape)[self.name(shape)]
+
+    @property
+    def prepares(self) -> bool:
+        """Whether any conv of this plan reads a prepared kernel (Winograd's, a subpixel phase kernel)."""
+        names = {self.default} | {name for _, name in self.choices}
+        return any(name == "winograd" or name.startswith(SUBPIXEL) for name in names)
+
+    def __str__(self) -> str:
+        lines = [f"conv lowering plan: {self.default} unless named ({len(self.choices)} named)"]
+        lines += [f"  {key:40s} {name}" for key, name in self.choices]
+        return "\n".join(lines)
+
+
+XLA = LoweringPlan()  # XLA's convolution for every conv: the default wherever nothing was measured

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax.consistency import SIGMA_DATA
+from cmjax.models.conv_lowering import XLA, LoweringPlan
 from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
@@ -189,7 +190,7 @@ class DecoderConfig:
 class Decoder:
     """A consistency decoder: its config and its params pytree (``{"params": ...}``-free, plain dict).
 
-    ``prepared`` holds, for the last latent shape and dtype decoded, the params plus the kernels
+    ``prepared`` holds, for the last latent shape, dtype and lowering plan decoded, the params plus the kernels
     their conv lowerings prepare (:func:`cmjax.decoding.decoder.prepared_params`; on CPU, Winograd's
     transformed kernels, up to 16/9 the size of the convs that use them), so that repeated decodes
     of one shape prepare them once; ``release_prepared()`` frees them. Replace params with
@@ -200,15 +201,16 @@ class Decoder:
     params: Any
     prepared: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def network(self, dtype=jnp.float32) -> ConsistencyUNet:
-        return make_network(self.config, dtype)
+    def network(self, dtype=jnp.float32, lowering: LoweringPlan = XLA) -> ConsistencyUNet:
+        return make_network(self.config, dtype, lowering=lowering)
 
     def release_prepared(self) -> None:
         self.prepared.clear()
 
 
-def make_network(config: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> ConsistencyUNet:
-    return ConsistencyUNet(config.unet, dtype=dtype, param_dtype=param_dtype)
+def make_network(config: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32,
+                 lowering: LoweringPlan = XLA) -> ConsistencyUNet:
+    return ConsistencyUNet(config.unet, dtype=dtype, param_dtype=param_dtype, lowering=lowering)
 
 
 def init_params(config: DecoderConfig, key: jax.Array, param_dtype=jnp.float32) -> Any:

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cmjax.models.conv_lowering import XLA, LoweringPlan
 from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense
 
 Dtype = Any
@@ -57,18 +58,21 @@ class UNetConfig:
 class ConsistencyUNet(nn.Module):
     """F(x, t): x (B, H, W, in_channels), t int (B,) in [0, num_train_timesteps) -> (B, H, W, out_channels).
 
-    H and W must be multiples of ``config.downsample_factor``.
+    H and W must be multiples of ``config.downsample_factor``. ``lowering``: how each conv is
+    computed (``cmjax.models.conv_lowering.LoweringPlan``; default XLA's convolution).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lowering: LoweringPlan = XLA
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block = dict(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, time_scale_shift=True, **kw)
+        block = dict(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, time_scale_shift=True,
+                     lowering=self.lowering, **kw)
         levels = len(cfg.block_out_channels)
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
@@ -76,7 +80,7 @@ class ConsistencyUNet(nn.Module):
                         dtype=jnp.float32, param_dtype=self.param_dtype)(t)
         temb = TimestepEmbedding(cfg.temb_dim, name="time_embedding", **kw)(temb)
 
-        h = conv(cfg.block_out_channels[0], 3, "conv_in", **kw)(x.astype(self.dtype))
+        h = conv(cfg.block_out_channels[0], 3, "conv_in", lowering=self.lowering, **kw)(x.astype(self.dtype))
         skips = [h]
         for i, ch in enumerate(cfg.block_out_channels):
             for j in range(cfg.layers_per_block):
@@ -97,7 +101,7 @@ class ConsistencyUNet(nn.Module):
                 h = ResnetBlock(ch, resample="up", name=f"up_blocks.{i}.upsamplers.0", **block)(h, temb)
 
         h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
-        h = conv(cfg.out_channels, 3, "conv_out", **kw)(nn.silu(h))
+        h = conv(cfg.out_channels, 3, "conv_out", lowering=self.lowering, **kw)(nn.silu(h))
         return h
 
 

@@ -8,14 +8,13 @@ statistics are always computed in float32 so that bf16 compute stays close to fp
 """
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models.conv_lowering import ConvShape, Lowering, candidates, choose_lowering, upsample_nearest
+from cmjax.models.conv_lowering import XLA, ConvShape, Lowering, LoweringPlan, upsample_nearest
 
 Dtype = Any
 
@@ -65,18 +64,16 @@ class Conv(nn.Module):
     """2-D convolution, NHWC, stride 1, torch's padding (k//2 each side). Params: ``kernel`` HWIO, ``bias``.
 
     ``upsample``: convolve the input upsampled 2x (nearest), (B, H, W, C) -> (B, 2H, 2W, features),
-    as diffusers' upsampling layers do; computed at the low resolution where that measures faster.
-    ``lowering``: a name from ``conv_lowering.candidates`` ("xla", "im2col", "im2row", "winograd",
-    "subpixel+xla", ...) forces one; None uses $CMJAX_CONV_LOWERING, else the way measured fastest
-    for this shape on this machine (cached on disk, measured once at trace time on a miss).
-    A lowering that prepares its kernel (Winograd, subpixel) uses the params leaf ``kernel:<form>``
-    when there is one (``with_prepared_kernels``), else prepares ``kernel`` here.
+    as diffusers' upsampling layers do (computed at the low resolution where the plan says subpixel).
+    ``lowering``: the ``LoweringPlan`` that names this conv's lowering by its shape (default XLA's
+    convolution). A lowering that prepares its kernel (Winograd, subpixel) reads the params leaf
+    ``kernel:<form>`` when there is one (``with_prepared_kernels``), else prepares ``kernel`` here.
     """
 
     features: int
     kernel_size: int = 3
     upsample: bool = False
-    lowering: str | None = None
+    lowering: LoweringPlan = XLA
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -90,12 +87,16 @@ class Conv(nn.Module):
         if k == 1:
             y = jnp.einsum("bhwc,co->bhwo", upsample_nearest(x) if self.upsample else x, kernel[0, 0])
         else:
-            # init only needs shapes: it never measures (eval_shape of an init traces every conv)
-            lowering = self.lowering or ("xla" if self.is_initializing() else None)
-            shape = ConvShape(*x.shape, self.features, k, jnp.dtype(self.dtype).name, upsample=self.upsample)
-            way = candidates(shape)[choose_lowering(shape, lowering)]
+            way = self.way(x.shape)
             y = way.run(x, self.prepared(way, kernel))
         return y + bias.astype(self.dtype)
+
+    def shape(self, x_shape: tuple[int, ...]) -> ConvShape:
+        """This conv's ``ConvShape`` for an input of ``x_shape`` (B, H, W, C)."""
+        return ConvShape(*x_shape, self.features, self.kernel_size, jnp.dtype(self.dtype).name, upsample=self.upsample)
+
+    def way(self, x_shape: tuple[int, ...]) -> Lowering:
+        return self.lowering.way(self.shape(x_shape))
 
     def prepared(self, way: Lowering, kernel: jax.Array) -> Any:
         """``way.prepare(kernel)``, read from the params leaf ``kernel:<form>`` if there is one."""
@@ -104,30 +105,46 @@ class Conv(nn.Module):
         leaf = f"kernel:{way.form}"
         if self.has_variable("params", leaf):
             return self.get_variable("params", leaf)
-        uses = _PREPARING.get()
-        if uses is not None:  # with_prepared_kernels is asking which prepared kernels this network reads
-            uses[self.scope.path + (leaf,)] = (way.prepare, self.dtype)
         return way.prepare(kernel)
 
 
-# Set while ``with_prepared_kernels`` traces a network: {(module path..., leaf): (prepare, compute dtype)}.
-_PREPARING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cmjax_preparing", default=None)
+def _each_conv(apply_fn: Callable[..., Any], visit: Callable[[Conv, tuple[int, ...]], None], *args) -> None:
+    """Trace ``apply_fn(*args)`` abstractly (``jax.eval_shape``: nothing runs or is allocated) and call
+    ``visit(conv module, input shape)`` for each k x k conv (k > 1) it applies, in order."""
+    def interceptor(next_fun, call_args, kwargs, context):
+        if isinstance(context.module, Conv) and context.method_name == "__call__" and context.module.kernel_size > 1:
+            visit(context.module, tuple(call_args[0].shape))
+        return next_fun(*call_args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(apply_fn, *args)
+
+
+def conv_shapes(apply_fn: Callable[..., Any], *args) -> tuple[ConvShape, ...]:
+    """The distinct ``ConvShape`` of every k x k conv (k > 1) that ``apply_fn(*args)`` applies, in first-use
+    order; traced abstractly (arguments may be ``jax.ShapeDtypeStruct``). What a plan is made for."""
+    shapes: dict[ConvShape, None] = {}
+    _each_conv(apply_fn, lambda module, x_shape: shapes.setdefault(module.shape(x_shape)), *args)
+    return tuple(shapes)
 
 
 def prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> dict[tuple[str, ...], Any]:
     """{(module path..., "kernel:<form>"): prepared kernel} for each conv of ``apply_fn(params)``
-    whose lowering prepares its kernel (Winograd's transform, the subpixel phase kernel).
+    whose lowering (by the plan the network was given) prepares its kernel (Winograd's transform,
+    the subpixel phase kernel).
 
-    ``apply_fn`` is traced abstractly (``jax.eval_shape``: nothing runs) to see which lowering each
-    conv takes at its real input shape; the preparations themselves are traced here (run it under
-    ``jit``). ``with_prepared_kernels`` adds them to the params.
+    ``apply_fn`` is traced abstractly to see which lowering each conv takes at its real input
+    shape; the preparations themselves are traced here (run it under ``jit``).
+    ``with_prepared_kernels`` adds them to the params.
     """
     uses: dict = {}
-    token = _PREPARING.set(uses)
-    try:
-        jax.eval_shape(apply_fn, params)
-    finally:
-        _PREPARING.reset(token)
+
+    def visit(module: Conv, x_shape: tuple[int, ...]) -> None:
+        way = module.way(x_shape)
+        if way.form:
+            uses[module.scope.path + (f"kernel:{way.form}",)] = (way.prepare, module.dtype)
+
+    _each_conv(apply_fn, visit, params)
     leaves = {}
     for (*module, leaf), (prepare, dtype) in uses.items():
         node = params
@@ -163,10 +180,12 @@ def with_prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> Any:
     return add_leaves(params, prepared_kernels(params, apply_fn))
 
 
-def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, upsample: bool = False) -> Conv:
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, upsample: bool = False,
+         lowering: LoweringPlan = XLA) -> Conv:
     """A stride-1 convolution with torch's default padding for odd kernels (of the 2x-upsampled input
-    if ``upsample``)."""
-    return Conv(features, kernel, upsample=upsample, name=name, dtype=dtype, param_dtype=param_dtype)
+    if ``upsample``), lowered as ``lowering`` says."""
+    return Conv(features, kernel, upsample=upsample, lowering=lowering, name=name, dtype=dtype,
+                param_dtype=param_dtype)
 
 
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
@@ -188,7 +207,8 @@ class ResnetBlock(nn.Module):
     temb: scale_shift -> norm2(h) * (1 + scale) + shift; default -> norm2(h + temb); None -> norm2(h)
     h = conv2(dropout(silu(h))); out = shortcut(x) + h, shortcut a 1x1 conv iff C_in != C_out.
 
-    x: (B, H, W, C_in); temb: (B, T) or None. Returns (B, H', W', out_channels).
+    x: (B, H, W, C_in); temb: (B, T) or None. Returns (B, H', W', out_channels). ``lowering``: the
+    convs' ``LoweringPlan``.
     """
 
     out_channels: int
@@ -199,6 +219,7 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lowering: LoweringPlan = XLA
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -209,7 +230,7 @@ class ResnetBlock(nn.Module):
             x, h = avg_pool_2x2(x), avg_pool_2x2(h)
         elif self.resample == "up":
             x = upsample_nearest(x)  # h is upsampled by conv1, which may do so at the low resolution
-        h = conv(self.out_channels, 3, "conv1", upsample=self.resample == "up", **kw)(h)
+        h = conv(self.out_channels, 3, "conv1", upsample=self.resample == "up", lowering=self.lowering, **kw)(h)
         if temb is not None:
             proj_width = 2 * self.out_channels if self.time_scale_shift else self.out_channels
             t = dense(proj_width, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
@@ -223,7 +244,7 @@ class ResnetBlock(nn.Module):
             h = GroupNorm(self.num_groups, self.epsilon, name="norm2", **kw)(h)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        h = conv(self.out_channels, 3, "conv2", lowering=self.lowering, **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
         return x.astype(self.dtype) + h
