@@ -7,7 +7,6 @@ compiled by one run is reused by the next.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import signal
 import socket
@@ -17,6 +16,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,38 +24,19 @@ from PIL import Image
 import cmjax
 from cmjax import data
 from cmjax.decoding.batch import inputs, program
-from cmjax.cli import decode as decode_cmd
 from cmjax.decoding.batch import run as batch_run
+from cmjax.decoding.decoder import DecoderConfig
+from cmjax.models.unet import UNetConfig
+from tests.decode_runs import REPO, cli_args, run_main
 from tests.random_decoder import random_decoder, random_params
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cmjax.save_decoder(random_decoder(0), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    # im2col: its matmul gives the same bits on 1 and 4 simulated devices; XLA's own CPU convolution
-    # does not at these tiny shapes (the last bit of some pixels differs), and these tests compare bits.
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PLATFORMS="cpu", CMJAX_CONV_LOWERING="im2col")
-    e.pop("XLA_FLAGS", None)
-    return e
-
-
-def cli_args(ckpt: Path, out: Path, *args) -> list[str]:
-    return [sys.executable, str(REPO / "decode.py"), "--checkpoint", str(ckpt), "--output", str(out),
-            "--no-progress", *map(str, args)]
 
 
 def decode_cli(ckpt, out, *args, env, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run(cli_args(ckpt, out, *args), env=e, capture_output=True, text=True, timeout=timeout)
+
+
+MICRO = DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4))
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
@@ -261,12 +242,6 @@ def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
             img.verify()
 
 
-def run_main(capsys, *argv) -> tuple[int, str]:
-    """decode.py's main in this process: (exit status, stderr)."""
-    status = decode_cmd.main([*map(str, argv), "--no-progress"])
-    return status, capsys.readouterr().err
-
-
 def test_usage_errors(ckpt, tmp_path, capsys):
     base = ["--checkpoint", ckpt, "--output", tmp_path / "o", tmp_path]
     assert run_main(capsys, *base, "--compare")[1].endswith("error: --compare needs --images\n")
@@ -330,13 +305,52 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
     summary = batch_run.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
     assert (summary.decoded, summary.failed, summary.programs) == (6, 1, 2)
     assert messages == [f"error: {folder / 'z.npz'}: cannot read: no arrays in this .npz file"]
-    compiling = [line for line in capsys.readouterr().err.splitlines() if line.startswith("compiling")]
+    err = capsys.readouterr().err.splitlines()
+    compiling = [line for line in err if line.startswith("compiling")]
     assert compiling == ["compiling the decoder for 1x1 latents (once per input shape)",
                          "compiling the decoder for 1x2 latents (once per input shape)"]
+    for line in compiling:  # each followed by how long it took (compiled, or loaded from the session's cache)
+        assert re.fullmatch(r"  (compiled|loaded from the compile cache) in \d+\.\d s.*", err[err.index(line) + 1])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "x_000.png", "x_001.png", "x_002.png", "y_000.png", "y_001.png", "z.png"]
     with Image.open(tmp_path / "out" / "y_000.png") as img:
         assert img.size == (8, 8)
+
+
+def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
+    """With Winograd's lowering, the kernel transforms are made once per input shape for the whole
+    run (Decoder.prepared_params), not inside the compiled program, which runs once per batch and
+    loops over micro-batches: three batches of one shape, each conv's kernel transformed once."""
+    from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
+
+    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
+    calls, compiling = [], []
+
+    def counting_prepare(kernel):
+        calls.append(bool(compiling))  # True: prepared while the decode program was traced
+        return winograd_kernel(kernel)
+
+    def compile_program(*args):
+        compiling.append(True)
+        return real_compile(*args)
+
+    real_compile = program.compile_program
+    monkeypatch.setattr(program, "compile_program", compile_program)
+    monkeypatch.setitem(CONV, "winograd", Lowering(winograd_run, counting_prepare, "winograd"))
+    decoder = random_decoder(0, MICRO)
+    convs = sum(1 for path, x in jax.tree_util.tree_leaves_with_path(decoder.params)
+                if path[-1].key == "kernel" and x.ndim == 4 and x.shape[:2] == (3, 3))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in "abc":  # a shape no other test decodes in this process (jit caches key on shapes, not lowerings)
+        np.save(folder / f"{name}.npy", rng.normal(size=(3, 5, 4)).astype(np.float32))
+    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008, 512), batch_size=1, progress=False)
+    summary = batch_run.run(decoder, [str(folder)], options)
+    assert (summary.decoded, summary.failed, summary.programs) == (3, 0, 1)
+    # every 3x3 conv prepared (abstractly, then for real) before the program, none while it compiled
+    assert compiling == [True] and len(calls) >= convs > 4 and not any(calls)
+    assert not decoder._prepared  # released at the end of the run
 
 
 # ------------------------------------------------------------------------------------------------

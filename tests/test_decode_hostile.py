@@ -19,7 +19,7 @@ import cmjax
 from cmjax.decoding.batch import inputs, program
 from cmjax.cli import decode as decode_cmd
 from tests.random_decoder import TINY, random_decoder
-from tests.test_decode_cli import ckpt, cli_args, env, run_main  # noqa: F401 - ckpt and env are fixtures
+from tests.decode_runs import cli_args, run_main
 
 ADDRESS_SPACE_KIB = 6 * 2 ** 20  # 6 GiB: the hostile run stays far below what its huge input asks for
 

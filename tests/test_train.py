@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from cmjax import consistency as C
 from cmjax import data, parallel
@@ -42,24 +41,9 @@ from configs import cifar10_ect, cifar10_meanflow, cifar10_sct, digits_ect, digi
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's runs and its subprocesses."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    old_dir = jax.config.jax_compilation_cache_dir
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-    compilation_cache.reset_cache()
-
-
-def _env(cache_dir, extra=None):
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, JAX_COMPILATION_CACHE_DIR=cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", **(extra or {}))
+def _env(extra=None):
+    """A subprocess's environment: this checkout, CPU, the session's compilation cache (conftest)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, **(extra or {}))
 
 
 def _read_metrics(workdir):
@@ -389,7 +373,7 @@ def test_checkpoint_failures_are_one_line_errors(capsys):
 
 
 @pytest.mark.slow
-def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cache):
+def test_failed_async_save_stops_train_py_with_one_message(tmp_path):
     """A full disk, simulated with RLIMIT_FSIZE (writes past 20 KB fail with EFBIG, as ENOSPC)."""
     import resource
 
@@ -402,7 +386,7 @@ def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cac
            "--config.total_steps=6", "--config.checkpoint_every=2", "--config.sample_every=0",
            "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.num_groups=4",
            "--config.batch_size=8"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(compile_cache), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
                           timeout=600, preexec_fn=limit_file_size)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -521,7 +505,7 @@ def _wait_for_step(proc, workdir, step, skip_lines=0, timeout=240):
     raise AssertionError(f"no step {step} in {timeout} s")
 
 
-def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
+def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     # Reference: an uninterrupted run (same program; total_steps only bounds the loop).
     ref_config = learning_config()
     ref_config.total_steps, ref_config.checkpoint_every = 16, 1000
@@ -532,7 +516,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
     workdir = str(tmp_path / "run")
     cmd = [sys.executable, "train.py", "--config", "configs/digits_tiny.py", "--workdir", workdir,
            *(f"--config.{k}={v}" for k, v in LEARNING_OVERRIDES.items()), "--config.checkpoint_every=4"]
-    env = _env(compile_cache)
+    env = _env()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, workdir, 9)
     proc.send_signal(signal.SIGKILL)
@@ -570,7 +554,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
 # 8 simulated devices.
 
 
-def test_eight_devices_give_the_one_device_loss(compile_cache):
+def test_eight_devices_give_the_one_device_loss():
     code = textwrap.dedent("""
         import json
         import jax, numpy as np
@@ -606,7 +590,7 @@ def test_eight_devices_give_the_one_device_loss(compile_cache):
         print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
-                          env=_env(compile_cache, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+                          env=_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for family, losses in out.items():

@@ -21,7 +21,7 @@ from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import latent_stats, metrics
 from cmjax.models import vae as vae_lib
 from cmjax.weights.sd_vae import load_pytorch_vae
-from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
+from tests.vae_peers import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 from tests.torch_peers import nchw, nhwc
 
 SPACES = {

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 
+from cmjax import cache
 from cmjax.cli import HelpFormatter
 from cmjax.weights.convert import ConversionError, convert
 from cmjax.weights.hub import HUB_REPO, OPENAI, fetch_hub_decoder, fetch_openai_decoder
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cache.enable_compile_cache()
 
     def report(msg: str) -> None:
         if not args.quiet:

@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from cmjax import parallel
+from cmjax import cache, parallel
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import schedule
 from cmjax.decoding.batch import inputs, outputs, program
@@ -128,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """decode.py: set up (multi-host, mesh, checkpoints), run, print the summary. Returns the exit status:
     0 when every input was decoded, 1 when any failed, 2 on a usage or checkpoint error."""
     args = parse_args(argv)
+    cache.enable_compile_cache()
     try:
         options = options_from_args(args)
     except ValueError as e:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import consistency as C, data, editing
+from cmjax import cache, consistency as C, data, editing
 from cmjax.cli import HelpFormatter
 from cmjax.data import save_image_grid
 from cmjax.evaluation import fid as fid_lib
@@ -175,6 +175,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cache.enable_compile_cache()
     try:
         if args.task != "interpolate" and not args.images:
             raise ValueError(f"{args.task} needs --images")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data
+from cmjax import cache, data
 from cmjax.cli import HelpFormatter
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import fid as fid_lib, latent_stats, metrics
@@ -333,6 +333,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cache.enable_compile_cache()
     commands = {"fid": _fid, "sigma-search": _sigma_search, "stats": _stats, "recon": _recon,
                 "latent-stats": _latent_stats}
     try:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import ml_collections
 
+from cmjax import cache
 from cmjax.cli import HelpFormatter
 from cmjax.training import NonFiniteLossError, train_and_evaluate
 from cmjax.training.checkpointing import CheckpointRestoreError, CheckpointSaveError
@@ -192,6 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, m
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
+    cache.enable_compile_cache()
     from absl import logging as absl_logging
 
 
