@@ -17,7 +17,7 @@ Each row gives the median wall time over ``--runs`` and the median peak RSS (the
 ``ru_maxrss``, from ``os.wait4``), with the ratio to diffusers; the stderr lines of decode.py's
 median run are printed with the second at which each arrived. ``breakdown`` times decode.py's phases in one process
 (imports, checkpoint read, digest, trace, compile, kernel preparation, the decode, PNG writing)
-with the caches of ``--work``'s second-run case, cold or warm (``--cold``).
+with the caches of the previous breakdown in ``--work`` (``--cold``: empty them first).
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def timed_runs(work: Path, runs: int) -> None:
 
 def breakdown(work: Path, cold: bool) -> None:
     """decode.py's path, phase by phase, in this process (its imports timed in a fresh one)."""
-    cache = work / ("cache-breakdown" if cold else "cache-warm")
+    cache = work / "cache-breakdown"  # warm after a --cold run
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
     os.environ["CMJAX_CACHE"] = str(cache)

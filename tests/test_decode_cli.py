@@ -155,6 +155,7 @@ def test_to_uint8_rounds():
 # Sharding and multi-host: same seed, same input -> same image
 
 
+@pytest.mark.cli
 def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tmp_path):
     """4 devices, global batch 3 -> 4 (5 inputs: one full batch, one with 3 padding rows) = 1 device, batch 2.
 
@@ -178,6 +179,7 @@ def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tm
         np.testing.assert_allclose(np.load(ref_out / f"{stem}.npy"), image, atol=1e-5, rtol=0)
 
 
+@pytest.mark.cli
 def test_two_processes_match_one(ckpt, env, latents, single_device_run, tmp_path):
     ref_out, _ = single_device_run
     out = tmp_path / "out"
@@ -204,6 +206,7 @@ def test_two_processes_match_one(ckpt, env, latents, single_device_run, tmp_path
 # Robustness: bad inputs, interruption
 
 
+@pytest.mark.cli
 def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -258,6 +261,7 @@ def test_usage_errors(ckpt, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.cli
 def test_interrupted_run_resumes(ckpt, env, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -381,6 +385,7 @@ def test_images_with_a_vae_of_another_latent_space(ckpt, vae_ckpts, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.cli
 def test_images_compare(ckpt, vae_ckpts, env, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -426,6 +431,7 @@ def find_panel(strip: np.ndarray, panel: np.ndarray) -> tuple[int, int]:
     return int(xs[0]), int(ys[0])
 
 
+@pytest.mark.cli
 def test_help(env):
     """decode.py --help exits 0; INPUT mentions images under --images; every option states its
     default (or that it is required)."""
@@ -440,3 +446,27 @@ def test_help(env):
     assert len(entries) == 22, entries
     for entry in entries[1:]:  # all but -h
         assert "default" in entry or "(required)" in entry, entry
+
+
+@pytest.mark.cli
+def test_second_run_loads_the_compiled_program(ckpt, env, tmp_path):
+    """With no compilation cache chosen for JAX, decode.py keeps its compiled programs under
+    $CMJAX_CACHE/xla: the second run loads the decode program instead of compiling it, and says so;
+    CMJAX_COMPILE_CACHE=0 writes nothing there."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.random.default_rng(8).normal(size=(2, 3, 4)).astype(np.float32))
+    e = {k: v for k, v in env.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    e.update(CMJAX_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    runs = [subprocess.run(cli_args(ckpt, tmp_path / f"out{i}", folder), env=e, capture_output=True, text=True,
+                           timeout=300) for i in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    assert re.search(r"\n  compiled in \d+\.\d s \(kept in the compile cache .*xla for the next run\)\n",
+                     runs[0].stderr), runs[0].stderr
+    assert re.search(r"\n  loaded from the compile cache in \d+\.\d s\n", runs[1].stderr), runs[1].stderr
+    assert any((tmp_path / "cache" / "xla").iterdir())
+    assert (tmp_path / "out0" / "a.png").read_bytes() == (tmp_path / "out1" / "a.png").read_bytes()
+    off = subprocess.run(cli_args(ckpt, tmp_path / "out2", folder), env=dict(e, CMJAX_COMPILE_CACHE="0",
+                         CMJAX_CACHE=str(tmp_path / "cache2")), capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "\n  compiled in" in off.stderr and "compile cache" not in off.stderr, off.stderr
+    assert not (tmp_path / "cache2" / "xla").exists()

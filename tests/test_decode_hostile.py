@@ -29,6 +29,7 @@ def with_memory_limit(command: list[str]) -> list[str]:
     return ["bash", "-c", f'ulimit -v {ADDRESS_SPACE_KIB} && exec "$@"', "bash", *command]
 
 
+@pytest.mark.cli
 def test_hostile_inputs_are_refused_and_the_rest_decoded(ckpt, env, tmp_path):
     """One run, four hostile inputs beside a good one:
     - a non-UTF-8 file name (decoded, its noise keyed by the name's bytes),
