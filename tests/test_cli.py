@@ -15,6 +15,7 @@ from cmjax.cli import train as train_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.install
 def test_installed_package_runs_outside_the_source_tree(tmp_path):
     """`pip install .` into a fresh venv: cmjax imports from site-packages and the console scripts
     run from a folder that is not the repository (no PYTHONPATH). --system-site-packages lends the

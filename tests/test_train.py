@@ -398,6 +398,7 @@ def test_failed_async_save_stops_train_py_with_one_message(tmp_path):
 # Learning on real data.
 
 
+@pytest.mark.learning
 def test_digits_image_cm_learns(tmp_path):
     """iCT on the 8x8 digits, 150 steps of batch 32. Metric: mean over 256 samples (EMA params) of
     the L2 distance to the nearest of the 1797 digits (pixels in [-1, 1]); it must fall below 0.8x
@@ -423,6 +424,7 @@ def test_digits_image_cm_learns(tmp_path):
 JVP_LEARNING = {"sct": digits_sct, "ect": digits_ect, "meanflow": digits_meanflow}
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("algorithm", sorted(JVP_LEARNING))
 def test_digits_few_step_algorithms_learn(algorithm, tmp_path):
     """sCT, ECT and MeanFlow on the 8x8 digits, 150 steps of batch 32 from scratch (ECT: stages of
@@ -456,6 +458,7 @@ def test_digits_few_step_algorithms_learn(algorithm, tmp_path):
     np.testing.assert_allclose(np.asarray(x0), np.asarray(y), atol=0.05)  # f(x, ~0) ~ x
 
 
+@pytest.mark.learning
 def test_decoder_finetune_psnr_rises(tmp_path):
     """Fine-tune a tiny decoder checkpoint (cmjax.save_decoder of a random init) with iCT on 16x16
     digits for 120 steps. The SD VAE (cmjax.models.vae) is not used here: latents come from a fixed random
@@ -505,6 +508,7 @@ def _wait_for_step(proc, workdir, step, skip_lines=0, timeout=240):
     raise AssertionError(f"no step {step} in {timeout} s")
 
 
+@pytest.mark.cli
 def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     # Reference: an uninterrupted run (same program; total_steps only bounds the loop).
     ref_config = learning_config()
@@ -554,6 +558,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
 # 8 simulated devices.
 
 
+@pytest.mark.cli
 def test_eight_devices_give_the_one_device_loss():
     code = textwrap.dedent("""
         import json

@@ -308,6 +308,7 @@ def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
         families.newspace_decoder_config(c, base)
 
 
+@pytest.mark.learning
 def test_newspace_decoder_psnr_rises(tmp_path):
     """The recipe end to end on 16x16 digits: a tiny random 16-channel FLUX-style VAE (cmjax
     checkpoint), its latent statistics (latent-stats), a tiny SD 1.x-shaped decoder checkpoint (4
