@@ -15,6 +15,7 @@ program is a few MB per input shape); delete it, or part of it, at any time.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -38,7 +39,8 @@ def enable_compile_cache() -> str | None:
     this first. Returns the directory in use, or None when off.
 
     A directory already chosen for JAX (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is kept;
-    ``CMJAX_COMPILE_CACHE=0`` leaves the cache off. Call before the first compilation.
+    ``CMJAX_COMPILE_CACHE=0`` leaves the cache off, and so does a directory that cannot be made
+    (one warning line on stderr). Call before the first compilation.
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
@@ -46,6 +48,11 @@ def enable_compile_cache() -> str | None:
     if os.environ.get(COMPILE_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     path = str(cache_dir() / COMPILE_CACHE_NAME)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"warning: compiling without a cache: cannot make {path} ({e.strerror or e})", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

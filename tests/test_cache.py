@@ -51,3 +51,12 @@ def test_a_directory_chosen_for_jax_is_kept(no_compile_cache, monkeypatch, tmp_p
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
     assert cache.enable_compile_cache() == str(tmp_path / "mine")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 7.0
+
+
+def test_a_cache_that_cannot_be_made_is_skipped_with_one_warning(no_compile_cache, monkeypatch, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "file"))
+    assert cache.enable_compile_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: compiling without a cache: cannot make ") and err.count("\n") == 1, err
