@@ -7,7 +7,8 @@ minutes; the costlier tiers are marked and deselected there, and ``.ci/run`` run
     cli         subprocess runs of decode.py / train.py / python -m cmjax.* (several processes or devices)
     install     installs the package into a fresh virtual environment
     fid         runs the FID Inception network
-    slow        full-size models (minutes, several GB of memory)
+    slow        the full-size models (minutes, several GB of memory), compile-heavy cases, and the
+                further variants of cases the quick tier runs once (parity at more timesteps, ...)
 
     python -m pytest -m "learning or cli or install or fid or slow"    # the marked tiers
 

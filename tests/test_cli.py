@@ -166,3 +166,16 @@ def test_plain_text_strips_sphinx_markup():
 
     assert plain_text("see :mod:`cmjax.editing` and :func:`~cmjax.evaluation.fid.fid`, ``--steps`` 2") == \
         "see cmjax.editing and cmjax.evaluation.fid.fid, --steps 2"
+
+
+@pytest.mark.parametrize("name", ["convert", "export", "eval", "edit"])
+def test_python_dash_m_modules_run_their_cli_main(name, monkeypatch, capsys):
+    """``python -m cmjax.NAME`` is cmjax/cli/NAME.py's main: --help through the module exits 0 with
+    that command's usage (run in this process: the subprocess runs are in the cli tier)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"cmjax.{name}", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"cmjax.{name}", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")

@@ -321,6 +321,7 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
         assert img.size == (8, 8)
 
 
+@pytest.mark.slow  # Winograd forced: a long compile
 def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
     """With Winograd's lowering, the kernel transforms are made once per input shape for the whole
     run (Decoder.prepared_params), not inside the compiled program, which runs once per batch and

@@ -182,8 +182,11 @@ def _frozen_for(config, fam):
     return frozen
 
 
-@pytest.mark.parametrize("family", ["image", "decoder"])
-@pytest.mark.parametrize("algorithm", ["ict", "ct", "cd", "edm"])
+# Every algorithm runs by default on one family, alternating; the other family is slow.
+@pytest.mark.parametrize("algorithm, family", [
+    ("ict", "image"), ("ct", "decoder"), ("cd", "decoder"), ("edm", "image"),
+    *(pytest.param(a, f, marks=pytest.mark.slow) for a, f in [("ict", "decoder"), ("ct", "image"), ("cd", "image"),
+                                                              ("edm", "decoder")])])
 def test_one_train_step(family, algorithm, tmp_path):
     """One step on in-memory digits. image/edm also accumulates 2 micro-batches (optax.MultiSteps):
     its first micro-step must leave params and EMA untouched, the second update both.
@@ -248,6 +251,7 @@ def test_one_train_step(family, algorithm, tmp_path):
 # The loop end to end on mock TFDS: an EDM teacher, then CD from its checkpoint.
 
 
+@pytest.mark.slow
 def test_loop_on_mock_tfds_edm_teacher_then_cd(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -309,6 +313,7 @@ def _ckpt_steps(workdir):
     return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, capfd):
     c = micro_config("image", "ict")
     c.total_steps, c.checkpoint_every, c.log_every, c.keep_checkpoints = 3, 1, 1, 2
