@@ -226,11 +226,13 @@ def _kept_for_next_time(loaded: bool) -> str:
     return f" (kept in the compile cache {inputs.display(Path(where))} for the next run)"
 
 
-def _kernel_preparer(decoder, options: DecodeOptions, mesh) -> Callable[[tuple[int, int]], Any]:
+def _kernel_preparer(decoder, options: DecodeOptions, mesh) -> Callable[[tuple[int, int]], Any] | None:
     """shape -> the decoder's params with its conv kernels prepared for one micro-batch of that shape
     (``Decoder.prepared_params``: Winograd's and the subpixel kernels, made once per run and shape
     instead of in every program call), replicated over ``mesh``. A tiled decode (its convs see tile
-    shapes) prepares inside the program, as before."""
+    shapes) prepares inside the program, as before; None for --images (params of two models)."""
+    if options.images:
+        return None
     dtype = compute_dtype(options.dtype)
 
     def prepare(shape: tuple[int, int]) -> Any:
@@ -302,7 +304,7 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
                dynamic_ncols=True)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
     programs = _Programs(step, params, mesh, options, config.latent_channels, note,
-                         prepare=None if options.images else _kernel_preparer(decoder, options, mesh))
+                         _kernel_preparer(decoder, options, mesh))
     reader = inputs.Reader()
     summary = Summary(skipped=skipped)
     decoded = 0
