@@ -15,6 +15,7 @@ from cmjax.cli import train as train_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.install
 def test_installed_package_runs_outside_the_source_tree(tmp_path):
     """`pip install .` into a fresh venv: cmjax imports from site-packages and the console scripts
     run from a folder that is not the repository (no PYTHONPATH). --system-site-packages lends the
@@ -165,3 +166,16 @@ def test_plain_text_strips_sphinx_markup():
 
     assert plain_text("see :mod:`cmjax.editing` and :func:`~cmjax.evaluation.fid.fid`, ``--steps`` 2") == \
         "see cmjax.editing and cmjax.evaluation.fid.fid, --steps 2"
+
+
+@pytest.mark.parametrize("name", ["convert", "export", "eval", "edit"])
+def test_python_dash_m_modules_run_their_cli_main(name, monkeypatch, capsys):
+    """``python -m cmjax.NAME`` is cmjax/cli/NAME.py's main: --help through the module exits 0 with
+    that command's usage (run in this process: the subprocess runs are in the cli tier)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"cmjax.{name}", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"cmjax.{name}", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")

@@ -7,7 +7,6 @@ compiled by one run is reused by the next.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import signal
 import socket
@@ -17,46 +16,28 @@ import time
 import zipfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import cmjax
 from cmjax.batch_decode import inputs, program
-from cmjax.images import to_uint8
-from cmjax.cli import decode as decode_cmd
 from cmjax.batch_decode import run as batch_run
 from cmjax.batch_decode.options import DecodeOptions
+from cmjax.images import to_uint8
+from cmjax.models.decoder_config import DecoderConfig
+from cmjax.models.decoder_unet import UNetConfig
+from tests.decode_runs import REPO, cli_args, run_main
 from tests.random_decoder import random_decoder, random_params
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cmjax.save_decoder(random_decoder(0), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    # im2col: its matmul gives the same bits on 1 and 4 simulated devices; XLA's own CPU convolution
-    # does not at these tiny shapes (the last bit of some pixels differs), and these tests compare bits.
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PLATFORMS="cpu", CMJAX_CONV_LOWERING="im2col")
-    e.pop("XLA_FLAGS", None)
-    return e
-
-
-def cli_args(ckpt: Path, out: Path, *args) -> list[str]:
-    return [sys.executable, str(REPO / "decode.py"), "--checkpoint", str(ckpt), "--output", str(out),
-            "--no-progress", *map(str, args)]
 
 
 def decode_cli(ckpt, out, *args, env, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run(cli_args(ckpt, out, *args), env=e, capture_output=True, text=True, timeout=timeout)
+
+
+MICRO = DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4))
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
@@ -175,6 +156,7 @@ def test_to_uint8_rounds():
 # Sharding and multi-host: same seed, same input -> same image
 
 
+@pytest.mark.cli
 def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tmp_path):
     """4 devices, global batch 3 -> 4 (5 inputs: one full batch, one with 3 padding rows) = 1 device, batch 2.
 
@@ -198,6 +180,7 @@ def test_sharded_matches_single_device(ckpt, env, latents, single_device_run, tm
         np.testing.assert_allclose(np.load(ref_out / f"{stem}.npy"), image, atol=1e-5, rtol=0)
 
 
+@pytest.mark.cli
 def test_two_processes_match_one(ckpt, env, latents, single_device_run, tmp_path):
     ref_out, _ = single_device_run
     out = tmp_path / "out"
@@ -224,6 +207,7 @@ def test_two_processes_match_one(ckpt, env, latents, single_device_run, tmp_path
 # Robustness: bad inputs, interruption
 
 
+@pytest.mark.cli
 def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -262,12 +246,6 @@ def test_bad_inputs_are_named_and_the_rest_decoded(ckpt, env, tmp_path):
             img.verify()
 
 
-def run_main(capsys, *argv) -> tuple[int, str]:
-    """decode.py's main in this process: (exit status, stderr)."""
-    status = decode_cmd.main([*map(str, argv), "--no-progress"])
-    return status, capsys.readouterr().err
-
-
 def test_usage_errors(ckpt, tmp_path, capsys):
     base = ["--checkpoint", ckpt, "--output", tmp_path / "o", tmp_path]
     assert run_main(capsys, *base, "--compare")[1].endswith("error: --compare needs --images\n")
@@ -284,6 +262,7 @@ def test_usage_errors(ckpt, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.cli
 def test_interrupted_run_resumes(ckpt, env, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -331,13 +310,53 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
     summary = batch_run.run(cmjax.load_decoder(ckpt), [str(folder)], options, log=messages.append)
     assert (summary.decoded, summary.failed, summary.programs) == (6, 1, 2)
     assert messages == [f"error: {folder / 'z.npz'}: cannot read: no arrays in this .npz file"]
-    compiling = [line for line in capsys.readouterr().err.splitlines() if line.startswith("compiling")]
+    err = capsys.readouterr().err.splitlines()
+    compiling = [line for line in err if line.startswith("compiling")]
     assert compiling == ["compiling the decoder for 1x1 latents (once per input shape)",
                          "compiling the decoder for 1x2 latents (once per input shape)"]
+    for line in compiling:  # each followed by how long it took (compiled, or loaded from the session's cache)
+        assert re.fullmatch(r"  (compiled|loaded from the compile cache) in \d+\.\d s.*", err[err.index(line) + 1])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "x_000.png", "x_001.png", "x_002.png", "y_000.png", "y_001.png", "z.png"]
     with Image.open(tmp_path / "out" / "y_000.png") as img:
         assert img.size == (8, 8)
+
+
+@pytest.mark.slow  # Winograd forced: a long compile
+def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
+    """With Winograd's lowering, the kernel transforms are made once per input shape for the whole
+    run (Decoder.prepared_params), not inside the compiled program, which runs once per batch and
+    loops over micro-batches: three batches of one shape, each conv's kernel transformed once."""
+    from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
+
+    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
+    calls, compiling = [], []
+
+    def counting_prepare(kernel):
+        calls.append(bool(compiling))  # True: prepared while the decode program was traced
+        return winograd_kernel(kernel)
+
+    def compile_program(*args):
+        compiling.append(True)
+        return real_compile(*args)
+
+    real_compile = program.compile_program
+    monkeypatch.setattr(program, "compile_program", compile_program)
+    monkeypatch.setitem(CONV, "winograd", Lowering(winograd_run, counting_prepare, "winograd"))
+    decoder = random_decoder(0, MICRO)
+    convs = sum(1 for path, x in jax.tree_util.tree_leaves_with_path(decoder.params)
+                if path[-1].key == "kernel" and x.ndim == 4 and x.shape[:2] == (3, 3))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in "abc":  # a shape no other test decodes in this process (jit caches key on shapes, not lowerings)
+        np.save(folder / f"{name}.npy", rng.normal(size=(3, 5, 4)).astype(np.float32))
+    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008, 512), batch_size=1, progress=False)
+    summary = batch_run.run(decoder, [str(folder)], options)
+    assert (summary.decoded, summary.failed, summary.programs) == (3, 0, 1)
+    # every 3x3 conv prepared (abstractly, then for real) before the program, none while it compiled
+    assert compiling == [True] and len(calls) >= convs > 4 and not any(calls)
+    assert not decoder._prepared  # released at the end of the run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,6 +387,7 @@ def test_images_with_a_vae_of_another_latent_space(ckpt, vae_ckpts, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.cli
 def test_images_compare(ckpt, vae_ckpts, env, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -413,6 +433,7 @@ def find_panel(strip: np.ndarray, panel: np.ndarray) -> tuple[int, int]:
     return int(xs[0]), int(ys[0])
 
 
+@pytest.mark.cli
 def test_help(env):
     """decode.py --help exits 0; INPUT mentions images under --images; every option states its
     default (or that it is required)."""
@@ -427,3 +448,27 @@ def test_help(env):
     assert len(entries) == 23, entries
     for entry in entries[1:]:  # all but -h
         assert "default" in entry or "(required)" in entry, entry
+
+
+@pytest.mark.cli
+def test_second_run_loads_the_compiled_program(ckpt, env, tmp_path):
+    """With no compilation cache chosen for JAX, decode.py keeps its compiled programs under
+    $CMJAX_CACHE/xla: the second run loads the decode program instead of compiling it, and says so;
+    CMJAX_COMPILE_CACHE=0 writes nothing there."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.random.default_rng(8).normal(size=(2, 3, 4)).astype(np.float32))
+    e = {k: v for k, v in env.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    e.update(CMJAX_CACHE=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    runs = [subprocess.run(cli_args(ckpt, tmp_path / f"out{i}", folder), env=e, capture_output=True, text=True,
+                           timeout=300) for i in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    assert re.search(r"\n  compiled in \d+\.\d s \(kept in the compile cache .*xla for the next run\)\n",
+                     runs[0].stderr), runs[0].stderr
+    assert re.search(r"\n  loaded from the compile cache in \d+\.\d s\n", runs[1].stderr), runs[1].stderr
+    assert any((tmp_path / "cache" / "xla").iterdir())
+    assert (tmp_path / "out0" / "a.png").read_bytes() == (tmp_path / "out1" / "a.png").read_bytes()
+    off = subprocess.run(cli_args(ckpt, tmp_path / "out2", folder), env=dict(e, CMJAX_COMPILE_CACHE="0",
+                         CMJAX_CACHE=str(tmp_path / "cache2")), capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "\n  compiled in" in off.stderr and "compile cache" not in off.stderr, off.stderr
+    assert not (tmp_path / "cache2" / "xla").exists()

@@ -23,7 +23,7 @@ from cmjax.batch_decode import inputs, program
 from cmjax.cli import timesteps_from_flags
 from tests import hostile_files as hf
 from tests.random_decoder import TINY, random_decoder
-from tests.test_decode_cli import ckpt, cli_args, env, run_main  # noqa: F401 - ckpt and env are fixtures
+from tests.decode_runs import cli_args, run_main
 
 ADDRESS_SPACE_KIB = 6 * 2 ** 20  # 6 GiB: the hostile run stays far below what its huge input asks for
 
@@ -33,6 +33,7 @@ def with_memory_limit(command: list[str]) -> list[str]:
     return ["bash", "-c", f'ulimit -v {ADDRESS_SPACE_KIB} && exec "$@"', "bash", *command]
 
 
+@pytest.mark.cli
 def test_hostile_inputs_are_refused_and_the_rest_decoded(ckpt, env, tmp_path):
     """One run, four hostile inputs beside a good one:
     - a non-UTF-8 file name (decoded, its noise keyed by the name's bytes),

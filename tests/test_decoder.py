@@ -82,7 +82,7 @@ def test_converted_config(peer):
     assert cfg.upsample_factor == 8
 
 
-@pytest.mark.parametrize("t", [1008, 512, 16, 333])
+@pytest.mark.parametrize("t", [1008, 16, pytest.param(512, marks=pytest.mark.slow), pytest.param(333, marks=pytest.mark.slow)])
 def test_unet_parity(peer, t):
     """Raw UNet outputs (all 6 channels, up to ~5 in size here) against diffusers in fp32 and fp64.
 
@@ -100,8 +100,11 @@ def test_unet_parity(peer, t):
     assert np.abs(got - truth).max() <= 2 * np.abs(ref - truth).max() + 1e-6
 
 
-@pytest.mark.parametrize("timesteps", [(1008,), (1008, 512), (1008, 688, 352)])
-@pytest.mark.parametrize("clip", [True, False])
+# OpenAI's default (2 steps, clipped) and diffusers' (unclipped) with 3 steps run by default; the rest are slow.
+@pytest.mark.parametrize("timesteps, clip", [
+    ((1008, 512), True), ((1008, 688, 352), False),
+    *(pytest.param(t, c, marks=pytest.mark.slow) for t, c in [((1008,), True), ((1008,), False),
+                                                             ((1008, 512), False), ((1008, 688, 352), True)])])
 def test_decode_parity(peer, timesteps, clip):
     vae, _, dec = peer
     rng = np.random.default_rng(len(timesteps))
@@ -117,6 +120,7 @@ def test_decode_parity(peer, timesteps, clip):
         assert np.abs(got).max() > 1  # perturbed random weights overshoot: the clamp is really off
 
 
+@pytest.mark.slow  # Winograd forced: a long compile
 def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
     """Winograd's transformed kernels are made before the loop over steps (``with_prepared_kernels``)
     and every step reads them: no kernel is prepared while the loop body is traced. The decode
@@ -147,6 +151,7 @@ def test_decode_prepares_kernels_once_outside_the_step_loop(peer, monkeypatch):
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # Winograd forced: a long compile
 def test_decoder_keeps_the_prepared_kernels_of_its_last_shape(peer, monkeypatch):
     """``decode`` prepares a shape's kernels once per Decoder (sharing the raw arrays), keeps one
     shape at a time, and decodes with them to diffusers' image; a plan that prepares nothing adds nothing."""

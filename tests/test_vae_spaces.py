@@ -21,7 +21,7 @@ from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import latent_stats, metrics
 from cmjax.models import decoder_config, vae as vae_lib
 from cmjax.weights.sd_vae import load_pytorch_vae
-from tests.test_vae import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
+from tests.vae_peers import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 from tests.torch_peers import nchw, nhwc
 
 SPACES = {
@@ -308,6 +308,7 @@ def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
         families.newspace_decoder_config(c, base)
 
 
+@pytest.mark.learning
 def test_newspace_decoder_psnr_rises(tmp_path):
     """The recipe end to end on 16x16 digits: a tiny random 16-channel FLUX-style VAE (cmjax
     checkpoint), its latent statistics (latent-stats), a tiny SD 1.x-shaped decoder checkpoint (4

@@ -17,6 +17,7 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -28,8 +29,10 @@ from cmjax import parallel, tuning
 from cmjax.batch_decode import inputs, outputs, program
 from cmjax.batch_decode.inputs import Item
 from cmjax.batch_decode.options import DecodeOptions
+from cmjax.decoding.decoder import prepared_params
 from cmjax.files import printable
 from cmjax.models.decoder_config import DecoderConfig
+from cmjax.models.layers import compute_dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,25 +146,36 @@ def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[st
 
 class _Programs:
     """One compiled program per input shape, compiled on first use; shapes whose memory estimate
-    does not fit on a device are refused (the same answer on every host)."""
+    does not fit on a device are refused (the same answer on every host). ``prepare(shape)`` gives
+    the params a shape's program runs with (the decoder's with its conv kernels prepared for that
+    shape, made once per run rather than in every call), or None for the params as they are."""
 
-    def __init__(self, step: Callable, params: Any, mesh, options: DecodeOptions, latent_channels: int, say):
+    def __init__(self, step: Callable, params: Any, mesh, options: DecodeOptions, latent_channels: int, say,
+                 prepare: Callable[[tuple[int, int]], Any] | None = None):
         self.step, self.params, self.mesh, self.options = step, params, mesh, options
-        self.channels, self.say = latent_channels, say
+        self.channels, self.say, self.prepare = latent_channels, say, prepare
         self.compiled: dict[tuple[int, int], Any] = {}
         self.refused: dict[tuple[int, int], str] = {}
+        self.shape_params: tuple[tuple[int, int], Any] | None = None  # the last shape's, one at a time
 
-    def get(self, shape: tuple[int, int], rows: int) -> tuple[Any, str | None]:
-        """(compiled program or None, why it was refused or None)."""
+    def get(self, shape: tuple[int, int], rows: int) -> tuple[Any, Any, str | None]:
+        """(compiled program or None, the params to call it with, why it was refused or None)."""
         if shape in self.refused:
-            return None, self.refused[shape]
+            return None, None, self.refused[shape]
+        h, w = shape
+        what = f"{h}x{w} pixel images" if self.options.images else f"{h}x{w} latents"
         if shape not in self.compiled:
-            h, w = shape
-            what = f"{h}x{w} pixel images" if self.options.images else f"{h}x{w} latents"
             self.say(f"compiling the decoder for {what} (once per input shape)")
+        start = time.perf_counter()
+        if self.shape_params is None or self.shape_params[0] != shape:
+            self.shape_params = (shape, self.params if self.prepare is None else self.prepare(shape))
+        params = self.shape_params[1]
+        if shape not in self.compiled:
             per_row = (h, w, 3) if self.options.images else (h, w, self.channels)
-            compiled = program.compile_program(self.step, self.params, (rows, *per_row), self.mesh)
-            need, free = program.bytes_needed(compiled, self.params), program.bytes_free(self.mesh)
+            compiled, loaded = program.compile_program(self.step, params, (rows, *per_row), self.mesh)
+            self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
+                     f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
+            need, free = program.bytes_needed(compiled, params), program.bytes_free(self.mesh)
             too_big = need is not None and free is not None and need > free
             if _host_sum([too_big])[0] > 0:  # every host takes the same branch
                 hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
@@ -169,9 +183,34 @@ class _Programs:
                 self.refused[shape] = (f"decoding {what} needs about {_gib(need)} per device "
                                        f"(--micro-batch {self.options.micro_batch}) and {_gib(free)} is free; "
                                        f"try {hint}")
-                return None, self.refused[shape]
+                return None, None, self.refused[shape]
             self.compiled[shape] = compiled
-        return self.compiled[shape], None
+        return self.compiled[shape], params, None
+
+
+def _kept_for_next_time(loaded: bool) -> str:
+    where = jax.config.jax_compilation_cache_dir
+    if loaded or not where:
+        return ""
+    return f" (kept in the compile cache {inputs.display(Path(where))} for the next run)"
+
+
+def _kernel_preparer(decoder, options: DecodeOptions, mesh) -> Callable[[tuple[int, int]], Any] | None:
+    """shape -> the decoder's params with its conv kernels prepared for one micro-batch of that shape
+    (``decoding.decoder.prepared_params`` for ``options.lowering``: Winograd's and the subpixel kernels, made once per run and shape
+    instead of in every program call), replicated over ``mesh``. A tiled decode (its convs see tile
+    shapes) prepares inside the program, as before; None for --images (params of two models)."""
+    if options.images:
+        return None
+    dtype = compute_dtype(options.dtype)
+
+    def prepare(shape: tuple[int, int]) -> Any:
+        if options.tile is not None and options.tile < max(shape):
+            return _replicated(decoder.params, mesh)
+        latents = (options.micro_batch, *shape, decoder.config.latent_channels)
+        return _replicated(prepared_params(decoder, latents, dtype, options.lowering), mesh)
+
+    return prepare
 
 
 def _gib(n: int | None) -> str:
@@ -213,12 +252,14 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
         options = _tuned(options, batches, decoder.config, lead)
     params, step = _program(decoder, vae, mesh, options)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
-    programs = _Programs(step, params, mesh, options, decoder.config.latent_channels, note)
+    programs = _Programs(step, params, mesh, options, decoder.config.latent_channels, note,
+                         _kernel_preparer(decoder, options, mesh))
     summary = Summary(skipped=skipped)
     bar = tqdm(total=len(items), unit="img", disable=not (lead and options.progress), file=sys.stderr,
                dynamic_ncols=True)
     decoded = _decode_batches(batches, programs, global_batch, decoder.config, summary, bar, fail)
     bar.close()
+    decoder.release_prepared()
 
     summary.programs = len(programs.compiled)
     n_decoded, n_failed = _host_sum([decoded, len(local_fail)])
@@ -284,7 +325,7 @@ def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch
         return written
 
     for batch in batches:
-        compiled, refused = programs.get(batch.shape, global_batch)
+        compiled, params, refused = programs.get(batch.shape, global_batch)
         bar.unpause()  # the rate and ETA leave out the compile
         if refused is not None:
             for item in batch.items:
@@ -296,7 +337,7 @@ def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch
         key_data = np.stack([program.identity_key_data(i.identity_bytes) if i is not None
                              else np.zeros(2, np.uint32) for i in batch.items])
         mesh = programs.mesh
-        out = compiled(programs.params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
+        out = compiled(params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
         if pending is not None:
             decoded += write(*pending)
         pending = (batch, ok, out)

@@ -20,6 +20,7 @@ import sys
 
 import jax
 
+from cmjax import cache
 from cmjax.cli import HelpFormatter, error_status
 from cmjax.weights.hub import NAMES, convert_checkpoint
 from cmjax.weights.mapping import ConversionError
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cache.enable_compile_cache()
 
     def report(msg: str) -> None:
         if not args.quiet:

@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from cmjax import parallel, tuning
+from cmjax import cache, parallel, tuning
 from cmjax.batch_decode import inputs, outputs
 from cmjax.batch_decode.options import DecodeOptions, flag_fields
 from cmjax.batch_decode.run import run
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """decode.py: set up (multi-host, mesh, checkpoints), run, print the summary. Returns the exit status:
     0 when every input was decoded, 1 when any failed, 2 on a usage or checkpoint error."""
     args = parse_args(argv)
+    cache.enable_compile_cache()
     try:
         options = options_from_args(args)
     except ValueError as e:

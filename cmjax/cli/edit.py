@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import consistency as C, editing
+from cmjax import cache, consistency as C, editing
 from cmjax.cli import HelpFormatter, print_error
 from cmjax.evaluation import sources
 from cmjax.images import from_uint8, save_image_grid, upright
@@ -175,6 +175,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cache.enable_compile_cache()
     try:
         if args.task != "interpolate" and not args.images:
             raise ValueError(f"{args.task} needs --images")

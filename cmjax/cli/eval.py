@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data, images
+from cmjax import cache, data, images
 from cmjax.cli import HelpFormatter, print_error, timesteps_from_flags
 from cmjax.decoding import decoder as decoder_lib, schedule
 from cmjax.evaluation import fid as fid_lib, latent_stats, metrics, sources
@@ -333,6 +333,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cache.enable_compile_cache()
     commands = {"fid": _fid, "sigma-search": _sigma_search, "stats": _stats, "recon": _recon,
                 "latent-stats": _latent_stats}
     try:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from cmjax import cache
 from cmjax.cli import HelpFormatter, error_status
 from cmjax.weights import checkpoint, to_diffusers
 from cmjax.weights.mapping import ConversionError
@@ -28,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    cache.enable_compile_cache()
 
     def report(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

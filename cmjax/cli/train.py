@@ -21,6 +21,7 @@ from typing import Sequence
 
 import ml_collections
 
+from cmjax import cache
 from cmjax.cli import HelpFormatter
 from cmjax.files import printable
 from cmjax.models.layers import DTYPES
@@ -278,6 +279,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, m
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
+    cache.enable_compile_cache()
     from absl import logging as absl_logging
 
 
