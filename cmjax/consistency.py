@@ -101,7 +101,7 @@ def _mean_flat(v: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 def karras_sigma_at(i, num_scales, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                    rho: float = RHO) -> jax.Array:
+                    rho: float = RHO, dtype=jnp.float32) -> jax.Array:
     """Value of the **increasing** Karras grid at (possibly traced) integer index ``i``.
 
     ``t_i = (eps^(1/rho) + i/(N-1) * (T^(1/rho) - eps^(1/rho)))^rho`` for ``i in [0, N-1]``,
@@ -113,16 +113,16 @@ def karras_sigma_at(i, num_scales, sigma_min: float = SIGMA_MIN, sigma_max: floa
       i: integer index, any shape, may be traced.
       num_scales: ``N >= 2`` (Python int or traced int scalar).
     Returns:
-      float32 array with the shape of ``i``.
+      ``dtype`` (float32 unless asked) array with the shape of ``i``.
     """
     i = jnp.asarray(i)
     n = jnp.asarray(num_scales)
-    frac = i.astype(jnp.float32) / (n - 1).astype(jnp.float32)
+    frac = i.astype(dtype) / (n - 1).astype(dtype)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     t = (lo + frac * (hi - lo)) ** rho
-    t = jnp.where(i <= 0, jnp.float32(sigma_min), t)
-    t = jnp.where(i >= n - 1, jnp.float32(sigma_max), t)
-    return t.astype(jnp.float32)
+    t = jnp.where(i <= 0, jnp.asarray(sigma_min, dtype), t)
+    t = jnp.where(i >= n - 1, jnp.asarray(sigma_max, dtype), t)
+    return t.astype(dtype)
 
 
 def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
@@ -381,10 +381,10 @@ def pseudo_huber(x: jax.Array, y: jax.Array, c: float) -> jax.Array:
     """Pseudo-Huber distance over the **whole image**, per example: ``(B,)`` float32.
 
     ``d(x, y) = sqrt(||x - y||_2^2 + c^2) - c`` with the squared norm summed over all
-    non-batch axes (iCT), *not* applied element-wise.  Computed in float32.
+    non-batch axes (iCT), *not* applied element-wise.  Computed in float32 (float64 for float64).
     """
-    x = jnp.asarray(x).astype(jnp.float32)
-    y = jnp.asarray(y).astype(jnp.float32)
+    x = jnp.asarray(x).astype(_float_dtype(x))
+    y = jnp.asarray(y).astype(x.dtype)
     return jnp.sqrt(_sum_flat((x - y) ** 2) + c * c) - c
 
 
@@ -394,8 +394,8 @@ def ict_weighting(t_lo: jax.Array, t_hi: jax.Array) -> jax.Array:
 
 
 def _distance(metric: str, a: jax.Array, b: jax.Array, c: Optional[float]) -> jax.Array:
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
+    a = a.astype(_float_dtype(a))
+    b = b.astype(a.dtype)
     if metric == "l2":
         return _mean_flat((a - b) ** 2)
     if metric == "l1":
@@ -410,19 +410,21 @@ def _distance(metric: str, a: jax.Array, b: jax.Array, c: Optional[float]) -> ja
 # 4. Losses
 # --------------------------------------------------------------------------------------
 
-def _grid(grid_fn: Optional[GridFn], sigma_min, sigma_max, rho) -> GridFn:
-    """``grid_fn`` itself, or the Karras grid with the given constants."""
+def _grid(grid_fn: Optional[GridFn], sigma_min, sigma_max, rho, dtype=jnp.float32) -> GridFn:
+    """``grid_fn`` itself, or the Karras grid with the given constants (computed in ``dtype``)."""
     if grid_fn is not None:
         return grid_fn
-    return lambda i, n: karras_sigma_at(i, n, sigma_min, sigma_max, rho)
+    return lambda i, n: karras_sigma_at(i, n, sigma_min, sigma_max, rho, dtype)
 
 
 def _pair_points(key, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn=None):
-    """Shared noise for a batch of pairs: returns ``(z, t_lo, t_hi)``."""
-    grid = _grid(grid_fn, sigma_min, sigma_max, rho)
-    t_lo = grid(n, num_scales)
-    t_hi = grid(n + 1, num_scales)
-    z = jax.random.normal(key, x.shape, jnp.float32)
+    """Shared noise for a batch of pairs: ``(z, t_lo, t_hi)`` in x's float dtype (float32 for
+    float32/bf16 data, float64 for float64), ``z = normal(key, x.shape)``."""
+    dt = _float_dtype(x)
+    grid = _grid(grid_fn, sigma_min, sigma_max, rho, dt)
+    t_lo = grid(n, num_scales).astype(dt)
+    t_hi = grid(n + 1, num_scales).astype(dt)
+    z = jax.random.normal(key, x.shape, dt)
     return z, t_lo, t_hi
 
 
@@ -452,16 +454,17 @@ def ict_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
         probabilities and weights then all use it); e.g. the consistency decoder's discrete
         VP schedule expressed as EDM sigmas.
     Returns:
-      ``(loss, metrics)``; the loss and the distance are computed in float32.
+      ``(loss, metrics)``; the loss and the distance are computed in float32 (float64 for
+      float64 data, as every loss here).
     """
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="lognormal",
                             max_scales=max_scales, p_mean=p_mean, p_std=p_std,
                             sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, grid_fn=grid_fn)
     z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
-    x32 = x.astype(jnp.float32)
-    student = student_fn(x32 + _bcast(t_hi, x) * z, t_hi)
-    target = jax.lax.stop_gradient(target_fn(x32 + _bcast(t_lo, x) * z, t_lo))
+    xf = x.astype(z.dtype)
+    student = student_fn(xf + _bcast(t_hi, x) * z, t_hi)
+    target = jax.lax.stop_gradient(target_fn(xf + _bcast(t_lo, x) * z, t_lo))
     cc = huber_c(int(np.prod(x.shape[1:]))) if c is None else c
     d = pseudo_huber(student, target, cc)
     w = ict_weighting(t_lo, t_hi)
@@ -495,9 +498,9 @@ def ct_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, x: jax.Array,
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="uniform")
     z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
-    x32 = x.astype(jnp.float32)
-    student = student_fn(x32 + _bcast(t_hi, x) * z, t_hi)
-    target = jax.lax.stop_gradient(target_fn(x32 + _bcast(t_lo, x) * z, t_lo))
+    xf = x.astype(z.dtype)
+    student = student_fn(xf + _bcast(t_hi, x) * z, t_hi)
+    target = jax.lax.stop_gradient(target_fn(xf + _bcast(t_lo, x) * z, t_lo))
     d = _distance(metric, student, target, c)
     loss = jnp.mean(d)
     return loss, {"loss": loss, "t_hi": jnp.mean(t_hi), "num_scales": jnp.asarray(num_scales)}
@@ -536,7 +539,7 @@ def cd_loss(student_fn: ConsistencyFn, target_fn: ConsistencyFn, denoiser_fn: De
     key_n, key_z = jax.random.split(key)
     n = sample_pair_indices(key_n, num_scales, x.shape[0], distribution="uniform")
     z, t_lo, t_hi = _pair_points(key_z, x, n, num_scales, sigma_min, sigma_max, rho, grid_fn)
-    x_hi = x.astype(jnp.float32) + _bcast(t_hi, x) * z
+    x_hi = x.astype(z.dtype) + _bcast(t_hi, x) * z
     x_lo = jax.lax.stop_gradient(heun_step(denoiser_fn, x_hi, t_hi, t_lo))
     student = student_fn(x_hi, t_hi)
     target = jax.lax.stop_gradient(target_fn(x_lo, t_lo))
@@ -560,17 +563,17 @@ def edm_denoising_loss(denoiser_fn: DenoiserFn, x: jax.Array, key: jax.Array,
     denoiser defined only on a discrete set of noise levels).
     """
     k_s, k_z = jax.random.split(key)
-    b = x.shape[0]
+    b, dt = x.shape[0], _float_dtype(x)
     if sigma_sampler is None:
-        sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_s, (b,), jnp.float32))
+        sigma = jnp.exp(p_mean + p_std * jax.random.normal(k_s, (b,), dt))
     else:
-        sigma = jnp.asarray(sigma_sampler(k_s, b), jnp.float32)
-    z = jax.random.normal(k_z, x.shape, jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 + _bcast(sigma, x) * z
-    D = denoiser_fn(y, sigma).astype(jnp.float32)
+        sigma = jnp.asarray(sigma_sampler(k_s, b), dt)
+    z = jax.random.normal(k_z, x.shape, dt)
+    xf = x.astype(dt)
+    y = xf + _bcast(sigma, x) * z
+    D = denoiser_fn(y, sigma).astype(dt)
     w = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    per = w * _mean_flat((D - x32) ** 2)
+    per = w * _mean_flat((D - xf) ** 2)
     loss = jnp.mean(per)
     return loss, {"loss": loss, "sigma": jnp.mean(sigma)}
 

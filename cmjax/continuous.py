@@ -19,11 +19,13 @@ the limit of the discrete CT gradient with weight ``1 / (sd tan t)`` as dt -> 0 
 ``r = min(1, step / warmup)`` is the tangent warm-up.
 
 ECT: Geng et al., "Consistency Models Made Easy" (arXiv 2406.14548) and locuslab/ect
-``training/loss.py``: EDM coordinates ``x_t = x0 + t z``; ``t ~ lognormal``;
+``training/loss.py`` ``ECMLoss``: EDM coordinates ``x_t = x0 + t z``; ``t ~ lognormal``;
 ``r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t))))``; loss
-``w(t) (sqrt(||f(x_t,t) - sg f(x_r,r)||^2 + c^2) - c)`` with ``w = (t^2 + sd^2) / (t sd)^2`` and
-``f(x_r, 0) = x0``.  As r -> t its gradient tends to ``w (df/dt / ||df/dt||) . df_theta/dtheta``
-(:func:`ect_continuous_loss`, with the JVP), which the tests pin.
+``w(t, r) (sqrt(||f(x_t,t) - sg f(x_r,r)||^2 + c^2) - c)`` with ``f(x_r, 0) = x0`` and the weight
+of the branch followed: ``w = 1 / (t - r)`` (``main``, the CIFAR-10 code) or
+``w = (t^2 + sd^2) / (t sd)^2`` (``imgnet``, ``snrpk``).  With the latter, as r -> t the gradient
+tends to ``w (df/dt / ||df/dt||) . df_theta/dtheta`` (:func:`ect_continuous_loss`, with the JVP),
+which the tests pin; with ``1 / (t - r)`` it grows like ``1 / (t - r)`` and has no such limit.
 
 MeanFlow: Geng et al., "Mean Flows for One-step Generative Modeling" (arXiv 2505.13447)::
 
@@ -48,7 +50,7 @@ from cmjax.consistency import SIGMA_DATA, _bcast, _float_dtype, _mean_flat, _sum
 __all__ = [
     "TrigFlowNet", "trigflow_consistency", "trigflow_time", "edm_sigma", "sample_trigflow_times",
     "tangent_warmup", "trigflow_tangent", "scm_loss",
-    "ect_ratio", "ect_r", "ect_weight", "ect_loss", "ect_continuous_loss",
+    "ect_ratio", "ect_r", "ECT_WEIGHTINGS", "ect_weight", "ect_loss", "ect_continuous_loss",
     "AverageVelocityNet", "sample_meanflow_times", "meanflow_target", "meanflow_loss",
     "meanflow_sample",
 ]
@@ -178,9 +180,18 @@ def ect_r(t: jax.Array, stage, q: float = 2.0, k: float = 8.0, b: float = 1.0) -
     return jnp.maximum(t * ect_ratio(t, stage, q, k, b), 0.0)
 
 
-def ect_weight(t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
-    """ECT's weight ``(t^2 + sd^2) / (t sd)^2`` (1/SNR(t) + 1/sd^2, locuslab/ect ``snrpk``)."""
-    return (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
+ECT_WEIGHTINGS = ("inverse_dt", "snr_plus")
+
+
+def ect_weight(t: jax.Array, r: jax.Array, weighting: str = "inverse_dt",
+               sigma_data: float = SIGMA_DATA) -> jax.Array:
+    """ECT's loss weight: ``1 / (t - r)`` (``"inverse_dt"``, locuslab/ect ``main``) or
+    ``(t^2 + sd^2) / (t sd)^2`` (``"snr_plus"``: 1/SNR(t) + 1/sd^2, the ``imgnet`` branch's ``snrpk``)."""
+    if weighting == "inverse_dt":
+        return 1.0 / (t - r)
+    if weighting == "snr_plus":
+        return (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
+    raise ValueError(f"ect weighting {weighting!r}: expected one of {ECT_WEIGHTINGS}")
 
 
 def _ect_times(key, x0, p_mean, p_std):
@@ -193,12 +204,16 @@ def _ect_times(key, x0, p_mean, p_std):
 
 def ect_loss(student_fn, target_fn, x0: jax.Array, key: jax.Array, stage, *, q: float = 2.0,
              k: float = 8.0, b: float = 1.0, c: float = 0.0, p_mean: float = -1.1, p_std: float = 2.0,
-             sigma_data: float = SIGMA_DATA, t: jax.Array | None = None, r: jax.Array | None = None
+             weighting: str = "inverse_dt", sigma_data: float = SIGMA_DATA,
+             t: jax.Array | None = None, r: jax.Array | None = None
              ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """ECT loss; ``student_fn``/``target_fn``: ``(x_t, t) -> x0_hat`` in EDM coordinates.
+    """ECT loss (locuslab/ect ``ECMLoss``); ``student_fn``/``target_fn``: ``(x_t, t) -> x0_hat``
+    in EDM coordinates (the reference trains them with EDM's unshifted ``c_skip``/``c_out``).
 
     ``x_t = x0 + t z``, ``x_r = x0 + r z`` (shared z, shared dropout key via the callables);
-    the target is ``x0`` where ``r == 0``.  ``t``/``r`` may be given (tests) instead of drawn.
+    the target is ``x0`` where ``r == 0``; weight :func:`ect_weight` (``weighting``).
+    ``k_t, k_z = split(key)``: ``t = exp(p_mean + p_std normal(k_t, (B,)))``,
+    ``z = normal(k_z, x0.shape)``.  ``t``/``r`` may be given (tests) instead of drawn.
     """
     x0 = x0.astype(_float_dtype(x0))
     t_drawn, z = _ect_times(key, x0, p_mean, p_std)
@@ -210,7 +225,7 @@ def ect_loss(student_fn, target_fn, x0: jax.Array, key: jax.Array, stage, *, q: 
     target = jax.lax.stop_gradient(jnp.where(_bcast(r > 0, x0), target, x0))
     sq = _sum_flat((student - target) ** 2)
     dist = jnp.sqrt(sq + c ** 2) - c
-    w = ect_weight(t, sigma_data)
+    w = ect_weight(t, r, weighting, sigma_data)
     loss = jnp.mean(w * dist)
     return loss, {"loss": loss, "distance": jnp.mean(dist), "t": jnp.mean(t),
                   "r_over_t": jnp.mean(r / t)}
@@ -218,14 +233,15 @@ def ect_loss(student_fn, target_fn, x0: jax.Array, key: jax.Array, stage, *, q: 
 
 def ect_continuous_loss(student_fn, target_fn, x0: jax.Array, z: jax.Array, t: jax.Array,
                         sigma_data: float = SIGMA_DATA) -> jax.Array:
-    """The r -> t limit of :func:`ect_loss` (c = 0) as a surrogate with the same gradient:
+    """The r -> t limit of :func:`ect_loss` (c = 0, ``weighting="snr_plus"``) as a surrogate with the
+    same gradient:
     ``mean_b w(t) <f_theta(x_t, t), sg(df/dt / ||df/dt||)>`` with ``df/dt`` from one JVP of the
     stop-gradient ``target_fn`` along ``x_t = x0 + t z`` (tangent ``(z, 1)``)."""
     x_t = x0 + _bcast(t, x0) * z
     _, dfdt = jax.jvp(target_fn, (x_t, t), (z, jnp.ones_like(t)))
     dfdt = jax.lax.stop_gradient(dfdt)
     unit = dfdt / _bcast(jnp.sqrt(_sum_flat(dfdt ** 2)), dfdt)
-    return jnp.mean(ect_weight(t, sigma_data) * _sum_flat(student_fn(x_t, t) * unit))
+    return jnp.mean(ect_weight(t, t, "snr_plus", sigma_data) * _sum_flat(student_fn(x_t, t) * unit))
 
 
 # --------------------------------------------------------------------------------------

@@ -86,6 +86,12 @@ def _family_model(family: Family, config) -> Model:
     return Model(family.init_params, family.consistency_fn, family.sample)
 
 
+def _bind(fn, params, cond, dropout_key):
+    """``(y, t) -> fn(params, y, t, cond, dropout_key)``: a family's consistency or denoiser
+    function as the plain callable the losses take (student, target or teacher)."""
+    return lambda y, t: fn(params, y, t, cond, dropout_key)
+
+
 # --------------------------------------------------------------------------------------------
 # Discrete-time CMs and the EDM teacher
 
@@ -94,9 +100,8 @@ def _ict_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        sg = jax.lax.stop_gradient(params)
-        target = lambda y, t: family.consistency_fn(sg, y, t, cond, dropout_key)
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, jax.lax.stop_gradient(params), cond, dropout_key)
         return C.ict_loss(student, target, x, loss_key, ICT.num_scales(config, k),
                           max_scales=config.ict.s1 + 1, p_mean=config.ict.p_mean, p_std=config.ict.p_std,
                           c=_huber(config.ict), **kw)
@@ -107,8 +112,8 @@ def _ct_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        target = lambda y, t: family.consistency_fn(state.target_params, y, t, cond, dropout_key)
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, state.target_params, cond, dropout_key)
         return C.ct_loss(student, target, x, loss_key, CT_.num_scales(config, k), metric=config.ct.metric,
                          c=_huber(config.ct), **kw)
     return loss_fn
@@ -118,9 +123,9 @@ def _cd_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        target = lambda y, t: family.consistency_fn(state.target_params, y, t, cond, dropout_key)
-        teacher = lambda y, s: family.denoiser_fn(frozen["teacher"], y, s, cond, None)
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, state.target_params, cond, dropout_key)
+        teacher = _bind(family.denoiser_fn, frozen["teacher"], cond, None)
         return C.cd_loss(student, target, teacher, x, loss_key, jnp.int32(config.cd.num_scales),
                          metric=config.cd.metric, c=_huber(config.cd), **kw)
     return loss_fn
@@ -128,8 +133,8 @@ def _cd_loss(family, config):
 
 def _edm_loss(family, config):
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        denoiser = lambda y, s: family.denoiser_fn(params, y, s, cond, dropout_key)
-        return C.edm_denoising_loss(denoiser, x, loss_key, p_mean=config.edm.p_mean, p_std=config.edm.p_std,
+        return C.edm_denoising_loss(_bind(family.denoiser_fn, params, cond, dropout_key), x, loss_key,
+                                    p_mean=config.edm.p_mean, p_std=config.edm.p_std,
                                     sigma_sampler=family.edm_sigma_sampler)
     return loss_fn
 
@@ -235,24 +240,45 @@ SCD = Algorithm("scd", lambda family, config: _scm_loss(family, config, True), _
 
 
 # --------------------------------------------------------------------------------------------
-# ECT: EDM-parameterised CM (the family's), continuous r(t) mapping, stages of ect.stage_steps.
+# ECT (locuslab/ect): trained in EDM's denoiser parameterisation (unshifted c_skip/c_out, the
+# family's denoiser_fn, so an 'edm' run's params start it as the same function), sampled with
+# c_skip/c_out shifted by ect.sample_sigma_min (0.003, ECMPrecond in eval mode), no clip between
+# steps and re-noise x0 + t_next z (training/ct_training_loop.py generator_fn).
 
 
 def _ect_loss(family, config):
     e = config.ect
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        sg = jax.lax.stop_gradient(params)
-        target = lambda y, t: family.consistency_fn(sg, y, t, cond, dropout_key)
+        student = _bind(family.denoiser_fn, params, cond, dropout_key)
+        target = _bind(family.denoiser_fn, jax.lax.stop_gradient(params), cond, dropout_key)
         stage = k // max(int(e.stage_steps), 1)
         loss, metrics = CT.ect_loss(student, target, x, loss_key, stage, q=e.q, k=e.k, b=e.b, c=e.c,
-                                    p_mean=e.p_mean, p_std=e.p_std)
+                                    p_mean=e.p_mean, p_std=e.p_std, weighting=e.weighting)
         return loss, dict(metrics, stage=stage)
     return loss_fn
 
 
-ECT = Algorithm("ect", _ect_loss, _family_model, families=("image",), init_from=lambda config: config.ect.init)
+def _ect_model(family, config) -> Model:
+    shift = float(config.ect.sample_sigma_min)
+    h, w, c = family.image_shape
+
+    def consistency_fn(params, y, sigma, cond=None, dropout_rng=None):
+        return C.consistency_function(family.apply_fn(params, dropout_rng), y, sigma, sigma_min=shift)
+
+    def sample(params, key, num, num_steps):
+        """1 step at sigma_max, 2 steps add sampling.mid_sigma (more: the Karras grid); only the
+        final image is clipped to [-1, 1]."""
+        sigmas = C.sampling_sigmas(num_steps, float(config.sampling.sigma_max), shift,
+                                   mid_sigma=float(config.sampling.mid_sigma))
+        fn = lambda y, s: consistency_fn(params, y, s)
+        x0 = C.sample_multistep(fn, key, (num, h, w, c), sigmas, sigma_min=0.0, clip_denoised=False)
+        return jnp.clip(x0, -1.0, 1.0)
+
+    return Model(family.init_params, consistency_fn, sample)
+
+
+ECT = Algorithm("ect", _ect_loss, _ect_model, families=("image",), init_from=lambda config: config.ect.init)
 
 
 # --------------------------------------------------------------------------------------------
