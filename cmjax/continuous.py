@@ -89,20 +89,21 @@ def trigflow_consistency(net: TrigFlowNet, x_t: jax.Array, t: jax.Array,
 
 
 def sample_trigflow_times(key: jax.Array, batch: int, p_mean: float = -1.0, p_std: float = 1.4,
-                          sigma_data: float = SIGMA_DATA) -> jax.Array:
-    """sCM's proposal: ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(exp(tau) / sd)``; (B,) float32.
+                          sigma_data: float = SIGMA_DATA, dtype=jnp.float32) -> jax.Array:
+    """sCM's proposal: ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(exp(tau) / sd)``; (B,) ``dtype``.
 
     Equivalently the EDM noise level ``sd tan(t) = exp(tau)`` is lognormal (CIFAR-10: -1.0, 1.4).
     """
-    tau = p_mean + p_std * jax.random.normal(key, (batch,), jnp.float32)
+    tau = p_mean + p_std * jax.random.normal(key, (batch,), dtype)
     return jnp.arctan(jnp.exp(tau) / sigma_data)
 
 
 def tangent_warmup(step, warmup_steps: int) -> jax.Array:
     """``r = min(1, step / warmup_steps)`` (sCM Sec. 4.2); 1 when ``warmup_steps <= 0``."""
+    dt = jnp.result_type(float)  # float32, float64 in x64 mode
     if warmup_steps <= 0:
-        return jnp.float32(1.0)
-    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
+        return jnp.asarray(1.0, dt)
+    return jnp.minimum(1.0, jnp.asarray(step).astype(dt) / float(warmup_steps))
 
 
 def trigflow_tangent(net: TrigFlowNet, x_t: jax.Array, t: jax.Array, dxt_dt: jax.Array, *,
@@ -146,7 +147,7 @@ def scm_loss(net: TrigFlowNet, target_net: TrigFlowNet, logvar_fn: Callable[[jax
     """
     k_t, k_z = jax.random.split(key)
     x0 = x0.astype(_float_dtype(x0))
-    t = sample_trigflow_times(k_t, x0.shape[0], p_mean, p_std, sigma_data).astype(x0.dtype)
+    t = sample_trigflow_times(k_t, x0.shape[0], p_mean, p_std, sigma_data, x0.dtype)
     z = sigma_data * jax.random.normal(k_z, x0.shape, x0.dtype)
     ct, st = _bcast(jnp.cos(t), x0), _bcast(jnp.sin(t), x0)
     x_t = ct * x0 + st * z

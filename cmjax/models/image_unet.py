@@ -77,10 +77,11 @@ class FourierFeatures(nn.Module):
 
 
 def positional_features(x: jax.Array, size: int, max_period: float = 10000.0) -> jax.Array:
-    """Transformer sinusoidal features of a real-valued x (B,) -> (B, size), float32."""
+    """Transformer sinusoidal features of a real-valued x (B,) -> (B, size), float32 (float64 for float64 x)."""
     half = size // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = x.astype(jnp.float32)[:, None] * freqs[None, :]
+    dt = jnp.result_type(x.dtype, jnp.float32)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dt) / half)
+    args = x.astype(dt)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
