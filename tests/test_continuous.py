@@ -137,7 +137,7 @@ def test_sct_gradient_is_the_limit_of_discrete_ct():
 
         g_cont = jax.grad(scm)(p)
         k_t, k_z = jax.random.split(key)  # scm_loss's documented draws
-        t = CT.sample_trigflow_times(k_t, B, -1.0, 1.4).astype(jnp.float64)
+        t = CT.sample_trigflow_times(k_t, B, -1.0, 1.4, SD, jnp.float64)
         z = SD * jax.random.normal(k_z, SHAPE, jnp.float64)
         w = (1.0 / (SD * jnp.tan(t)))[:, None, None, None]
 

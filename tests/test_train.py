@@ -32,7 +32,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from cmjax import consistency as C
 from cmjax import data, parallel
 from cmjax.decoding import schedule
-from cmjax.training import checkpointing, families, input_pipeline, optim, reporting
+from cmjax.training import algorithms, checkpointing, families, input_pipeline, optim, reporting
 from cmjax.training import state as state_lib
 from cmjax.training import step as step_lib
 from cmjax.training import NonFiniteLossError, train_and_evaluate, validate_config
@@ -225,7 +225,8 @@ def test_one_train_step(family, algorithm, tmp_path):
     fam = families.make_family(config)
     tx, sched = optim.make_optimizer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state, _ = state_lib.create_train_state(fam.init_params, tx, config, mesh)
+    state, _ = state_lib.create_train_state(fam.init_params, tx, config, mesh,
+                                            keeps_target=algorithms.get(algorithm).keeps_target)
     p0 = jax.device_get(state.params)
     assert (state.target_params is None) == (algorithm in ("ict", "edm"))
     loader = iter(input_pipeline.make_loader(config))
@@ -593,7 +594,7 @@ def test_eight_devices_give_the_one_device_loss(compile_cache):
                                         ("8fsdp", jax.devices(), True)):
                 c.fsdp, c.fsdp_min_size = fsdp, 64
                 mesh = parallel.make_mesh(devices)
-                state, sh = state_lib.create_train_state(fam.init_params, tx, c, mesh)
+                state, sh = state_lib.create_train_state(fam.init_params, tx, c, mesh, keeps_target=False)  # ict
                 batch = to_global_batch(host_batch, parallel.data_sharding(mesh))
                 fn = jax.jit(step_lib.make_train_step(fam, c, tx, sched),
                              out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))

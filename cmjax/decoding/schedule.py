@@ -17,7 +17,7 @@ import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1024
 NUM_DISTILLED_STEPS = 64
-SIGMA_DATA = 0.5
+SIGMA_DATA = 0.5  # EDM's data standard deviation; the one definition (cmjax.noise_levels imports it)
 DEFAULT_TIMESTEPS = (1008, 512)
 
 

@@ -17,8 +17,11 @@ An entry carries everything the trainer and the evaluation tools need to know ab
     sct  sCT (Lu & Song 2024), TrigFlow   scd  sCD: sCT with an EDM teacher's velocity
     ect  ECT (Geng et al. 2024)           meanflow  MeanFlow (Geng et al. 2025)
 
-The math lives in :mod:`cmjax.consistency` (discrete time) and :mod:`cmjax.continuous` (the
-JVP objectives); this module only binds it to a family's network and to the config.
+The math lives in :mod:`cmjax.consistency` (discrete time), :mod:`cmjax.noise_levels` (grids,
+curricula) and :mod:`cmjax.continuous` (the JVP objectives and ECT); this module only binds it to a
+family's network and to the config.  Each objective is pinned to its reference implementation in
+tests/test_reference_values.py.  Adding an algorithm: its math, its entry here (added to
+ALGORITHMS), its config and its test; nothing else lists the algorithms.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from cmjax import consistency as C, continuous as CT
-from cmjax.models.image_unet import positional_features
+from cmjax import consistency as C, continuous
+from cmjax.models.image_unet import POSITIONAL_SCALE, positional_features
 from cmjax.training.families import Family
 
 
@@ -62,6 +65,11 @@ class Algorithm:
     needs_teacher: bool = False  # teacher(config) must name a run
     families: tuple[str, ...] = ("image", "decoder")
     time_inputs: int = 1
+
+    @property
+    def keeps_target(self) -> bool:
+        """Whether TrainState holds an EMA target network for it (it has a target_decay)."""
+        return self.target_decay is not None
 
 
 def curriculum_updates(config) -> int:
@@ -114,7 +122,7 @@ def _ct_loss(family, config):
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
         student = _bind(family.consistency_fn, params, cond, dropout_key)
         target = _bind(family.consistency_fn, state.target_params, cond, dropout_key)
-        return C.ct_loss(student, target, x, loss_key, CT_.num_scales(config, k), metric=config.ct.metric,
+        return C.ct_loss(student, target, x, loss_key, CT.num_scales(config, k), metric=config.ct.metric,
                          c=_huber(config.ct), **kw)
     return loss_fn
 
@@ -144,7 +152,7 @@ ICT = Algorithm(
     num_scales=lambda config, k: C.ict_num_scales(k, curriculum_updates(config), config.ict.s0, config.ict.s1),
     max_scales=lambda config: config.ict.s1 + 1)
 
-CT_ = Algorithm(
+CT = Algorithm(
     "ct", _ct_loss, _family_model,
     num_scales=lambda config, k: C.ct_num_scales(k, curriculum_updates(config), config.ct.s0, config.ct.s1),
     target_decay=lambda config, k: C.ct_ema_decay(k, curriculum_updates(config), config.ct.mu0,
@@ -168,8 +176,8 @@ LOGVAR_FEATURES = 64
 
 
 def logvar_init(key) -> dict:
-    """w_phi(t) = positional_features(1000 t) . w + b, started at 0 (a linear layer on the time
-    embedding, as in sCM Sec. 4.3)."""
+    """w_phi(t) = positional_features(1000 t) . w + b, started at 0 (a linear layer on sinusoidal
+    features of t, as sCM Sec. 4.3 puts one on the network's time embedding)."""
     del key
     return {"w": jnp.zeros((LOGVAR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
@@ -178,16 +186,18 @@ def logvar_apply(p, t) -> jax.Array:
     return positional_features(1000.0 * t, LOGVAR_FEATURES) @ p["w"] + p["b"]
 
 
-# Time conditioning of the JVP algorithms: image_unet embeds 1000 * c_noise (positional) as in
-# EDM/DDPM, so c_noise = t / 1000 makes the network see t itself and keeps d(embedding)/dt O(1)
-# (sCM Sec. 4.1: c_noise(t) = t and positional embeddings for a stable tangent).  With 1000 t the
-# JVP's time term is ~1000x larger and MeanFlow's target explodes at initialisation.
-TIME_SCALE = 1e-3
+def unet_time(t: jax.Array) -> jax.Array:
+    """The image UNet's c_noise that makes its positional embedding see the time ``t`` itself: it embeds
+    ``POSITIONAL_SCALE * c_noise`` (1000 x, the DDPM/EDM convention for c_noise = 0.25 ln sigma), so
+    ``t / 1000``.  sCM (Sec. 4.1) and MeanFlow condition on t directly: c_noise(t) = t keeps
+    d(embedding)/dt O(1) for a stable JVP tangent (with 1000 t the time term of the JVP is ~1000x
+    larger and MeanFlow's target explodes at initialisation)."""
+    return t / POSITIONAL_SCALE
 
 
 def _trigflow_net(family, params, dropout_rng):
     apply = family.apply_fn(params["net"], dropout_rng)
-    return lambda u, t: apply(u, TIME_SCALE * t)
+    return lambda u, t: apply(u, unet_time(t))
 
 
 def _scm_model(family, config) -> Model:
@@ -198,9 +208,9 @@ def _scm_model(family, config) -> Model:
         return {"net": family.init_params(k1), "logvar": logvar_init(k2)}
 
     def consistency_fn(params, y, sigma, cond=None, dropout_rng=None):
-        t = CT.trigflow_time(jnp.asarray(sigma, jnp.float32), sd)
+        t = continuous.trigflow_time(jnp.asarray(sigma, jnp.float32), sd)
         x_t = jnp.cos(t)[:, None, None, None] * y.astype(jnp.float32)
-        return CT.trigflow_consistency(_trigflow_net(family, params, dropout_rng), x_t, t, sd)
+        return continuous.trigflow_consistency(_trigflow_net(family, params, dropout_rng), x_t, t, sd)
 
     def sample(params, key, num, num_steps):
         """1 step at sigma_max (t = arctan(sigma_max / sd)), 2 steps add t = scm.mid_t."""
@@ -224,13 +234,14 @@ def _scm_loss(family, config, distill: bool):
 
         def teacher_velocity(x_t, t):  # sCD: the EDM teacher's x0 estimate turned into TrigFlow's dx_t/dt
             ct, st = jnp.cos(t)[:, None, None, None], jnp.sin(t)[:, None, None, None]
-            d = family.denoiser_fn(frozen["teacher"], x_t / ct, CT.edm_sigma(t, s.sigma_data))
+            d = family.denoiser_fn(frozen["teacher"], x_t / ct, continuous.edm_sigma(t, s.sigma_data))
             return (ct * x_t - d) / st
-        return CT.scm_loss(_trigflow_net(family, params, dropout_key), _trigflow_net(family, sg, dropout_key),
-                           lambda t: logvar_apply(params["logvar"], t), x, loss_key,
-                           warmup=CT.tangent_warmup(k, s.tangent_warmup_steps), p_mean=s.p_mean,
-                           p_std=s.p_std, norm_c=s.tangent_norm_c if s.tangent_norm_c >= 0 else None,
-                           sigma_data=s.sigma_data, teacher_velocity=teacher_velocity if distill else None)
+        return continuous.scm_loss(
+            _trigflow_net(family, params, dropout_key), _trigflow_net(family, sg, dropout_key),
+            lambda t: logvar_apply(params["logvar"], t), x, loss_key,
+            warmup=continuous.tangent_warmup(k, s.tangent_warmup_steps), p_mean=s.p_mean, p_std=s.p_std,
+            norm_c=s.tangent_norm_c if s.tangent_norm_c >= 0 else None, sigma_data=s.sigma_data,
+            teacher_velocity=teacher_velocity if distill else None)
     return loss_fn
 
 
@@ -253,7 +264,7 @@ def _ect_loss(family, config):
         student = _bind(family.denoiser_fn, params, cond, dropout_key)
         target = _bind(family.denoiser_fn, jax.lax.stop_gradient(params), cond, dropout_key)
         stage = k // max(int(e.stage_steps), 1)
-        loss, metrics = CT.ect_loss(student, target, x, loss_key, stage, q=e.q, k=e.k, b=e.b, c=e.c,
+        loss, metrics = continuous.ect_loss(student, target, x, loss_key, stage, q=e.q, k=e.k, b=e.b, c=e.c,
                                     p_mean=e.p_mean, p_std=e.p_std, weighting=e.weighting)
         return loss, dict(metrics, stage=stage)
     return loss_fn
@@ -287,7 +298,7 @@ ECT = Algorithm("ect", _ect_loss, _ect_model, families=("image",), init_from=lam
 
 def _average_velocity(family, params, dropout_rng):
     apply = family.apply_fn(params, dropout_rng)
-    return lambda z, r, t: apply(z, TIME_SCALE * jnp.stack([t, t - r], axis=-1))
+    return lambda z, r, t: apply(z, unet_time(jnp.stack([t, t - r], axis=-1)))
 
 
 def _meanflow_model(family, config) -> Model:
@@ -304,7 +315,7 @@ def _meanflow_model(family, config) -> Model:
         h, w, c = family.image_shape
         noise = jax.random.normal(key, (num, h, w, c), jnp.float32)
         times = [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
-        return jnp.clip(CT.meanflow_sample(_average_velocity(family, params, None), noise, times), -1.0, 1.0)
+        return jnp.clip(continuous.meanflow_sample(_average_velocity(family, params, None), noise, times), -1.0, 1.0)
 
     return Model(family.init_params, consistency_fn, sample)
 
@@ -314,17 +325,17 @@ def _meanflow_loss(family, config):
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
         sg = jax.lax.stop_gradient(params)
-        return CT.meanflow_loss(_average_velocity(family, params, dropout_key),
-                                _average_velocity(family, sg, dropout_key), x, loss_key,
-                                p_mean=m.p_mean, p_std=m.p_std, equal_fraction=m.equal_fraction,
-                                weight_p=m.weight_p, weight_c=m.weight_c)
+        return continuous.meanflow_loss(_average_velocity(family, params, dropout_key),
+                                        _average_velocity(family, sg, dropout_key), x, loss_key,
+                                        p_mean=m.p_mean, p_std=m.p_std, equal_fraction=m.equal_fraction,
+                                        weight_p=m.weight_p, weight_c=m.weight_c)
     return loss_fn
 
 
 MEANFLOW = Algorithm("meanflow", _meanflow_loss, _meanflow_model, families=("image",), time_inputs=2)
 
 
-ALGORITHMS = {a.name: a for a in (ICT, CT_, CD, EDM, SCT, SCD, ECT, MEANFLOW)}
+ALGORITHMS = {a.name: a for a in (ICT, CT, CD, EDM, SCT, SCD, ECT, MEANFLOW)}
 
 
 def get(name: str) -> Algorithm:

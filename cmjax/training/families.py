@@ -2,7 +2,11 @@
 
 The losses in ``cmjax.consistency`` live in **EDM coordinates**: a clean image ``x`` in [-1, 1],
 a noise level ``sigma`` and ``y = x + sigma * z``.  A family says how its network turns
-``(y, sigma)`` into ``x0_hat`` and which noise levels exist.
+``(y, sigma)`` into ``x0_hat`` for the discrete-time algorithms (``consistency_fn``, the CM
+parameterisation; ``denoiser_fn``, EDM's) and which noise levels exist.  The image family also hands
+out its raw network (``apply_fn``): the algorithms with a parameterisation of their own build it there
+(:mod:`cmjax.training.algorithms`: sCT/sCD's TrigFlow, MeanFlow's average velocity, ECT's sampling
+shift), so for those the family owns the network, not the parameterisation.
 
 * ``image``: an unconditional CM with the EDM/CM parameterisation (CM paper, appendix C), sigma in
   [0.002, 80], the Karras grid, network :class:`cmjax.models.image_unet.ImageUNet`.
