@@ -9,7 +9,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.family = "image"          # "image" (EDM parameterisation) | "decoder" (consistency decoder)
-    c.algorithm = "ict"         # "ict" | "ct" | "cd" | "edm" | "sct" | "scd" | "ect" | "meanflow"
+    c.algorithm = "ict"         # a name in cmjax.training.algorithms.ALGORITHMS
     c.seed = 0
     c.prng_impl = "threefry2x32"  # or "rbg": much faster to compile on CPU; not sharding-invariant
     c.total_steps = 400_000     # micro-batch steps; curricula count optimizer updates

@@ -117,9 +117,10 @@ def test_configs_load_and_cifar10_matches_the_paper():
         json.dumps(checkpointing.config_json(cfg))  # checkpointable
     s = cifar10_sct.get_config()
     assert (s.algorithm, s.scm.p_mean, s.scm.p_std, s.scm.tangent_norm_c, s.scm.mid_t) == ("sct", -1.0, 1.4, 0.1, 1.1)
-    e = cifar10_ect.get_config()  # locuslab/ect run_ecm.sh + ct_train.py defaults
+    e = cifar10_ect.get_config()  # locuslab/ect main: run_ecm.sh, ct_train.py defaults, ECMLoss, ECMPrecond
     assert (e.algorithm, e.batch_size, e.optim.name, e.optim.lr, e.model.dropout) == ("ect", 128, "radam", 1e-4, 0.2)
     assert (e.ect.q, e.ect.k, e.ect.b, e.ect.c, e.ect.stage_steps, e.total_steps) == (2.0, 8.0, 1.0, 0.0, 25_000, 200_000)
+    assert (e.ect.weighting, e.ect.sample_sigma_min, e.sampling.mid_sigma) == ("inverse_dt", 0.003, 0.821)
     m = cifar10_meanflow.get_config()
     assert (m.algorithm, m.model.time_inputs) == ("meanflow", 2)
     for cfg in (s, e, m, digits_sct.get_config(), digits_ect.get_config(), digits_meanflow.get_config()):
@@ -141,6 +142,10 @@ def test_validate_config_names_the_problem():
         validate_config(c)
     c.algorithm = "nope"
     with pytest.raises(ValueError, match="expected one of"):
+        validate_config(c)
+    c = digits_ect.get_config()
+    c.ect.weighting = "snr"
+    with pytest.raises(ValueError, match="ect.weighting='snr'"):
         validate_config(c)
 
 

@@ -65,6 +65,7 @@ class Algorithm:
     needs_teacher: bool = False  # teacher(config) must name a run
     families: tuple[str, ...] = ("image", "decoder")
     time_inputs: int = 1
+    check: Callable[[Any], None] = lambda config: None  # raises ValueError naming a bad field
 
     @property
     def keeps_target(self) -> bool:
@@ -289,7 +290,13 @@ def _ect_model(family, config) -> Model:
     return Model(family.init_params, consistency_fn, sample)
 
 
-ECT = Algorithm("ect", _ect_loss, _ect_model, families=("image",), init_from=lambda config: config.ect.init)
+def _ect_check(config) -> None:
+    if config.ect.weighting not in continuous.ECT_WEIGHTINGS:
+        raise ValueError(f"ect.weighting={config.ect.weighting!r}: expected one of {continuous.ECT_WEIGHTINGS}")
+
+
+ECT = Algorithm("ect", _ect_loss, _ect_model, families=("image",), init_from=lambda config: config.ect.init,
+                check=_ect_check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +361,7 @@ def validate(config, family: Optional[Family] = None) -> None:
     if config.family == "image" and config.model.time_inputs != algo.time_inputs:
         raise ValueError(f"algorithm={algo.name!r} needs model.time_inputs={algo.time_inputs} "
                          f"(got {config.model.time_inputs})")
+    algo.check(config)
     if algo.needs_teacher and not algo.teacher(config):
         raise ValueError(f"algorithm {algo.name!r} needs cd.teacher: the workdir of an 'edm' run "
                          "(or a cmjax decoder checkpoint for the decoder family)")

@@ -4,8 +4,8 @@
 
 * ``params``: fp32, what the optimizer updates (compute may be bf16: layers cast).
 * ``ema_params``: fp32 evaluation EMA (iCT: 0.99993), what samples and checkpoints export.
-* ``target_params``: the EMA *target* network of the algorithms that keep one (original CT, CD);
-  None for the others (iCT, sCT, ECT, MeanFlow use stopgrad(params); EDM has no target).
+* ``target_params``: the EMA *target* network of the algorithms whose entry keeps one
+  (``Algorithm.keeps_target``: original CT, CD); None for the others (stopgrad(params) or none).
 * ``rng``: raw uint32 key data (of ``config.prng_impl``); the step's key is ``fold_in(rng, step)``, so a resumed run
   draws exactly the keys an uninterrupted one would.
 
