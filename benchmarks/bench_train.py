@@ -62,7 +62,8 @@ def bench(config, warmup: int, steps: int, peak_tflops: float | None) -> dict:
     fam = families.make_family(config)
     model = algorithms.get(config.algorithm).model(fam, config)
     tx, sched = optim.make_optimizer(config)
-    state, shardings = state_lib.create_train_state(model.init_params, tx, config, mesh)
+    state, shardings = state_lib.create_train_state(model.init_params, tx, config, mesh,
+                                                       keeps_target=algorithms.get(config.algorithm).keeps_target)
     batch = to_global_batch(random_batch(config, fam), parallel.data_sharding(mesh))
     frozen = frozen_for(config, fam, mesh)
     step = jax.jit(step_lib.make_train_step(fam, config, tx, sched), donate_argnums=(0,),

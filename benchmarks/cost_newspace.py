@@ -62,7 +62,7 @@ def main() -> None:
         fam = families.make_family(c)
     mesh = parallel.make_mesh(jax.devices()[:1])
     tx, sched = optim.make_optimizer(c)
-    abstract_state, _ = state_lib.train_state_layout(fam.init_params, tx, c, mesh)
+    abstract_state, _ = state_lib.train_state_layout(fam.init_params, tx, c, mesh, keeps_target=False)
     s = args.image_size
     batch = {"image": jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)}
     frozen = {"encoder": vae_lib.abstract_params(vcfg, parts=("encoder",))}

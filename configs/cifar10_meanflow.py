@@ -24,6 +24,11 @@ v0 script: 800K iterations with 10K warm-up, and EMA decay 0.99995.  The v0 scri
 epochs at 48 steps per epoch (~768k steps) and 200 warm-up epochs (~9.6k steps).  py-meanflow keeps
 EMAs at 0.9999 (main) and at 0.99995 and 0.9996 (extras).
 
+The loss and the sampler equal Gsunshine/meanflow's ``MeanFlow.forward`` / ``solver_step`` on pinned
+inputs (tests/test_reference_values.py).  One departure in the time proposal: r = t is drawn per
+example with probability ``equal_fraction`` (py-meanflow's v0 sampler); Gsunshine/meanflow sets it
+for the first fraction of the batch.
+
 Not reproduced by this config:
   * EDM augmentation with augment labels as conditioning (use_edm_aug; train_loop.py
     AugmentPipe p = 0.12, x-flip/scale/aniso/translate, no y-flip or rotation).  cmjax applies

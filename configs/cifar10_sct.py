@@ -24,6 +24,10 @@ Where each value comes from (section numbers are from v2):
                          the G.1 teacher's length and the longest point in the sCT-vs-ECT comparison
                          (App. E.3, Table 3, which uses batch 128).
 
+The objective equals NVlabs/FastGen's ``SCMModel`` (sCM.py) with its own departures from the paper
+switched off (prior_weighting_enabled, g_norm_spatial_invariance, divide_x_0_spatial_dim), loss and
+gradient, on pinned inputs (tests/test_reference_values.py).  cmjax follows the paper there.
+
 Deviations from the paper that this config cannot fix:
   * G.2 initializes sCT on CIFAR-10 from the EMA weights of a TrigFlow teacher diffusion model
     (G.1: DDPM++, 400k iterations, Adam lr 1e-3).  cmjax's 'sct' algorithm has no init_from and

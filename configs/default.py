@@ -9,7 +9,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.family = "image"          # "image" (EDM parameterisation) | "decoder" (consistency decoder)
-    c.algorithm = "ict"         # "ict" | "ct" | "cd" | "edm" | "sct" | "scd" | "ect" | "meanflow"
+    c.algorithm = "ict"         # a name in cmjax.training.algorithms.ALGORITHMS
     c.seed = 0
     c.prng_impl = "threefry2x32"  # or "rbg": much faster to compile on CPU; not sharding-invariant
     c.total_steps = 400_000     # micro-batch steps; curricula count optimizer updates
@@ -78,9 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
     # g / (||g|| + tangent_norm_c) (negative: off), 2-step intermediate time mid_t.
     c.scm = ml_collections.ConfigDict(dict(sigma_data=0.5, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000,
                                            tangent_norm_c=0.1, mid_t=1.1))
-    # ECT: r(t) = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), stage = updates // stage_steps;
-    # distance sqrt(||.||^2 + c^2) - c; init: workdir of an 'edm' run to start from ("" = scratch).
+    # ECT (locuslab/ect): r(t) = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), stage = updates //
+    # stage_steps; distance sqrt(||.||^2 + c^2) - c; weighting "inverse_dt" 1/(t - r) (main branch)
+    # or "snr_plus" (t^2 + sd^2)/(t sd)^2 (imgnet branch); trained with EDM's unshifted scalings,
+    # sampled with c_skip/c_out shifted by sample_sigma_min; init: workdir of an 'edm' run to start
+    # from ("" = scratch).
     c.ect = ml_collections.ConfigDict(dict(p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0, c=0.0,
+                                           weighting="inverse_dt", sample_sigma_min=0.003,
                                            stage_steps=25_000, init=""))
     # MeanFlow: (r, t) from two logit-normal draws, r = t for equal_fraction of the batch;
     # adaptive weight 1 / (||delta||^2 + weight_c)^weight_p.

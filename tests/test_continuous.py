@@ -137,7 +137,7 @@ def test_sct_gradient_is_the_limit_of_discrete_ct():
 
         g_cont = jax.grad(scm)(p)
         k_t, k_z = jax.random.split(key)  # scm_loss's documented draws
-        t = CT.sample_trigflow_times(k_t, B, -1.0, 1.4).astype(jnp.float64)
+        t = CT.sample_trigflow_times(k_t, B, -1.0, 1.4, SD, jnp.float64)
         z = SD * jax.random.normal(k_z, SHAPE, jnp.float64)
         w = (1.0 / (SD * jnp.tan(t)))[:, None, None, None]
 
@@ -182,7 +182,10 @@ def test_ect_mapping_hand_values():
     assert float(CT.ect_r(t, 3)[0]) == pytest.approx(1 - (1 + 8 * s) / 16, rel=1e-6)
     # Large t: sigmoid(-t) -> 0 and r/t -> 1 - q^-(stage+1).
     assert float(CT.ect_ratio(jnp.array([80.0]), 1, q=4.0)[0]) == pytest.approx(1 - 1 / 16, rel=1e-6)
-    assert float(CT.ect_weight(jnp.array([0.5]))[0]) == pytest.approx((0.25 + 0.25) / 0.0625)
+    assert float(CT.ect_weight(jnp.array([0.5]), jnp.array([0.3]), "snr_plus")[0]) == pytest.approx(0.5 / 0.0625)
+    assert float(CT.ect_weight(jnp.array([0.5]), jnp.array([0.3]))[0]) == pytest.approx(1 / 0.2)  # main's default
+    with pytest.raises(ValueError, match="weighting"):
+        CT.ect_weight(jnp.array([0.5]), jnp.array([0.3]), "snr")
 
 
 def test_ect_gradient_tends_to_the_continuous_limit_as_r_goes_to_t():
@@ -199,7 +202,8 @@ def test_ect_gradient_tends_to_the_continuous_limit_as_r_goes_to_t():
         ref = flat(g_cont)
         errs = []
         for rel in (4e-3, 2e-3, 1e-3, 5e-4):
-            loss = lambda prm: CT.ect_loss(f(prm), f(sg(prm)), x0, key, 0, t=t, r=t * (1 - rel))[0]
+            loss = lambda prm: CT.ect_loss(f(prm), f(sg(prm)), x0, key, 0, t=t, r=t * (1 - rel),
+                                           weighting="snr_plus")[0]
             errs.append(np.linalg.norm(flat(jax.grad(loss)(p)) - ref) / np.linalg.norm(ref))
         ratios = [a / b for a, b in zip(errs[:-1], errs[1:])]
         assert errs[-1] < 2e-3, errs
@@ -213,7 +217,7 @@ def test_ect_target_is_the_data_where_r_is_zero():
     student = lambda y, s: x0 + 0.5
     loss, _ = CT.ect_loss(student, ident, x0, key, 0, t=jnp.full((3,), 0.3), r=jnp.zeros((3,)))
     d = math.sqrt(0.25 * math.prod(SHAPE[1:]))
-    assert float(loss) == pytest.approx(float(CT.ect_weight(jnp.array(0.3))) * d, rel=1e-5)
+    assert float(loss) == pytest.approx(d / 0.3, rel=1e-5)  # weight 1 / (t - r) with r = 0
 
 
 # --------------------------------------------------------------------------------------------

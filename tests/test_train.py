@@ -31,7 +31,7 @@ import pytest
 from cmjax import consistency as C
 from cmjax import data, parallel
 from cmjax.decoding import schedule
-from cmjax.training import families, input_pipeline, optim, reporting, run_checkpoints
+from cmjax.training import algorithms, families, input_pipeline, optim, reporting, run_checkpoints
 from cmjax.training import state as state_lib
 from cmjax.training import step as step_lib
 from cmjax.training import NonFiniteLossError, train_and_evaluate, validate_config
@@ -101,9 +101,10 @@ def test_configs_load_and_cifar10_matches_the_paper():
         json.dumps(run_checkpoints.config_json(cfg))  # checkpointable
     s = cifar10_sct.get_config()
     assert (s.algorithm, s.scm.p_mean, s.scm.p_std, s.scm.tangent_norm_c, s.scm.mid_t) == ("sct", -1.0, 1.4, 0.1, 1.1)
-    e = cifar10_ect.get_config()  # locuslab/ect run_ecm.sh + ct_train.py defaults
+    e = cifar10_ect.get_config()  # locuslab/ect main: run_ecm.sh, ct_train.py defaults, ECMLoss, ECMPrecond
     assert (e.algorithm, e.batch_size, e.optim.name, e.optim.lr, e.model.dropout) == ("ect", 128, "radam", 1e-4, 0.2)
     assert (e.ect.q, e.ect.k, e.ect.b, e.ect.c, e.ect.stage_steps, e.total_steps) == (2.0, 8.0, 1.0, 0.0, 25_000, 200_000)
+    assert (e.ect.weighting, e.ect.sample_sigma_min, e.sampling.mid_sigma) == ("inverse_dt", 0.003, 0.821)
     m = cifar10_meanflow.get_config()
     assert (m.algorithm, m.model.time_inputs) == ("meanflow", 2)
     for cfg in (s, e, m, digits_sct.get_config(), digits_ect.get_config(), digits_meanflow.get_config()):
@@ -125,6 +126,10 @@ def test_validate_config_names_the_problem():
         validate_config(c)
     c.algorithm = "nope"
     with pytest.raises(ValueError, match="expected one of"):
+        validate_config(c)
+    c = digits_ect.get_config()
+    c.ect.weighting = "snr"
+    with pytest.raises(ValueError, match="ect.weighting='snr'"):
         validate_config(c)
 
 
@@ -212,7 +217,8 @@ def test_one_train_step(family, algorithm, tmp_path):
     fam = families.make_family(config)
     tx, sched = optim.make_optimizer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state, _ = state_lib.create_train_state(fam.init_params, tx, config, mesh)
+    state, _ = state_lib.create_train_state(fam.init_params, tx, config, mesh,
+                                            keeps_target=algorithms.get(algorithm).keeps_target)
     p0 = jax.device_get(state.params)
     assert (state.target_params is None) == (algorithm in ("ict", "edm"))
     loader = iter(input_pipeline.make_loader(config))
@@ -587,7 +593,7 @@ def test_eight_devices_give_the_one_device_loss():
                                         ("8fsdp", jax.devices(), True)):
                 c.fsdp, c.fsdp_min_size = fsdp, 64
                 mesh = parallel.make_mesh(devices)
-                state, sh = state_lib.create_train_state(fam.init_params, tx, c, mesh)
+                state, sh = state_lib.create_train_state(fam.init_params, tx, c, mesh, keeps_target=False)  # ict
                 batch = to_global_batch(host_batch, parallel.data_sharding(mesh))
                 fn = jax.jit(step_lib.make_train_step(fam, c, tx, sched),
                              out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))

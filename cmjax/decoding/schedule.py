@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from cmjax.noise_levels import SIGMA_DATA  # EDM's data standard deviation, as the image models use it
+
 NUM_TRAIN_TIMESTEPS = 1024
 NUM_DISTILLED_STEPS = 64
-SIGMA_DATA = 0.5
 DEFAULT_TIMESTEPS = (1008, 512)
 
 

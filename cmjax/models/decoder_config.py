@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.consistency import SIGMA_DATA
+from cmjax.noise_levels import SIGMA_DATA
 from cmjax.models.conv_lowering import XLA, LoweringPlan
 from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
 

@@ -76,11 +76,16 @@ class FourierFeatures(nn.Module):
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
+# The positional embedding's argument is POSITIONAL_SCALE * c_noise (DDPM/EDM: 1000 * 0.25 ln t).
+POSITIONAL_SCALE = 1000.0
+
+
 def positional_features(x: jax.Array, size: int, max_period: float = 10000.0) -> jax.Array:
-    """Transformer sinusoidal features of a real-valued x (B,) -> (B, size), float32."""
+    """Transformer sinusoidal features of a real-valued x (B,) -> (B, size), float32 (float64 for float64 x)."""
     half = size // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = x.astype(jnp.float32)[:, None] * freqs[None, :]
+    dt = jnp.result_type(x.dtype, jnp.float32)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dt) / half)
+    args = x.astype(dt)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -129,7 +134,7 @@ class ImageUNet(nn.Module):
                 name = "fourier" if i == 0 else f"fourier_{i}"
                 cols.append(FourierFeatures(cfg.embedding_size, cfg.fourier_scale, name=name)(4.0 * c_noise[:, i]))
             else:
-                cols.append(positional_features(1000.0 * c_noise[:, i], cfg.embedding_size))
+                cols.append(positional_features(POSITIONAL_SCALE * c_noise[:, i], cfg.embedding_size))
         feats = jnp.concatenate(cols, axis=-1)
         temb_dim = 4 * cfg.base_channels
         temb = dense(temb_dim, "temb_1", **kw)(feats.astype(self.dtype))

@@ -1,4 +1,4 @@
-"""Few-step model training: iCT / CT / CD / EDM (decoder and image CMs), sCT / sCD / ECT / MeanFlow (image).
+"""Few-step model training: the algorithms of :mod:`cmjax.training.algorithms` (decoder and image CMs).
 
     from cmjax.training import train_and_evaluate
     train_and_evaluate(config, workdir)        # config: see configs/default.py

@@ -17,8 +17,11 @@ An entry carries everything the trainer and the evaluation tools need to know ab
     sct  sCT (Lu & Song 2024), TrigFlow   scd  sCD: sCT with an EDM teacher's velocity
     ect  ECT (Geng et al. 2024)           meanflow  MeanFlow (Geng et al. 2025)
 
-The math lives in :mod:`cmjax.consistency` (discrete time) and :mod:`cmjax.continuous` (the
-JVP objectives); this module only binds it to a family's network and to the config.
+The math lives in :mod:`cmjax.consistency` (discrete time), :mod:`cmjax.noise_levels` (grids,
+curricula) and :mod:`cmjax.continuous` (the JVP objectives and ECT); this module only binds it to a
+family's network and to the config.  Each objective is pinned to its reference implementation in
+tests/test_reference_values.py.  Adding an algorithm: its math, its entry here (added to
+ALGORITHMS), its config and its test; nothing else lists the algorithms.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from cmjax import consistency as C, continuous as CT
-from cmjax.models.image_unet import positional_features
+from cmjax import consistency as C, continuous
+from cmjax.models.image_unet import POSITIONAL_SCALE, positional_features
 from cmjax.training.families import Family
 
 
@@ -62,6 +65,12 @@ class Algorithm:
     needs_teacher: bool = False  # teacher(config) must name a run
     families: tuple[str, ...] = ("image", "decoder")
     time_inputs: int = 1
+    check: Callable[[Any], None] = lambda config: None  # raises ValueError naming a bad field
+
+    @property
+    def keeps_target(self) -> bool:
+        """Whether TrainState holds an EMA target network for it (it has a target_decay)."""
+        return self.target_decay is not None
 
 
 def curriculum_updates(config) -> int:
@@ -86,6 +95,12 @@ def _family_model(family: Family, config) -> Model:
     return Model(family.init_params, family.consistency_fn, family.sample)
 
 
+def _bind(fn, params, cond, dropout_key):
+    """``(y, t) -> fn(params, y, t, cond, dropout_key)``: a family's consistency or denoiser
+    function as the plain callable the losses take (student, target or teacher)."""
+    return lambda y, t: fn(params, y, t, cond, dropout_key)
+
+
 # --------------------------------------------------------------------------------------------
 # Discrete-time CMs and the EDM teacher
 
@@ -94,9 +109,8 @@ def _ict_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        sg = jax.lax.stop_gradient(params)
-        target = lambda y, t: family.consistency_fn(sg, y, t, cond, dropout_key)
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, jax.lax.stop_gradient(params), cond, dropout_key)
         return C.ict_loss(student, target, x, loss_key, ICT.num_scales(config, k),
                           max_scales=config.ict.s1 + 1, p_mean=config.ict.p_mean, p_std=config.ict.p_std,
                           c=_huber(config.ict), **kw)
@@ -107,9 +121,9 @@ def _ct_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        target = lambda y, t: family.consistency_fn(state.target_params, y, t, cond, dropout_key)
-        return C.ct_loss(student, target, x, loss_key, CT_.num_scales(config, k), metric=config.ct.metric,
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, state.target_params, cond, dropout_key)
+        return C.ct_loss(student, target, x, loss_key, CT.num_scales(config, k), metric=config.ct.metric,
                          c=_huber(config.ct), **kw)
     return loss_fn
 
@@ -118,9 +132,9 @@ def _cd_loss(family, config):
     kw = _grid_kwargs(family, config)
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        target = lambda y, t: family.consistency_fn(state.target_params, y, t, cond, dropout_key)
-        teacher = lambda y, s: family.denoiser_fn(frozen["teacher"], y, s, cond, None)
+        student = _bind(family.consistency_fn, params, cond, dropout_key)
+        target = _bind(family.consistency_fn, state.target_params, cond, dropout_key)
+        teacher = _bind(family.denoiser_fn, frozen["teacher"], cond, None)
         return C.cd_loss(student, target, teacher, x, loss_key, jnp.int32(config.cd.num_scales),
                          metric=config.cd.metric, c=_huber(config.cd), **kw)
     return loss_fn
@@ -128,8 +142,8 @@ def _cd_loss(family, config):
 
 def _edm_loss(family, config):
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        denoiser = lambda y, s: family.denoiser_fn(params, y, s, cond, dropout_key)
-        return C.edm_denoising_loss(denoiser, x, loss_key, p_mean=config.edm.p_mean, p_std=config.edm.p_std,
+        return C.edm_denoising_loss(_bind(family.denoiser_fn, params, cond, dropout_key), x, loss_key,
+                                    p_mean=config.edm.p_mean, p_std=config.edm.p_std,
                                     sigma_sampler=family.edm_sigma_sampler)
     return loss_fn
 
@@ -139,7 +153,7 @@ ICT = Algorithm(
     num_scales=lambda config, k: C.ict_num_scales(k, curriculum_updates(config), config.ict.s0, config.ict.s1),
     max_scales=lambda config: config.ict.s1 + 1)
 
-CT_ = Algorithm(
+CT = Algorithm(
     "ct", _ct_loss, _family_model,
     num_scales=lambda config, k: C.ct_num_scales(k, curriculum_updates(config), config.ct.s0, config.ct.s1),
     target_decay=lambda config, k: C.ct_ema_decay(k, curriculum_updates(config), config.ct.mu0,
@@ -163,8 +177,8 @@ LOGVAR_FEATURES = 64
 
 
 def logvar_init(key) -> dict:
-    """w_phi(t) = positional_features(1000 t) . w + b, started at 0 (a linear layer on the time
-    embedding, as in sCM Sec. 4.3)."""
+    """w_phi(t) = positional_features(1000 t) . w + b, started at 0 (a linear layer on sinusoidal
+    features of t, as sCM Sec. 4.3 puts one on the network's time embedding)."""
     del key
     return {"w": jnp.zeros((LOGVAR_FEATURES,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
@@ -173,16 +187,18 @@ def logvar_apply(p, t) -> jax.Array:
     return positional_features(1000.0 * t, LOGVAR_FEATURES) @ p["w"] + p["b"]
 
 
-# Time conditioning of the JVP algorithms: image_unet embeds 1000 * c_noise (positional) as in
-# EDM/DDPM, so c_noise = t / 1000 makes the network see t itself and keeps d(embedding)/dt O(1)
-# (sCM Sec. 4.1: c_noise(t) = t and positional embeddings for a stable tangent).  With 1000 t the
-# JVP's time term is ~1000x larger and MeanFlow's target explodes at initialisation.
-TIME_SCALE = 1e-3
+def unet_time(t: jax.Array) -> jax.Array:
+    """The image UNet's c_noise that makes its positional embedding see the time ``t`` itself: it embeds
+    ``POSITIONAL_SCALE * c_noise`` (1000 x, the DDPM/EDM convention for c_noise = 0.25 ln sigma), so
+    ``t / 1000``.  sCM (Sec. 4.1) and MeanFlow condition on t directly: c_noise(t) = t keeps
+    d(embedding)/dt O(1) for a stable JVP tangent (with 1000 t the time term of the JVP is ~1000x
+    larger and MeanFlow's target explodes at initialisation)."""
+    return t / POSITIONAL_SCALE
 
 
 def _trigflow_net(family, params, dropout_rng):
     apply = family.apply_fn(params["net"], dropout_rng)
-    return lambda u, t: apply(u, TIME_SCALE * t)
+    return lambda u, t: apply(u, unet_time(t))
 
 
 def _scm_model(family, config) -> Model:
@@ -193,9 +209,9 @@ def _scm_model(family, config) -> Model:
         return {"net": family.init_params(k1), "logvar": logvar_init(k2)}
 
     def consistency_fn(params, y, sigma, cond=None, dropout_rng=None):
-        t = CT.trigflow_time(jnp.asarray(sigma, jnp.float32), sd)
+        t = continuous.trigflow_time(jnp.asarray(sigma, jnp.float32), sd)
         x_t = jnp.cos(t)[:, None, None, None] * y.astype(jnp.float32)
-        return CT.trigflow_consistency(_trigflow_net(family, params, dropout_rng), x_t, t, sd)
+        return continuous.trigflow_consistency(_trigflow_net(family, params, dropout_rng), x_t, t, sd)
 
     def sample(params, key, num, num_steps):
         """1 step at sigma_max (t = arctan(sigma_max / sd)), 2 steps add t = scm.mid_t."""
@@ -219,13 +235,14 @@ def _scm_loss(family, config, distill: bool):
 
         def teacher_velocity(x_t, t):  # sCD: the EDM teacher's x0 estimate turned into TrigFlow's dx_t/dt
             ct, st = jnp.cos(t)[:, None, None, None], jnp.sin(t)[:, None, None, None]
-            d = family.denoiser_fn(frozen["teacher"], x_t / ct, CT.edm_sigma(t, s.sigma_data))
+            d = family.denoiser_fn(frozen["teacher"], x_t / ct, continuous.edm_sigma(t, s.sigma_data))
             return (ct * x_t - d) / st
-        return CT.scm_loss(_trigflow_net(family, params, dropout_key), _trigflow_net(family, sg, dropout_key),
-                           lambda t: logvar_apply(params["logvar"], t), x, loss_key,
-                           warmup=CT.tangent_warmup(k, s.tangent_warmup_steps), p_mean=s.p_mean,
-                           p_std=s.p_std, norm_c=s.tangent_norm_c if s.tangent_norm_c >= 0 else None,
-                           sigma_data=s.sigma_data, teacher_velocity=teacher_velocity if distill else None)
+        return continuous.scm_loss(
+            _trigflow_net(family, params, dropout_key), _trigflow_net(family, sg, dropout_key),
+            lambda t: logvar_apply(params["logvar"], t), x, loss_key,
+            warmup=continuous.tangent_warmup(k, s.tangent_warmup_steps), p_mean=s.p_mean, p_std=s.p_std,
+            norm_c=s.tangent_norm_c if s.tangent_norm_c >= 0 else None, sigma_data=s.sigma_data,
+            teacher_velocity=teacher_velocity if distill else None)
     return loss_fn
 
 
@@ -235,24 +252,51 @@ SCD = Algorithm("scd", lambda family, config: _scm_loss(family, config, True), _
 
 
 # --------------------------------------------------------------------------------------------
-# ECT: EDM-parameterised CM (the family's), continuous r(t) mapping, stages of ect.stage_steps.
+# ECT (locuslab/ect): trained in EDM's denoiser parameterisation (unshifted c_skip/c_out, the
+# family's denoiser_fn, so an 'edm' run's params start it as the same function), sampled with
+# c_skip/c_out shifted by ect.sample_sigma_min (0.003, ECMPrecond in eval mode), no clip between
+# steps and re-noise x0 + t_next z (training/ct_training_loop.py generator_fn).
 
 
 def _ect_loss(family, config):
     e = config.ect
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
-        student = lambda y, t: family.consistency_fn(params, y, t, cond, dropout_key)
-        sg = jax.lax.stop_gradient(params)
-        target = lambda y, t: family.consistency_fn(sg, y, t, cond, dropout_key)
+        student = _bind(family.denoiser_fn, params, cond, dropout_key)
+        target = _bind(family.denoiser_fn, jax.lax.stop_gradient(params), cond, dropout_key)
         stage = k // max(int(e.stage_steps), 1)
-        loss, metrics = CT.ect_loss(student, target, x, loss_key, stage, q=e.q, k=e.k, b=e.b, c=e.c,
-                                    p_mean=e.p_mean, p_std=e.p_std)
+        loss, metrics = continuous.ect_loss(student, target, x, loss_key, stage, q=e.q, k=e.k, b=e.b, c=e.c,
+                                    p_mean=e.p_mean, p_std=e.p_std, weighting=e.weighting)
         return loss, dict(metrics, stage=stage)
     return loss_fn
 
 
-ECT = Algorithm("ect", _ect_loss, _family_model, families=("image",), init_from=lambda config: config.ect.init)
+def _ect_model(family, config) -> Model:
+    shift = float(config.ect.sample_sigma_min)
+    h, w, c = family.image_shape
+
+    def consistency_fn(params, y, sigma, cond=None, dropout_rng=None):
+        return C.consistency_function(family.apply_fn(params, dropout_rng), y, sigma, sigma_min=shift)
+
+    def sample(params, key, num, num_steps):
+        """1 step at sigma_max, 2 steps add sampling.mid_sigma (more: the Karras grid); only the
+        final image is clipped to [-1, 1]."""
+        sigmas = C.sampling_sigmas(num_steps, float(config.sampling.sigma_max), shift,
+                                   mid_sigma=float(config.sampling.mid_sigma))
+        fn = lambda y, s: consistency_fn(params, y, s)
+        x0 = C.sample_multistep(fn, key, (num, h, w, c), sigmas, sigma_min=0.0, clip_denoised=False)
+        return jnp.clip(x0, -1.0, 1.0)
+
+    return Model(family.init_params, consistency_fn, sample)
+
+
+def _ect_check(config) -> None:
+    if config.ect.weighting not in continuous.ECT_WEIGHTINGS:
+        raise ValueError(f"ect.weighting={config.ect.weighting!r}: expected one of {continuous.ECT_WEIGHTINGS}")
+
+
+ECT = Algorithm("ect", _ect_loss, _ect_model, families=("image",), init_from=lambda config: config.ect.init,
+                check=_ect_check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +305,7 @@ ECT = Algorithm("ect", _ect_loss, _family_model, families=("image",), init_from=
 
 def _average_velocity(family, params, dropout_rng):
     apply = family.apply_fn(params, dropout_rng)
-    return lambda z, r, t: apply(z, TIME_SCALE * jnp.stack([t, t - r], axis=-1))
+    return lambda z, r, t: apply(z, unet_time(jnp.stack([t, t - r], axis=-1)))
 
 
 def _meanflow_model(family, config) -> Model:
@@ -278,7 +322,7 @@ def _meanflow_model(family, config) -> Model:
         h, w, c = family.image_shape
         noise = jax.random.normal(key, (num, h, w, c), jnp.float32)
         times = [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
-        return jnp.clip(CT.meanflow_sample(_average_velocity(family, params, None), noise, times), -1.0, 1.0)
+        return jnp.clip(continuous.meanflow_sample(_average_velocity(family, params, None), noise, times), -1.0, 1.0)
 
     return Model(family.init_params, consistency_fn, sample)
 
@@ -288,17 +332,17 @@ def _meanflow_loss(family, config):
 
     def loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k):
         sg = jax.lax.stop_gradient(params)
-        return CT.meanflow_loss(_average_velocity(family, params, dropout_key),
-                                _average_velocity(family, sg, dropout_key), x, loss_key,
-                                p_mean=m.p_mean, p_std=m.p_std, equal_fraction=m.equal_fraction,
-                                weight_p=m.weight_p, weight_c=m.weight_c)
+        return continuous.meanflow_loss(_average_velocity(family, params, dropout_key),
+                                        _average_velocity(family, sg, dropout_key), x, loss_key,
+                                        p_mean=m.p_mean, p_std=m.p_std, equal_fraction=m.equal_fraction,
+                                        weight_p=m.weight_p, weight_c=m.weight_c)
     return loss_fn
 
 
 MEANFLOW = Algorithm("meanflow", _meanflow_loss, _meanflow_model, families=("image",), time_inputs=2)
 
 
-ALGORITHMS = {a.name: a for a in (ICT, CT_, CD, EDM, SCT, SCD, ECT, MEANFLOW)}
+ALGORITHMS = {a.name: a for a in (ICT, CT, CD, EDM, SCT, SCD, ECT, MEANFLOW)}
 
 
 def get(name: str) -> Algorithm:
@@ -317,6 +361,7 @@ def validate(config, family: Optional[Family] = None) -> None:
     if config.family == "image" and config.model.time_inputs != algo.time_inputs:
         raise ValueError(f"algorithm={algo.name!r} needs model.time_inputs={algo.time_inputs} "
                          f"(got {config.model.time_inputs})")
+    algo.check(config)
     if algo.needs_teacher and not algo.teacher(config):
         raise ValueError(f"algorithm {algo.name!r} needs cd.teacher: the workdir of an 'edm' run "
                          "(or a cmjax decoder checkpoint for the decoder family)")

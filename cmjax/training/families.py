@@ -2,7 +2,11 @@
 
 The losses in ``cmjax.consistency`` live in **EDM coordinates**: a clean image ``x`` in [-1, 1],
 a noise level ``sigma`` and ``y = x + sigma * z``.  A family says how its network turns
-``(y, sigma)`` into ``x0_hat`` and which noise levels exist.
+``(y, sigma)`` into ``x0_hat`` for the discrete-time algorithms (``consistency_fn``, the CM
+parameterisation; ``denoiser_fn``, EDM's) and which noise levels exist.  The image family also hands
+out its raw network (``apply_fn``): the algorithms with a parameterisation of their own build it there
+(:mod:`cmjax.training.algorithms`: sCT/sCD's TrigFlow, MeanFlow's average velocity, ECT's sampling
+shift), so for those the family owns the network, not the parameterisation.
 
 * ``image``: an unconditional CM with the EDM/CM parameterisation (CM paper, appendix C), sigma in
   [0.002, 80], the Karras grid, network :class:`cmjax.models.image_unet.ImageUNet`.
@@ -129,17 +133,20 @@ def image_model_config(config) -> ImageUNetConfig:
         fourier_scale=m.fourier_scale, embedding_size=m.embedding_size, time_inputs=m.time_inputs)
 
 
-def image_family(config) -> Family:
+def image_family(config, network=None) -> Family:
+    """The image family of ``config``; ``network``, a Flax module called as
+    ``(x_scaled, c_noise, train=...)``, replaces the ImageUNet (tests pin the objectives with a tiny one)."""
     mcfg = image_model_config(config)
     dtype = compute_dtype(config.compute_dtype)
     size, channels = config.data.image_size, config.data.channels
-    net = ImageUNet(mcfg, dtype=dtype)
+    net = ImageUNet(mcfg, dtype=dtype) if network is None else network
+    init_net = ImageUNet(mcfg) if network is None else network
     smp = config.sampling
     sigma_min, sigma_max = C.SIGMA_MIN, float(smp.sigma_max)
 
     def init_params(key):
         x = jnp.zeros((1, size, size, channels), jnp.float32)
-        return ImageUNet(mcfg).init(key, x, jnp.zeros((1, mcfg.time_inputs), jnp.float32))["params"]
+        return init_net.init(key, x, jnp.zeros((1, mcfg.time_inputs), jnp.float32))["params"]
 
     def apply_fn(params, dropout_rng):
         if dropout_rng is None:

@@ -14,6 +14,7 @@ an uninterrupted run would have taken.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -144,6 +145,98 @@ def _load_init_params(config, family: Family, model: Model, mesh, frozen) -> Any
     return run_checkpoints.load_run_params(path, model.init_params, mesh, config)
 
 
+def _frozen_inputs(config, family: Family, algo, mesh) -> tuple[dict, dict]:
+    """(frozen, their shardings): the teacher's params (CD, sCD) and the decoder's latent encoder."""
+    frozen, frozen_sh = {}, {}
+    if algo.needs_teacher:
+        frozen["teacher"], frozen_sh["teacher"] = run_checkpoints.load_teacher(algo.teacher(config), config, family,
+                                                                             mesh, config.fsdp)
+    if family.conditional:
+        enc, enc_sh = run_checkpoints.load_encoder(config, family, mesh)
+        if enc is not None:
+            frozen["encoder"], frozen_sh["encoder"] = enc, enc_sh
+    return frozen, frozen_sh
+
+
+def _start_state(config, workdir, family, algo, model, tx, mesh, frozen, manager, iterator):
+    """(state, shardings): created sharded (from a fine-tuning start if any), or restored from the
+    latest checkpoint straight into its layout (nothing is initialised then)."""
+    if manager.latest_step() is None:
+        init_params = _load_init_params(config, family, model, mesh, frozen)
+        return create_train_state(model.init_params, tx, config, mesh, init_params, keeps_target=algo.keeps_target)
+    abstract, shardings = train_state_layout(model.init_params, tx, config, mesh, keeps_target=algo.keeps_target)
+    state, latest = run_checkpoints.restore_latest(manager, abstract, shardings, iterator)
+    resume.after_restore(manager, latest, config, workdir)
+    return state, shardings
+
+
+class _Meter:
+    """The metrics of the steps since the last log (fetched one step late, so the device keeps
+    working), and the training speed: timed from the end of the first (compiling) step, with
+    evaluation and saving left out."""
+
+    def __init__(self, total: int, batch_size: int, manager):
+        self.window, self.t_start, self.n_timed, self.t_compile = [], None, 0, None
+        self.progress, self.batch_size, self.manager = reporting.Progress(total), batch_size, manager
+
+    def collect(self, item) -> None:
+        s, m = item
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        _check_finite(s, m, self.manager)
+        self.window.append(m)
+        self.progress.update(s, m.get("loss"))
+
+    def before_step(self) -> None:
+        if self.t_start is None:
+            reporting.say("compiling the train step (once per input shape) ...")
+            self.t_compile = time.perf_counter()
+
+    def after_step(self, step: int, metrics) -> None:
+        if self.t_start is not None:
+            self.n_timed += 1
+            return
+        jax.block_until_ready(metrics)
+        self.t_start, self.n_timed = time.perf_counter(), 0
+        reporting.say(f"compiled and ran the first step in {self.t_start - self.t_compile:.1f} s")
+        self.progress.start(step)
+
+    def flush(self, state) -> dict:
+        """Means over the window (schedules: N, lr, target EMA at the logged step) and speed."""
+        w = self.window
+        mean = {k: (w[-1][k] if k in _LAST_VALUE else float(np.mean([m[k] for m in w]))) for k in w[-1]}
+        if self.n_timed:
+            jax.block_until_ready(state.step)
+            dt = time.perf_counter() - self.t_start
+            mean["steps_per_sec"] = self.n_timed / dt
+            mean["examples_per_sec"] = self.n_timed * self.batch_size / dt
+            self.t_start, self.n_timed = time.perf_counter(), 0
+        self.window = []
+        return mean
+
+    @contextlib.contextmanager
+    def paused(self):
+        t_pause = time.perf_counter()
+        yield
+        if self.t_start is not None:
+            self.t_start += time.perf_counter() - t_pause
+
+
+def _write_if_any(writer, step: int, metrics: Optional[dict]) -> None:
+    if metrics:
+        writer.write(step, metrics)
+
+
+def _export(config, family: Family, state, workdir: str, step: int, first_step: int) -> Optional[str]:
+    """The decoder family's EMA params as a cmjax decoder checkpoint (WORKDIR/decoder_ema) at the end."""
+    total = int(config.total_steps)
+    if family.export_checkpoint is None or not config.export_decoder or step < total or jax.process_count() != 1:
+        return None
+    exported = os.path.join(workdir, "decoder_ema")  # what decode.py / cmjax.load_decoder read
+    if step > first_step or not os.path.isdir(exported):  # a complete run rerun: already exported
+        family.export_checkpoint(jax.device_get(state.ema_params), exported)
+    return exported
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train (or resume) the run described by ``config`` in ``workdir``; returns the final state."""
     parallel.initialize_distributed(config.coordinator_address or None,
@@ -155,28 +248,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     algo = algorithms.get(config.algorithm)
     model = algo.model(family, config)
     tx, schedule = make_optimizer(config)
-
-    frozen, frozen_sh = {}, {}
-    if algo.needs_teacher:
-        frozen["teacher"], frozen_sh["teacher"] = run_checkpoints.load_teacher(algo.teacher(config), config, family,
-                                                                             mesh, config.fsdp)
-    if family.conditional:
-        enc, enc_sh = run_checkpoints.load_encoder(config, family, mesh)
-        if enc is not None:
-            frozen["encoder"], frozen_sh["encoder"] = enc, enc_sh
-
+    frozen, frozen_sh = _frozen_inputs(config, family, algo, mesh)
     source = input_pipeline.make_source(config)
     iterator = iter(input_pipeline.make_loader(config, source))
     manager = run_checkpoints.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
-    latest = manager.latest_step()
-    if latest is None:
-        init_params = _load_init_params(config, family, model, mesh, frozen)
-        state, shardings = create_train_state(model.init_params, tx, config, mesh, init_params)
-    else:  # resume: nothing is initialised, the checkpoint is read straight into its layout
-        abstract, shardings = train_state_layout(model.init_params, tx, config, mesh)
-        state, latest = run_checkpoints.restore_latest(manager, abstract, shardings, iterator)
-        resume.after_restore(manager, latest, config, workdir)
-
+    state, shardings = _start_state(config, workdir, family, algo, model, tx, mesh, frozen, manager, iterator)
     data_sh = parallel.data_sharding(mesh)
     step_fn = jax.jit(make_train_step(family, config, tx, schedule),
                       in_shardings=(shardings, data_sh, frozen_sh),
@@ -187,84 +263,45 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         evaluate = make_evaluator(config, family, model, mesh, frozen, eval_batch)
     writer = reporting.MetricWriter(workdir, config.tensorboard)
 
-    step = int(jax.device_get(state.step))
-    total = int(config.total_steps)
+    step, total = int(jax.device_get(state.step)), int(config.total_steps)
     if evaluate is not None and step == 0 and config.sample_at_start:
-        eval_metrics = evaluate(state.ema_params, 0, workdir)
-        if eval_metrics:
-            writer.write(0, eval_metrics)
-    window, pending, t_start, n_timed = [], None, None, 0
-    progress, first_step = reporting.Progress(total), step
-
-    def collect(item):
-        s, m = item
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        _check_finite(s, m, manager)
-        window.append(m)
-        progress.update(s, m.get("loss"))
-
+        _write_if_any(writer, 0, evaluate(state.ema_params, 0, workdir))
+    meter, pending, first_step = _Meter(total, config.batch_size, manager), None, step
     try:
         with _StopFlag() as stop:
             while step < total:
                 run_checkpoints.check_saves(manager)  # a failed async save stops the run now
-                if t_start is None:
-                    reporting.say("compiling the train step (once per input shape) ...")
-                    t_compile = time.perf_counter()
-                batch = data_lib.to_global_batch(next(iterator), data_sh)
-                state, metrics = step_fn(state, batch, frozen)
+                meter.before_step()
+                state, metrics = step_fn(state, data_lib.to_global_batch(next(iterator), data_sh), frozen)
                 step += 1
                 if pending is not None:
-                    collect(pending)
+                    meter.collect(pending)
                 pending = (step, metrics)
                 stopping = stop.requested  # read once: the step that is saved is the one we stop at
                 log_now = step % config.log_every == 0 or step == total
                 save_now = step % config.checkpoint_every == 0 or step == total or stopping
                 sample_now = evaluate is not None and (step % config.sample_every == 0 or step == total)
                 if log_now or save_now or sample_now:
-                    collect(pending)
+                    meter.collect(pending)
                     pending = None
-                if t_start is None:  # time from the end of the first (compiling) step
-                    jax.block_until_ready(metrics)
-                    t_start, n_timed = time.perf_counter(), 0
-                    reporting.say(f"compiled and ran the first step in {t_start - t_compile:.1f} s")
-                    progress.start(step)
-                else:
-                    n_timed += 1
-                if log_now and window:
-                    # Means over the window; schedules (N, lr, target EMA) at the logged step.
-                    mean = {k: (window[-1][k] if k in _LAST_VALUE else float(np.mean([m[k] for m in window])))
-                            for k in window[-1]}
-                    if n_timed:
-                        jax.block_until_ready(state.step)
-                        dt = time.perf_counter() - t_start
-                        mean["steps_per_sec"] = n_timed / dt
-                        mean["examples_per_sec"] = n_timed * config.batch_size / dt
-                        t_start, n_timed = time.perf_counter(), 0
-                    writer.write(step, mean)
-                    window = []
-                t_pause = time.perf_counter()
-                if sample_now:
-                    eval_metrics = evaluate(state.ema_params, step, workdir)
-                    if eval_metrics:
-                        writer.write(step, eval_metrics)
-                if save_now:
-                    run_checkpoints.save(manager, step, state, iterator, config)
-                if t_start is not None:  # evaluation and saving do not count as training time
-                    t_start += time.perf_counter() - t_pause
+                meter.after_step(step, metrics)
+                if log_now and meter.window:
+                    writer.write(step, meter.flush(state))
+                with meter.paused():
+                    if sample_now:
+                        _write_if_any(writer, step, evaluate(state.ema_params, step, workdir))
+                    if save_now:
+                        run_checkpoints.save(manager, step, state, iterator, config)
                 if stopping:
                     print(f"SIGTERM: saved step {step} to {manager.directory}; exiting", flush=True)
                     break
     finally:
-        progress.close()
+        meter.progress.close()
         try:
             run_checkpoints.finish(manager)
         finally:
             writer.close()
-    exported = None
-    if family.export_checkpoint is not None and config.export_decoder and step >= total and jax.process_count() == 1:
-        exported = os.path.join(workdir, "decoder_ema")  # what decode.py / cmjax.load_decoder read
-        if step > first_step or not os.path.isdir(exported):  # a complete run rerun: already exported
-            family.export_checkpoint(jax.device_get(state.ema_params), exported)
+    exported = _export(config, family, state, workdir, step, first_step)
     manager.close()
     reporting.say(reporting.run_outputs(workdir, step, total, samples=evaluate is not None,
                                         tensorboard=config.tensorboard, exported=exported))

@@ -15,6 +15,7 @@ that failed (disk full) stops the run at the next step with ``CheckpointSaveErro
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,39 +85,40 @@ def read_only_manager(directory: str, item_handlers) -> ocp.CheckpointManager:
         absl_logger.removeFilter(notices)
 
 
+@contextlib.contextmanager
+def _save_errors(manager: ocp.CheckpointManager, what: str, seen: str = ""):
+    """Any exception inside becomes one line, CheckpointSaveError("``what`` to DIR failed (...)")."""
+    try:
+        yield
+    except Exception as e:
+        raise CheckpointSaveError(f"{what} to {manager.directory} failed ({seen}{_one_line(e)}); "
+                                  "the previous checkpoints are intact") from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator, config) -> None:
     """Save state, iterator position and config at ``step`` (returns once the save is started).
 
     Raises CheckpointSaveError if this save, or an earlier asynchronous one, failed.
     """
     check_saves(manager)
-    try:
+    with _save_errors(manager, "a checkpoint save", f"seen when starting step {step}'s: "):
         manager.save(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state.to_dict()),
             DATA: grain.checkpoint.CheckpointSave(iterator),
             CONFIG: ocp.args.JsonSave(config_json(config)),
         }), force=True)
-    except Exception as e:
-        raise CheckpointSaveError(f"a checkpoint save to {manager.directory} failed (seen when starting "
-                                  f"step {step}'s: {_one_line(e)}); the previous checkpoints are intact") from e
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
     """Raise CheckpointSaveError if an asynchronous save has failed (cheap: call every step)."""
-    try:
+    with _save_errors(manager, "an asynchronous checkpoint save"):
         manager.check_for_errors()
-    except Exception as e:
-        raise CheckpointSaveError(f"an asynchronous checkpoint save to {manager.directory} failed "
-                                  f"({_one_line(e)}); the previous checkpoints are intact") from e
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
     """Wait for pending saves; CheckpointSaveError (one line) if one failed."""
-    try:
+    with _save_errors(manager, "a checkpoint save"):
         manager.wait_until_finished()
-    except Exception as e:
-        raise CheckpointSaveError(f"a checkpoint save to {manager.directory} failed ({_one_line(e)}); "
-                                  "the previous checkpoints are intact") from e
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, shardings: TrainState,

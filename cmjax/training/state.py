@@ -4,8 +4,8 @@
 
 * ``params``: fp32, what the optimizer updates (compute may be bf16: layers cast).
 * ``ema_params``: fp32 evaluation EMA (iCT: 0.99993), what samples and checkpoints export.
-* ``target_params``: the EMA *target* network of the algorithms that keep one (original CT, CD);
-  None for the others (iCT, sCT, ECT, MeanFlow use stopgrad(params); EDM has no target).
+* ``target_params``: the EMA *target* network of the algorithms whose entry keeps one
+  (``Algorithm.keeps_target``: original CT, CD); None for the others (stopgrad(params) or none).
 * ``rng``: raw uint32 key data (of ``config.prng_impl``); the step's key is ``fold_in(rng, step)``, so a resumed run
   draws exactly the keys an uninterrupted one would.
 
@@ -25,7 +25,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cmjax.parallel import DATA_AXIS
-from cmjax.training import algorithms
 
 
 @flax.struct.dataclass
@@ -50,18 +49,14 @@ class TrainState:
                    ema_params=d["ema_params"], target_params=d.get("target_params"), rng=d["rng"])
 
 
-def uses_target(algorithm: str) -> bool:
-    """Whether the algorithm keeps an EMA target network (its entry has a target_decay)."""
-    return algorithms.get(algorithm).target_decay is not None
-
-
-def state_from_params(params, tx, algorithm: str, seed: int, impl: str = "threefry2x32") -> TrainState:
-    """A fresh state around ``params`` (fp32): EMA (and target) start as copies of them."""
+def state_from_params(params, tx, keeps_target: bool, seed: int, impl: str = "threefry2x32") -> TrainState:
+    """A fresh state around ``params`` (fp32): EMA (and, when ``keeps_target``, the target network)
+    start as copies of them."""
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     copy = lambda t: jax.tree.map(lambda p: p + 0, t)  # distinct buffers (donation-safe)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        ema_params=copy(params), target_params=copy(params) if uses_target(algorithm) else None,
+        ema_params=copy(params), target_params=copy(params) if keeps_target else None,
         rng=jax.random.key_data(jax.random.key(seed, impl=impl)).astype(jnp.uint32))
 
 
@@ -95,30 +90,32 @@ def prng_impl(config) -> str:
     return config.prng_impl
 
 
-def _init_fn(init_params_fn, tx, config, params):
+def _init_fn(init_params_fn, tx, config, params, keeps_target):
     seed, impl = int(config.seed), prng_impl(config)
     if params is None:
-        return (lambda key: state_from_params(init_params_fn(key), tx, config.algorithm, seed, impl),
+        return (lambda key: state_from_params(init_params_fn(key), tx, keeps_target, seed, impl),
                 (jax.random.key(seed, impl=impl),))
-    return (lambda p: state_from_params(p, tx, config.algorithm, seed, impl)), (params,)
+    return (lambda p: state_from_params(p, tx, keeps_target, seed, impl)), (params,)
 
 
-def train_state_layout(init_params_fn, tx, config, mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """(abstract state, shardings) without allocating anything (jax.eval_shape)."""
-    init, args = _init_fn(init_params_fn, tx, config, None)
+def train_state_layout(init_params_fn, tx, config, mesh: Mesh, *, keeps_target: bool
+                       ) -> tuple[TrainState, TrainState]:
+    """(abstract state, shardings) without allocating anything (jax.eval_shape); ``keeps_target``:
+    the algorithm's entry keeps a target network (``Algorithm.keeps_target``)."""
+    init, args = _init_fn(init_params_fn, tx, config, None, keeps_target)
     abstract = jax.eval_shape(init, *args)
     return abstract, tree_shardings(abstract, mesh, config.fsdp, config.fsdp_min_size)
 
 
-def create_train_state(init_params_fn, tx, config, mesh: Mesh,
-                       params: Optional[Any] = None) -> tuple[TrainState, TrainState]:
+def create_train_state(init_params_fn, tx, config, mesh: Mesh, params: Optional[Any] = None, *,
+                       keeps_target: bool) -> tuple[TrainState, TrainState]:
     """(state, shardings): the state created directly in its sharded layout.
 
     ``init_params_fn(key) -> params`` is traced inside ``jax.jit(..., out_shardings=...)``, so
     full-size params are never materialised unsharded.  With ``params`` given (fine-tuning), they
     are the starting point instead and are re-laid out by the same jit.
     """
-    init, args = _init_fn(init_params_fn, tx, config, params)
+    init, args = _init_fn(init_params_fn, tx, config, params, keeps_target)
     abstract = jax.eval_shape(init, *args)
     shardings = tree_shardings(abstract, mesh, config.fsdp, config.fsdp_min_size)
     state = jax.jit(init, out_shardings=shardings)(*args)

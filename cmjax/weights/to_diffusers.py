@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.consistency import SIGMA_DATA
+from cmjax.noise_levels import SIGMA_DATA
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
 from cmjax.weights import hub
