@@ -56,9 +56,9 @@ def build_safetensors(folder: Path) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
+    from cmjax.models.decoder_config import DecoderConfig, abstract_params
     from cmjax.weights.mapping import torch_key_for
     from cmjax.weights.openai import PAIR_EMBEDDING, PAIR_WEIGHTS, diffusers_to_openai_name
-    from cmjax.models.decoder_config import DecoderConfig, abstract_params
 
     rng = np.random.default_rng(0)
     state = {}

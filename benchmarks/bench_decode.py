@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decoder import PeakRSS  # noqa: E402
 
 from cmjax import parallel  # noqa: E402
-from cmjax.batch_decode import outputs, program  # noqa: E402
+from cmjax.batch_decode import program  # noqa: E402
 from cmjax.batch_decode.options import DecodeOptions  # noqa: E402
 from cmjax.decoding import tiling  # noqa: E402
 from cmjax.decoding.decoder import decode_latents  # noqa: E402
@@ -44,7 +44,8 @@ from cmjax.evaluation import metrics  # noqa: E402
 from cmjax.images import to_uint8  # noqa: E402
 from cmjax.models.decoder_config import Decoder, DecoderConfig  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
-from tests.random_decoder import TINY, random_decoder as numpy_random_decoder  # noqa: E402
+from tests.random_decoder import TINY  # noqa: E402
+from tests.random_decoder import random_decoder as numpy_random_decoder
 
 TFLOP_2STEP_512 = 67.3  # a 2-step 512x512 decode of the released model: 2 x 33.6 TFLOP of UNet convs
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
@@ -182,7 +183,8 @@ def tiling_error(args) -> None:
     ref = runs.pop("untiled")
     for name, out in runs.items():
         diff = np.abs(out - ref)
-        print(f"{name} vs untiled: PSNR {metrics.mean_psnr(out, ref, clip=False):.2f} dB (range [-1, 1]); max |diff| {diff.max():.4f}, "
+        print(f"{name} vs untiled: PSNR {metrics.mean_psnr(out, ref, clip=False):.2f} dB (range [-1, 1]); "
+              f"max |diff| {diff.max():.4f}, "
               f"mean {diff.mean():.5f}; uint8 PSNR "
               f"{metrics.mean_psnr(to_uint8(out), to_uint8(ref), value_range=(0, 255)):.2f} dB")
 

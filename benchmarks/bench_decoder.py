@@ -285,8 +285,8 @@ def main() -> None:
     from diffusers import ConsistencyDecoderVAE
 
     import cmjax
-    from cmjax.weights.mapping import torch_to_flax
     from cmjax.models.decoder_config import abstract_params
+    from cmjax.weights.mapping import torch_to_flax
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)

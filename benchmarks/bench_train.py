@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmjax import parallel  # noqa: E402
 from cmjax.data import to_global_batch  # noqa: E402
-from cmjax.training import algorithms, families, optim, step as step_lib  # noqa: E402
+from cmjax.training import algorithms, families, optim  # noqa: E402
 from cmjax.training import state as state_lib  # noqa: E402
+from cmjax.training import step as step_lib
 
 
 def random_batch(config, fam) -> dict:

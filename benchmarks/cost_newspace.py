@@ -24,12 +24,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmjax.weights import checkpoint  # noqa: E402
 from cmjax import parallel  # noqa: E402
 from cmjax.models import vae as vae_lib  # noqa: E402
 from cmjax.models.layers import compute_dtype  # noqa: E402
-from cmjax.training import families, optim, step as step_lib  # noqa: E402
+from cmjax.training import families, optim  # noqa: E402
 from cmjax.training import state as state_lib  # noqa: E402
+from cmjax.training import step as step_lib
+from cmjax.weights import checkpoint  # noqa: E402
 from configs import decoder_newspace  # noqa: E402
 
 VAES = {"sd3": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,

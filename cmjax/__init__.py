@@ -10,7 +10,8 @@
 from cmjax.decoding.decoder import decode, decode_latents
 from cmjax.models.decoder_config import Decoder, DecoderConfig
 from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
-from cmjax.models.vae import decode_gan, encode as encode_images
+from cmjax.models.vae import decode_gan
+from cmjax.models.vae import encode as encode_images
 from cmjax.weights.checkpoint import save_decoder
 from cmjax.weights.hub import load_decoder, load_vae
 

@@ -31,9 +31,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.noise_levels import (RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, GridFn, ct_ema_decay, ct_num_scales,
-                                grid_or_karras, ict_num_scales, karras_sigma_at, karras_sigmas,
-                                lognormal_pair_logits, lognormal_pair_probs, sample_pair_indices)
+from cmjax.noise_levels import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    GridFn,
+    ct_ema_decay,
+    ct_num_scales,
+    grid_or_karras,
+    ict_num_scales,
+    karras_sigma_at,
+    karras_sigmas,
+    lognormal_pair_logits,
+    lognormal_pair_probs,
+    sample_pair_indices,
+)
 
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "RHO", "GridFn",

@@ -292,8 +292,8 @@ def tune(shapes: Iterable[ConvShape], *, path: Path | None = None,
     off CPU. A shape whose XLA candidate would allocate more than ``max_bytes`` (default
     ``max_bytes_default()``) or cost more than ``max_flops`` keeps XLA's convolution, unmeasured and
     uncached; other candidates over ``max_bytes`` are skipped; a measurement that fails (out of
-    memory after all) keeps XLA's convolution too. Measuring stops once ``budget_s`` is spent. ``report`` gets a line per measured or skipped shape. ``measure_fn(shape, names)``: default
-    ``measure``.
+    memory after all) keeps XLA's convolution too. Measuring stops once ``budget_s`` is spent.
+    ``report`` gets a line per measured or skipped shape. ``measure_fn(shape, names)``: default ``measure``.
     """
     measure_fn = measure if measure_fn is None else measure_fn
     plan, why = default_plan(path)

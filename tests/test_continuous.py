@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 from cmjax import consistency as C
 from cmjax import continuous as CT
 

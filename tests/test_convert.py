@@ -170,8 +170,8 @@ def test_diffusers_folder_with_bin_weights(tmp_path):
 
 def test_full_size_architecture_inferred_from_openai_names():
     """The released network's names and shapes (no weights allocated): (320, 640, 1024, 1024), 3 layers."""
-    from cmjax.weights.diffusers import infer_config
     from cmjax.models.decoder_config import DecoderConfig, abstract_params
+    from cmjax.weights.diffusers import infer_config
     from cmjax.weights.mapping import torch_key_for
     from cmjax.weights.openai import count_levels, openai_state_to_diffusers
 

@@ -365,8 +365,8 @@ def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def vae_ckpts(tmp_path_factory) -> Path:
-    from cmjax.weights import checkpoint
     from cmjax.models import vae as vae_lib
+    from cmjax.weights import checkpoint
 
     cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     full = vae_lib.VAE(cfg, random_params(vae_lib.abstract_params(cfg), seed=1))

@@ -22,8 +22,8 @@ import cmjax
 from cmjax.batch_decode import inputs, program
 from cmjax.cli import timesteps_from_flags
 from tests import hostile_files as hf
-from tests.random_decoder import TINY, random_decoder
 from tests.decode_runs import cli_args, run_main
+from tests.random_decoder import TINY, random_decoder
 
 ADDRESS_SPACE_KIB = 6 * 2 ** 20  # 6 GiB: the hostile run stays far below what its huge input asks for
 

@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cmjax  # noqa: E402
-from cmjax.weights.from_pytorch import convert  # noqa: E402
 from cmjax.cli.convert import main as convert_main  # noqa: E402
+from cmjax.weights.from_pytorch import convert  # noqa: E402
 from cmjax.weights.hub import DownloadError, resolve_checkpoint  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import save_vae, tiny_consistency_vae  # noqa: E402

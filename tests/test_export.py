@@ -145,7 +145,7 @@ def test_export_refusals_leave_nothing(converted, tmp_path):
     vae, folder, ckpt = converted
     # an encoder whose latents do not fit the decoder (2 levels: a 2x downsampler, not 8x)
     other = save_vae(tiny_consistency_vae(seed=1, encoder_block_out_channels=(8, 8),
-                                                      encoder_down_block_types=("DownEncoderBlock2D",) * 2), tmp_path / "two_levels")
+                                          encoder_down_block_types=("DownEncoderBlock2D",) * 2), tmp_path / "two_levels")
     with pytest.raises(ExportError, match="downsamples by 2"):
         export_decoder(ckpt, tmp_path / "out", encoder_from=other)
     assert not (tmp_path / "out").exists()

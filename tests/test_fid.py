@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmjax.evaluation import fid as F, sources
+from cmjax.evaluation import fid as F
+from cmjax.evaluation import sources
 from cmjax.images import to_uint8
 from cmjax.models import inception
 from cmjax.weights import inception as inception_weights

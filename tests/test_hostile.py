@@ -16,18 +16,17 @@ import shutil
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cmjax.weights import checkpoint
 from cmjax import data
-from cmjax.weights.mapping import flax_to_torch
 from cmjax.models.decoder_config import ConfigError, DecoderConfig, abstract_params
 from cmjax.models.decoder_unet import UNetConfig
+from cmjax.weights import checkpoint
+from cmjax.weights.mapping import flax_to_torch
 from tests import hostile_files as hf
 from tests.random_decoder import random_decoder
 
@@ -194,7 +193,7 @@ def _build_targeted(cases: Cases, state: dict) -> dict[str, str]:
     bf[bias] = bf[bias].copy()
     bf[bias][0] = np.nan
     cases.file("nan_bf16", hf.state_dict_zip(bf)[0])
-    expect["nan_bf16"] = f"NaN/inf values"
+    expect["nan_bf16"] = "NaN/inf values"
     ints = dict(state)
     ints[bias] = np.zeros(state[bias].shape, np.int32)
     cases.file("int32_weight", hf.state_dict_zip(ints)[0])
@@ -409,8 +408,8 @@ def test_tampered_cmjax_json_is_one_line_naming_the_field(saved, tmp_path, chang
 def test_duplicate_json_keys_are_refused_in_every_json_input(saved, tmp_path):
     """json.loads keeps the last of two equal keys; another reader may keep the first and see
     another file. cmjax.json (at any depth), a diffusers config.json and a safetensors header refuse it."""
-    from cmjax.weights.from_pytorch import convert
     from cmjax.weights.errors import parse_json
+    from cmjax.weights.from_pytorch import convert
 
     text = (saved / "cmjax.json").read_text()
     dst = tmp_path / "ckpt"

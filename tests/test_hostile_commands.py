@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from cmjax import files
+from cmjax.batch_decode import outputs
 from cmjax.cli.convert import main as convert_main
 from cmjax.cli.export import main as export_main
-from cmjax.batch_decode import outputs
 from tests import hostile_files as hf
 from tests.test_hostile import MICRO_JSON, REPO, micro_state
 

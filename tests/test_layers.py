@@ -12,10 +12,8 @@ import pytest
 import torch
 
 import cmjax.models
-from cmjax.models.conv_lowering import (CONV, LOWERINGS, XLA, ConvShape, LoweringPlan, applicable, candidates,
-                                        upsampled_conv)
-from cmjax.models.layers import (Conv, GroupNorm, ResnetBlock, avg_pool_2x2, conv_shapes, upsample_nearest,
-                                 with_prepared_kernels)
+from cmjax.models.conv_lowering import CONV, LOWERINGS, XLA, ConvShape, LoweringPlan, applicable, candidates, upsampled_conv
+from cmjax.models.layers import Conv, GroupNorm, ResnetBlock, avg_pool_2x2, conv_shapes, upsample_nearest, with_prepared_kernels
 from tests.torch_peers import nchw, nhwc
 
 

@@ -109,9 +109,10 @@ def random_params(abstract, seed: int):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
-    from cmjax.weights import checkpoint
-    from cmjax.models import decoder_config, vae as vae_lib
+    from cmjax.models import decoder_config
+    from cmjax.models import vae as vae_lib
     from cmjax.models.decoder_unet import UNetConfig
+    from cmjax.weights import checkpoint
 
     root = tmp_path_factory.mktemp("recon")
     dcfg = decoder_config.DecoderConfig(unet=UNetConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -130,10 +131,10 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def test_recon_cli_table_json_and_grid(tiny_checkpoints, tmp_path, capsys):
-    from cmjax.decoding import decoder as decoder_lib
-    from cmjax.models import vae as vae_lib
     from cmjax.cli.eval import main
+    from cmjax.decoding import decoder as decoder_lib
     from cmjax.evaluation.metrics import reconstruction_metrics
+    from cmjax.models import vae as vae_lib
 
     root, dec, vae = tiny_checkpoints
     out = tmp_path / "out"

@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from cmjax.weights.openai import openai_state_to_diffusers, openai_to_diffusers_name  # noqa: E402
-from tests import openai_peer  # noqa: E402
 from cmjax.weights.torch_pickle import CheckpointError, load_torch_file  # noqa: E402
+from tests import openai_peer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,6 @@ dir) and the runs that must match share one program.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,12 +30,32 @@ import pytest
 from cmjax import consistency as C
 from cmjax import data, parallel
 from cmjax.decoding import schedule
-from cmjax.training import algorithms, families, input_pipeline, optim, reporting, run_checkpoints
+from cmjax.training import (
+    NonFiniteLossError,
+    algorithms,
+    families,
+    input_pipeline,
+    optim,
+    reporting,
+    run_checkpoints,
+    train_and_evaluate,
+    validate_config,
+)
 from cmjax.training import state as state_lib
 from cmjax.training import step as step_lib
-from cmjax.training import NonFiniteLossError, train_and_evaluate, validate_config
-from configs import cifar10_ict, decoder_finetune, decoder_tiny, default, digits_tiny
-from configs import cifar10_ect, cifar10_meanflow, cifar10_sct, digits_ect, digits_meanflow, digits_sct
+from configs import (
+    cifar10_ect,
+    cifar10_ict,
+    cifar10_meanflow,
+    cifar10_sct,
+    decoder_finetune,
+    decoder_tiny,
+    default,
+    digits_ect,
+    digits_meanflow,
+    digits_sct,
+    digits_tiny,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -343,7 +362,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path, 
     out, err = capfd.readouterr()
     assert f"resumed from {workdir}/checkpoints/2" in out
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert any(f"checkpoints/3 cannot be read" in line for line in warnings), err[-2000:]
+    assert any("checkpoints/3 cannot be read" in line for line in warnings), err[-2000:]
     # The bad step is kept aside, not deleted; the good one it fell back to was not pruned early.
     assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "3", "state"))
     assert _ckpt_steps(workdir) == [4, 5]

@@ -11,8 +11,8 @@ from cmjax import tuning
 from cmjax.batch_decode import program
 from cmjax.batch_decode import run as batch_run
 from cmjax.batch_decode.options import DecodeOptions
-from cmjax.models.decoder_config import DecoderConfig
 from cmjax.models.conv_lowering import LOWERINGS, XLA, ConvShape, LoweringPlan, candidates
+from cmjax.models.decoder_config import DecoderConfig
 from cmjax.models.decoder_unet import UNetConfig
 from tests.random_decoder import random_decoder
 

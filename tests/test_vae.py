@@ -10,13 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from cmjax.weights import checkpoint
 from cmjax.models import vae as vae_lib
+from cmjax.weights import checkpoint
 from cmjax.weights.mapping import ConversionError, torch_to_flax
 from cmjax.weights.sd_vae import detect_vae_format, load_pytorch_vae
 from tests.torch_peers import nchw, nhwc, perturb_, save_vae, tiny_consistency_vae
-from tests.vae_peers import (ATOL, TINY_CONFIG, assert_close, assert_same_params, images, state_of, tiny_autoencoder,
-                             to_ldm, write_safetensors)
+from tests.vae_peers import (
+    ATOL,
+    TINY_CONFIG,
+    assert_close,
+    assert_same_params,
+    images,
+    state_of,
+    tiny_autoencoder,
+    to_ldm,
+    write_safetensors,
+)
 
 moments = jax.jit(vae_lib.encoder_moments, static_argnames=("config", "dtype"))
 

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import cmjax
-from cmjax.weights import checkpoint
 from cmjax.decoding import decoder as decoder_lib
 from cmjax.evaluation import latent_stats, metrics
-from cmjax.models import decoder_config, vae as vae_lib
+from cmjax.models import decoder_config
+from cmjax.models import vae as vae_lib
+from cmjax.weights import checkpoint
 from cmjax.weights.sd_vae import load_pytorch_vae
-from tests.vae_peers import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 from tests.torch_peers import nchw, nhwc
+from tests.vae_peers import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 
 SPACES = {
     "sdxl": dict(latent_channels=4, scaling_factor=0.13025),
@@ -321,8 +322,7 @@ def test_newspace_decoder_psnr_rises(tmp_path):
     import os
 
     from cmjax import data
-    from cmjax.cli import eval as eval_lib
-    from cmjax.training import families, reporting, train_and_evaluate
+    from cmjax.training import families, train_and_evaluate
     from configs import decoder_newspace, decoder_tiny
 
     # 16 wide: the latents of a random encoder this wide predict the digits linearly about as well as

@@ -29,10 +29,11 @@ from cmjax import parallel
 from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding import tiling
 from cmjax.decoding.decoder import decode_latents
-from cmjax.models.decoder_config import DecoderConfig, abstract_params
 from cmjax.models import vae as vae_lib
 from cmjax.models.conv_lowering import XLA, ConvShape, LoweringPlan
+from cmjax.models.decoder_config import DecoderConfig, abstract_params
 from cmjax.models.layers import compute_dtype, conv_shapes
+
 
 def identity_key_data(identity: str | bytes) -> np.ndarray:
     """(2,) uint32: the first 8 bytes of sha256(identity), stable across runs, hosts and Pythons.

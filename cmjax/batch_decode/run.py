@@ -34,7 +34,6 @@ from cmjax.files import printable
 from cmjax.models.decoder_config import DecoderConfig
 from cmjax.models.layers import compute_dtype
 
-
 # ------------------------------------------------------------------------------------------------
 # Results
 
@@ -197,9 +196,10 @@ def _kept_for_next_time(loaded: bool) -> str:
 
 def _kernel_preparer(decoder, options: DecodeOptions, mesh) -> Callable[[tuple[int, int]], Any] | None:
     """shape -> the decoder's params with its conv kernels prepared for one micro-batch of that shape
-    (``decoding.decoder.prepared_params`` for ``options.lowering``: Winograd's and the subpixel kernels, made once per run and shape
-    instead of in every program call), replicated over ``mesh``. A tiled decode (its convs see tile
-    shapes) prepares inside the program, as before; None for --images (params of two models)."""
+    (``decoding.decoder.prepared_params`` for ``options.lowering``: Winograd's and the subpixel
+    kernels, made once per run and shape instead of in every program call), replicated over
+    ``mesh``. A tiled decode (its convs see tile shapes) prepares inside the program, as before;
+    None for --images (params of two models)."""
     if options.images:
         return None
     dtype = compute_dtype(options.dtype)

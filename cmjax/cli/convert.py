@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                         "recognised as (e.g. --kind vae takes the SD encoder out of a ConsistencyDecoderVAE)")
     parser.add_argument("--keep-dtype", action="store_true", help="store fp16/bf16 weights as they are "
                         "(default: upcast to float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a cmjax checkpoint (never SRC, a folder holding SRC, a folder with other files or a symbolic link)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a cmjax checkpoint (never SRC, a "
+                        "folder holding SRC, a folder with other files or a symbolic link)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
     return parser
 

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import cache, consistency as C, editing
+from cmjax import cache, editing
+from cmjax import consistency as C
 from cmjax.cli import HelpFormatter, print_error
 from cmjax.evaluation import sources
 from cmjax.images import from_uint8, save_image_grid, upright

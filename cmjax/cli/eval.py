@@ -32,8 +32,10 @@ import numpy as np
 
 from cmjax import cache, data, images
 from cmjax.cli import HelpFormatter, print_error, timesteps_from_flags
-from cmjax.decoding import decoder as decoder_lib, schedule
-from cmjax.evaluation import fid as fid_lib, latent_stats, metrics, sources
+from cmjax.decoding import decoder as decoder_lib
+from cmjax.decoding import schedule
+from cmjax.evaluation import fid as fid_lib
+from cmjax.evaluation import latent_stats, metrics, sources
 from cmjax.files import atomic_write
 from cmjax.models import vae as vae_lib
 from cmjax.training import trained

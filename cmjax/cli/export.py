@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
                         "without it only the UNet is written (a UNet2DModel folder)")
     parser.add_argument("--dtype", choices=sorted(to_diffusers.DTYPES), default="float32", help="dtype of the written "
                         "weights (default float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a folder cmjax exported (never CKPT, a folder holding it, a folder with other files or a symbolic link)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a folder cmjax exported "
+                        "(never CKPT, a folder holding it, a folder with other files or a symbolic link)")
     return parser
 
 

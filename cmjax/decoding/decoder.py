@@ -93,8 +93,8 @@ def decode_latents(params: Any, latents: jax.Array, noise: jax.Array | Callable[
 
     ``denoise_fn(params, x_t, z_up, t, config, dtype, lowering) -> x0`` is the consistency function
     the loop calls, by default ``denoise`` on the whole image; ``lowering`` (a ``LoweringPlan``, from
-    ``cmjax.tuning``; default XLA's convolution) says how each conv is computed; ``cmjax.decoding.tiling.tiled_denoise`` computes it
-    over overlapping tiles. This loop is the one sampler of the decoder.
+    ``cmjax.tuning``; default XLA's convolution) says how each conv is computed;
+    ``cmjax.decoding.tiling.tiled_denoise`` computes it over overlapping tiles. This loop is the one sampler of the decoder.
     """
     denoise_fn = denoise if denoise_fn is None else denoise_fn
     tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
@@ -154,7 +154,8 @@ def decode(decoder: Decoder, latents, *, key: jax.Array | None = None, noise: Se
     latents: (B, h, w, config.latent_channels) NHWC (4 for OpenAI's SD 1.x decoder), what
     ``AutoencoderKL.decode`` takes (before any scaling or shift), transposed to channels-last.
     Exactly one of ``key`` (a PRNG key; noise for step i is ``normal(fold_in(key, i))``) or
-    ``noise`` (one (B, 8h, 8w, 3) array per step) may be given; with neither, key 0 is used. ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
+    ``noise`` (one (B, 8h, 8w, 3) array per step) may be given; with neither, key 0 is used.
+    ``timesteps`` must lie on the distilled grid (16, 32, ..., 1008).
     ``dtype`` is the network's compute dtype (e.g. ``jnp.bfloat16``); params keep their own.
     ``lowering``: how each conv is computed (a ``LoweringPlan``); None: ``cmjax.tuning.default_plan()``,
     the plan cached for this CPU (``cmjax.tuning.tune`` measures one), XLA's convolution for any
@@ -204,7 +205,10 @@ def _check_latents(latents, config: DecoderConfig) -> jax.Array:
 def _check_noise(noise: Sequence[Any], shape: tuple[int, ...], steps: int) -> jax.Array:
     if len(noise) != steps:
         raise ValueError(f"noise needs one array per step: {steps} steps, got {len(noise)} arrays")
-    stacked = jnp.stack([jnp.asarray(n, jnp.float32) for n in noise]) if not hasattr(noise, "ndim") else jnp.asarray(noise, jnp.float32)
+    if hasattr(noise, "ndim"):
+        stacked = jnp.asarray(noise, jnp.float32)
+    else:
+        stacked = jnp.stack([jnp.asarray(n, jnp.float32) for n in noise])
     if stacked.shape != (steps, *shape):
         raise ValueError(f"each noise array must have shape {shape}, got {tuple(stacked.shape[1:])}")
     return stacked

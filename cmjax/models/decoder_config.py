@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.noise_levels import SIGMA_DATA
 from cmjax.models.conv_lowering import XLA, LoweringPlan
 from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig
+from cmjax.noise_levels import SIGMA_DATA
 
 # Per-channel statistics of SD 1.x latents (after the 0.18215 scaling) that OpenAI normalises with.
 LATENT_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)

@@ -32,7 +32,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from cmjax import consistency as C, continuous
+from cmjax import consistency as C
+from cmjax import continuous
 from cmjax.models.image_unet import POSITIONAL_SCALE, positional_features
 from cmjax.training.families import Family
 

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax import data as data_lib, parallel
-from cmjax.evaluation import fid as fid_lib, metrics as eval_metrics
+from cmjax import data as data_lib
+from cmjax import parallel
+from cmjax.evaluation import fid as fid_lib
+from cmjax.evaluation import metrics as eval_metrics
 from cmjax.training import algorithms, input_pipeline, reporting, resume, run_checkpoints
 from cmjax.training.algorithms import Model
 from cmjax.training.families import Family, make_family

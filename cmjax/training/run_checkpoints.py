@@ -25,7 +25,8 @@ from typing import Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmjax.training.families import patch_encoder_matrix
 from cmjax.training.state import TrainState, abstract_with_shardings, tree_shardings

@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cmjax import consistency as C, parallel
+from cmjax import consistency as C
+from cmjax import parallel
 from cmjax.training import algorithms, families, run_checkpoints
 
 

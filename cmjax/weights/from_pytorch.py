@@ -37,8 +37,7 @@ from cmjax.models.decoder_config import Decoder
 from cmjax.weights import diffusers as diffusers_fmt
 from cmjax.weights.checkpoint import check_destination, save_decoder, save_vae
 from cmjax.weights.mapping import ConversionError
-from cmjax.weights.openai import (PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder,
-                                  looks_like_openai)
+from cmjax.weights.openai import PAIR_EMBEDDING, PAIR_WEIGHTS, decoder_from_openai_state, load_openai_decoder, looks_like_openai
 from cmjax.weights.sd_vae import detect_vae_format, load_pytorch_vae
 from cmjax.weights.torch_pickle import LEGACY_HEAD, ZIP_MAGIC, CheckpointError, check_regular_file, load_torch_file
 

@@ -32,9 +32,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmjax.noise_levels import SIGMA_DATA
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import LATENT_MEAN, LATENT_STD, SCALING_FACTOR, DecoderConfig
+from cmjax.noise_levels import SIGMA_DATA
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import CONFIG_FILE, Written, atomic_directory, check_destination, read_vae
 from cmjax.weights.diffusers import find_weights, read_config_json, read_safetensors
