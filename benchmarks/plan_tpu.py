@@ -45,28 +45,30 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ["CMJAX_CONV_LOWERING"] = "xla"  # XLA's convolution: the TPU's conv units, never a CPU choice
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several planning processes may share libtpu
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no TPU here: skip libtpu's device init (it only warns)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import Mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmjax import parallel  # noqa: E402
-from cmjax.decoding import schedule, tiling  # noqa: E402
-from cmjax.decoding.batch import program  # noqa: E402
-from cmjax.decoding.decoder import DecoderConfig, abstract_params  # noqa: E402
-from cmjax.models import vae as vae_lib  # noqa: E402
-from cmjax.models.unet import UNetConfig  # noqa: E402
-from cmjax.training import algorithms, families, loop, optim, state as state_lib  # noqa: E402
-from cmjax.weights import checkpoint  # noqa: E402
+from cmjax import parallel
+from cmjax.decoding import schedule, tiling
+from cmjax.decoding.batch import program
+from cmjax.decoding.decoder import DecoderConfig, abstract_params
+from cmjax.models import vae as vae_lib
+from cmjax.models.unet import UNetConfig
+from cmjax.training import algorithms, families, loop, optim
+from cmjax.training import state as state_lib
+from cmjax.weights import checkpoint
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -167,8 +169,35 @@ def loop_count(hlo: str) -> int:
     return len(re.findall(r"[\s)}]while\(", hlo))
 
 
-def sizes(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of XLA's buffer assignment; peak = arguments + outputs + temporaries - aliases."""
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """The TPU compiler's answer to a program whose buffers exceed a chip's HBM: it refuses to
+    compile it (RESOURCE_EXHAUSTED) and says how much the temporaries need."""
+
+    message: str
+
+    @property
+    def temporaries(self) -> float:
+        found = re.search(r"temporaries \(([\d.]+)([MGT])\)", self.message)
+        return float(found.group(1)) * 2 ** (10 * " KMGT".index(found.group(2))) if found else math.nan
+
+
+def compile_or_refused(compile_fn: Callable[[], Any]) -> Any:
+    """``compile_fn()``, or a ``Refused`` when the compiler says the program does not fit."""
+    try:
+        return compile_fn()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return Refused(str(e).strip().splitlines()[0])
+
+
+def sizes(compiled: Any) -> dict[str, float]:
+    """Per-device bytes of XLA's buffer assignment; peak = arguments + outputs + temporaries - aliases.
+    For a refused program only the temporaries are known (the peak is at least those)."""
+    if isinstance(compiled, Refused):
+        need = compiled.temporaries
+        return {"arguments": math.nan, "temporaries": need, "outputs": math.nan, "aliased": 0, "peak": need}
     m = compiled.memory_analysis()
     out = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
            "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes}
@@ -179,6 +208,8 @@ def sizes(compiled: Any) -> dict[str, int]:
 def flops_of(compiled: Any) -> float:
     """XLA's FLOP count of one device's program; NaN where the backend gives none (a GPU compiled
     without a GPU)."""
+    if isinstance(compiled, Refused):
+        return math.nan
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", math.nan)) if cost else math.nan
@@ -188,20 +219,17 @@ def row(target: Target, what: str, compiled: Any, compile_s: float, flops: float
         extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The figures of one compiled program; ``flops`` per image/example."""
     mem = sizes(compiled)
+    hlo = "" if isinstance(compiled, Refused) else compiled.as_text()
     return {"topology": target.name, "devices": target.mesh.size, "hosts": target.hosts, "program": what,
             **(extra or {}),
             **{f"{k}_gib": round(v / GIB, 3) for k, v in mem.items() if k != "aliased"},
-            "hbm_gib": round(target.hbm_bytes / GIB, 1), "fits": mem["peak"] <= target.hbm_bytes,
+            "hbm_gib": round(target.hbm_bytes / GIB, 1),
+            "fits": not isinstance(compiled, Refused) and mem["peak"] <= target.hbm_bytes,
             "gflop_per_item": None if math.isnan(flops) else round(flops / 1e9, 2),
             "ms_per_item": None if math.isnan(flops) else round(1e3 * flops / (mfu * target.peak_flops), 3),
             "mfu": mfu,
-            "collectives": collectives(compiled.as_text()), "compile_s": round(compile_s, 1)}
-
-
-def _timed_compile(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    compiled = fn()
-    return compiled, time.perf_counter() - t0
+            "collectives": collectives(hlo), "while_loops": loop_count(hlo), "compile_s": round(compile_s, 1),
+            **({"refused": compiled.message} if isinstance(compiled, Refused) else {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def compile_decode(target: Target, config: DecoderConfig, *, size: int, dtype: s
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, pdtype, sharding=rep),
                           abstract_params(config))
     rows = (target.mesh.size * micro_batch, latent, latent, config.latent_channels)
-    compiled, seconds = _timed_compile(lambda: program.compile_program(step, params, rows, target.mesh))
+    compiled = compile_or_refused(lambda: program.compile_program(step, params, rows, target.mesh))
     tiles = 1
     if tile and tile < latent:
         r, c = tiling.tile_grid(latent, latent, tile, overlap)
@@ -246,7 +274,7 @@ def largest_micro_batch(target: Target, config: DecoderConfig, report: Callable[
     while fails is None or fails - fits > 1:
         compiled, flops, facts, seconds = _decode_row(target, config, mb, **kw)
         report(row(target, "decode", compiled, seconds, flops, kw["mfu"], facts))
-        if sizes(compiled)["peak"] <= target.hbm_bytes:
+        if not isinstance(compiled, Refused) and sizes(compiled)["peak"] <= target.hbm_bytes:
             fits = mb
         else:
             fails = mb
@@ -311,7 +339,7 @@ def compile_train(target: Target, config, name: str = "") -> tuple[Any, float, d
         frozen["encoder"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), enc)
         frozen_sh["encoder"] = jax.tree.map(lambda _: rep, enc)
     step = loop.jit_train_step(family, config, tx, sched, mesh, shardings, frozen_sh)
-    compiled = step.lower(state, batch, frozen).compile()
+    compiled = compile_or_refused(lambda: step.lower(state, batch, frozen).compile())
     facts = {"config": name, "batch": config.batch_size, "fsdp": bool(config.fsdp),
              "dtype": config.compute_dtype, "image": h,
              "params_m": round(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)) / 1e6, 1)}
@@ -330,9 +358,13 @@ def format_row(r: dict[str, Any]) -> str:
     if "config" in r:
         what += f" {r['config']} b{r['batch']} {r['dtype']} fsdp={'on' if r['fsdp'] else 'off'}"
     coll = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
+    if "refused" in r:
+        coll = "n/a: the compiler refused it (RESOURCE_EXHAUSTED)"
+    g = {k: _maybe(None if math.isnan(r[f"{k}_gib"]) else r[f"{k}_gib"], "{:.2f}")
+         for k in ("arguments", "temporaries", "outputs", "peak")}
     return (f"| {r['topology']} ({r['devices']} dev, {r['hosts']} host{'s' if r['hosts'] > 1 else ''}) | {what} | "
-            f"{r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} | {r['outputs_gib']:.2f} | "
-            f"{r['peak_gib']:.2f} / {r['hbm_gib']:g} {'fits' if r['fits'] else 'DOES NOT FIT'} | "
+            f"{g['arguments']} | {g['temporaries']} | {g['outputs']} | "
+            f"{'>= ' if 'refused' in r else ''}{g['peak']} / {r['hbm_gib']:g} {'fits' if r['fits'] else 'DOES NOT FIT'} | "
             f"{_maybe(r['gflop_per_item'], '{:,.0f}')} | {_maybe(r['ms_per_item'], '{:.1f}')} | {coll} | "
             f"{r['compile_s']:.0f} |")
 
@@ -387,7 +419,7 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
 
     if args.program == "decode":
-        kw = dict(size=args.size, dtype=args.dtype, tile=args.tile, param_dtype=args.param_dtype)
+        kw = {"size": args.size, "dtype": args.dtype, "tile": args.tile, "param_dtype": args.param_dtype}
         config = decoder_config(args.model)
         if args.micro_batch == "search":
             best = largest_micro_batch(target, config, report, mfu=args.mfu, **kw)
