@@ -1,7 +1,8 @@
 """cmjax's programs compiled for a TPU slice (v5e:2x2) without a TPU: benchmarks/plan_tpu.py.
 
-Needs libtpu (``pip install -e ".[tpu]"``); skipped without it. Each test compiles with the TPU
-compiler on the host CPU: about 2 minutes per program on a busy 2-core machine, hence ``slow``.
+The compiling tests need libtpu (``pip install -e ".[tpu]"``) and are skipped without it; each
+compiles with the TPU compiler on the host CPU, about 2 minutes of CPU per program (18 minutes of
+wall time on a 2-core machine shared with other jobs), hence ``slow``.
 
 The per-device memory XLA assigns is checked against figures derived from the shapes: the params
 (replicated for decoding, split four ways under FSDP), the UNet's skip activations that must all be
@@ -17,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')", allow_module_level=True)
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
@@ -28,13 +27,12 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import plan_tpu
 
+from cmjax.decoding.batch import program, run
 from cmjax.decoding.decoder import DecoderConfig, abstract_params, denoise
 from cmjax.decoding.schedule import DEFAULT_TIMESTEPS
 from cmjax.models.unet import UNetConfig
 from cmjax.training import algorithms, families, optim
 from cmjax.training import state as state_lib
-
-pytestmark = pytest.mark.slow
 
 # Channels of 128 and more: TPU buffers are tiled (8, 128), so narrower tensors would be padded by
 # up to 8x and the derived sizes would say little; at these widths padding stays within a few %.
@@ -44,6 +42,8 @@ SLACK = 1.10  # tiling padding and XLA's small buffers (keys, scalars, constants
 
 @pytest.fixture(scope="module")
 def v5e():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed")
     return plan_tpu.target_named("v5e:2x2")
 
 
@@ -63,6 +63,8 @@ def skip_elements(unet: UNetConfig, h: int, w: int) -> int:
     return total
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_decode_program_fits_its_derived_memory_and_communicates_nothing(v5e):
     """decode.py's program at 256x256, fp32, one image per chip: the arguments are the replicated
     params and the latents; the peak holds at least the params and the skip activations, and at
@@ -110,6 +112,8 @@ def state_bytes_per_device(config, devices: int) -> int:
     return total
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 @pytest.mark.parametrize("fsdp", [True, False])
 def test_train_step_memory_and_collectives(v5e, fsdp):
     """decoder_tiny's train step (iCT, Adam) with a 128/256-channel UNet: the arguments are the
@@ -134,3 +138,30 @@ def test_train_step_memory_and_collectives(v5e, fsdp):
     else:
         assert kinds.get("all-reduce", 0) >= 1, kinds
         assert "all-gather" not in kinds and "reduce-scatter" not in kinds, kinds
+
+
+HBM_REFUSAL = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(60.81G) exceeds available HBM (15.75G).")
+
+
+def test_a_program_the_compiler_refuses_is_a_refused_shape_and_a_row(monkeypatch, tmp_path):
+    """The TPU compiler itself rejects a program that exceeds HBM (no memory analysis to compare
+    first): decode.py refuses that shape with the tiling hint instead of crashing, and the planning
+    command turns the refusal into a row that does not fit, with the temporaries it names."""
+    def refuse(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(HBM_REFUSAL)
+
+    monkeypatch.setattr(program, "compile_program", refuse)
+    said = []
+    programs = run._Programs(None, {}, None, run.DecodeOptions(output=tmp_path), 4, said.append)
+    compiled, why = programs.get((128, 128), 4)
+    assert compiled is None
+    assert "128x128 latents does not fit in a device's memory" in why and "--tile 64" in why
+    assert "60.81G" in why
+    assert programs.get((128, 128), 4) == (None, why)  # remembered: not compiled again
+
+    refused = plan_tpu.compile_or_refused(refuse)
+    assert refused.temporaries == pytest.approx(60.81 * 2 ** 30)
+    assert plan_tpu.sizes(refused)["peak"] == refused.temporaries
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        plan_tpu.compile_or_refused(lambda: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: x")))
