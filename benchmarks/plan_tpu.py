@@ -396,6 +396,7 @@ def parse(argv) -> argparse.Namespace:
     t = sub.choices["train"]
     t.add_argument("--config", default="decoder_newspace", help="a module of configs/")
     t.add_argument("--fsdp", type=int, choices=(0, 1), default=None, help="override config.fsdp")
+    t.add_argument("--batch", type=int, default=None, help="override config.batch_size (global, per step)")
     t.add_argument("--tiny", action="store_true", help="decoder family: the tiny UNet")
     t.add_argument("--vae", choices=tuple(VAE_CONFIGS), default=None,
                    help="decoder family's SD VAE (default: sd3 for decoder_newspace, else sd1)")
@@ -432,6 +433,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = train_config(args.config, None if args.fsdp is None else bool(args.fsdp),
                               vae_checkpoint_dir(Path(tmp), VAE_CONFIGS[vae]), tiny=args.tiny)
+        if args.batch:
+            config.batch_size = args.batch
         t0 = time.perf_counter()
         compiled, flops, facts = compile_train(target, config, args.config)
         seconds = time.perf_counter() - t0
