@@ -165,3 +165,37 @@ def test_a_program_the_compiler_refuses_is_a_refused_shape_and_a_row(monkeypatch
     assert plan_tpu.sizes(refused)["peak"] == refused.temporaries
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         plan_tpu.compile_or_refused(lambda: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: x")))
+
+
+class _FakeCompiled:
+    """Stands in for a compiled decode whose buffers grow by 5 GiB per image of the micro-batch."""
+
+    def __init__(self, micro_batch: int):
+        self.mb = micro_batch
+
+    def memory_analysis(self):
+        return type("Stats", (), {"argument_size_in_bytes": 2 ** 30, "temp_size_in_bytes": 5 * 2 ** 30 * self.mb,
+                                  "output_size_in_bytes": 0, "alias_size_in_bytes": 0})()
+
+    def cost_analysis(self):
+        return {"flops": 1e12 * self.mb}
+
+    def as_text(self):
+        return ""
+
+
+def test_the_micro_batch_search_finds_the_largest_that_fits(monkeypatch):
+    """1 GiB of params + 5 GiB per image in 16 GiB: 3 images fit, 4 do not; the search doubles to 4
+    then bisects to 3 (compiling 1, 2, 4, 3), and every compile is reported."""
+    tried = []
+
+    def fake_row(target, config, mb, *, mfu, **kw):
+        tried.append(mb)
+        return _FakeCompiled(mb), 1e12, {"micro_batch": mb}, 1.0
+
+    monkeypatch.setattr(plan_tpu, "_decode_row", fake_row)
+    target = plan_tpu.Target("fake", plan_tpu.parallel.make_mesh(), 1, 16 * 2 ** 30, 1e14)
+    rows = []
+    assert plan_tpu.largest_micro_batch(target, DecoderConfig(unet=UNET), rows.append, mfu=0.5) == 3
+    assert tried == [1, 2, 4, 3]
+    assert [r["fits"] for r in rows] == [True, True, False, True]
