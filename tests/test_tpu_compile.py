@@ -1,7 +1,7 @@
 """cmjax's programs compiled for a TPU slice (v5e:2x2) without a TPU: benchmarks/plan_tpu.py.
 
 The compiling tests need libtpu (``pip install -e ".[tpu]"``) and are skipped without it; each
-compiles with the TPU compiler on the host CPU, about 2 minutes of CPU per program (18 minutes of
+compiles with the TPU compiler on the host CPU: the three took 5.8 minutes of CPU (48 minutes of
 wall time on a 2-core machine shared with other jobs), hence ``slow``.
 
 The per-device memory XLA assigns is checked against figures derived from the shapes: the params
