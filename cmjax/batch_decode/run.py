@@ -171,17 +171,23 @@ class _Programs:
         params = self.shape_params[1]
         if shape not in self.compiled:
             per_row = (h, w, 3) if self.options.images else (h, w, self.channels)
-            compiled, loaded = program.compile_program(self.step, params, (rows, *per_row), self.mesh)
-            self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
-                     f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
-            need, free = program.bytes_needed(compiled, params), program.bytes_free(self.mesh)
-            too_big = need is not None and free is not None and need > free
+            try:
+                compiled, loaded = program.compile_program(self.step, params, (rows, *per_row), self.mesh)
+                self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
+                         f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
+                need, free = program.bytes_needed(compiled, params), program.bytes_free(self.mesh)
+                too_big, why = need is not None and free is not None and need > free, None
+            except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM itself
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                compiled, too_big, why, need, free = None, True, str(e).strip().splitlines()[0][:300], None, None
             if _host_sum([too_big])[0] > 0:  # every host takes the same branch
                 hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
                         else "--tile 64 (or smaller) to decode it in tiles")
-                self.refused[shape] = (f"decoding {what} needs about {_gib(need)} per device "
-                                       f"(--micro-batch {self.options.micro_batch}) and {_gib(free)} is free; "
-                                       f"try {hint}")
+                size = (f"needs about {_gib(need)} per device" if why is None
+                        else f"does not fit in a device's memory ({why})")
+                self.refused[shape] = (f"decoding {what} {size} (--micro-batch {self.options.micro_batch})"
+                                       f"{f' and {_gib(free)} is free' if why is None else ''}; try {hint}")
                 return None, None, self.refused[shape]
             self.compiled[shape] = compiled
         return self.compiled[shape], params, None

@@ -239,6 +239,14 @@ def _export(config, family: Family, state, workdir: str, step: int, first_step: 
     return exported
 
 
+def jit_train_step(family: Family, config, tx, schedule, mesh, shardings, frozen_shardings):
+    """The jitted train step as the loop runs it: state in ``shardings`` (donated), batch split over
+    the mesh's data axis, metrics replicated (also what benchmarks/plan_tpu.py compiles for TPUs)."""
+    return jax.jit(make_train_step(family, config, tx, schedule),
+                   in_shardings=(shardings, parallel.data_sharding(mesh), frozen_shardings),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train (or resume) the run described by ``config`` in ``workdir``; returns the final state."""
     parallel.initialize_distributed(config.coordinator_address or None,
@@ -256,9 +264,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     manager = run_checkpoints.make_manager(workdir, config.keep_checkpoints, config.async_checkpointing)
     state, shardings = _start_state(config, workdir, family, algo, model, tx, mesh, frozen, manager, iterator)
     data_sh = parallel.data_sharding(mesh)
-    step_fn = jax.jit(make_train_step(family, config, tx, schedule),
-                      in_shardings=(shardings, data_sh, frozen_sh),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_train_step(family, config, tx, schedule, mesh, shardings, frozen_sh)
     evaluate = None
     if config.sample_every > 0:
         eval_batch = input_pipeline.eval_batch(config, source) if family.conditional else None
