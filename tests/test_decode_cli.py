@@ -324,12 +324,12 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
 
 @pytest.mark.slow  # Winograd forced: a long compile
 def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
-    """With Winograd's lowering, the kernel transforms are made once per input shape for the whole
-    run (Decoder.prepared_params), not inside the compiled program, which runs once per batch and
-    loops over micro-batches: three batches of one shape, each conv's kernel transformed once."""
-    from cmjax.models.conv_lowering import CONV, OVERRIDE_ENV, Lowering, winograd_kernel, winograd_run
+    """With a plan of Winograd's lowering, the kernel transforms are made once per input shape for
+    the whole run (decoding.decoder.prepared_params), not inside the compiled program, which runs
+    once per batch and loops over micro-batches: three batches of one shape, each conv's kernel
+    transformed once."""
+    from cmjax.models.conv_lowering import CONV, Lowering, LoweringPlan, winograd_kernel, winograd_run
 
-    monkeypatch.setenv(OVERRIDE_ENV, "winograd")
     calls, compiling = [], []
 
     def counting_prepare(kernel):
@@ -351,12 +351,13 @@ def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     for name in "abc":  # a shape no other test decodes in this process (jit caches key on shapes, not lowerings)
         np.save(folder / f"{name}.npy", rng.normal(size=(3, 5, 4)).astype(np.float32))
-    options = batch_run.DecodeOptions(output=tmp_path / "out", timesteps=(1008, 512), batch_size=1, progress=False)
+    options = DecodeOptions(output=tmp_path / "out", timesteps=(1008, 512), batch_size=1, progress=False,
+                            lowering=LoweringPlan(default="winograd"))
     summary = batch_run.run(decoder, [str(folder)], options)
     assert (summary.decoded, summary.failed, summary.programs) == (3, 0, 1)
     # every 3x3 conv prepared (abstractly, then for real) before the program, none while it compiled
     assert compiling == [True] and len(calls) >= convs > 4 and not any(calls)
-    assert not decoder._prepared  # released at the end of the run
+    assert not decoder.prepared  # released at the end of the run
 
 
 # ------------------------------------------------------------------------------------------------

@@ -141,8 +141,9 @@ def prepared_kernels(params: Any, apply_fn: Callable[[Any], Any]) -> dict[tuple[
 
     def visit(module: Conv, x_shape: tuple[int, ...]) -> None:
         way = module.way(x_shape)
-        if way.form:
-            uses[module.scope.path + (f"kernel:{way.form}",)] = (way.prepare, module.dtype)
+        leaf = f"kernel:{way.form}"
+        if way.form and not module.has_variable("params", leaf):  # params that hold it: nothing to prepare
+            uses[module.scope.path + (leaf,)] = (way.prepare, module.dtype)
 
     _each_conv(apply_fn, visit, params)
     leaves = {}
