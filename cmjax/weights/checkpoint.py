@@ -159,18 +159,24 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False, *, kind: W
             os.replace(old, dst)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    finally:
+    except BaseException:
         _remove_tree(tmp)
+        raise
 
 
-def _remove_tree(path: Path, attempts: int = 50) -> None:
+def _remove_tree(path: Path, quiet: float = 1.0, limit: float = 30.0) -> None:
     """Delete ``path`` even while a writer's thread that failed (orbax's, on a full disk) is still
-    creating files in it: one rmtree can then find a folder that is not empty; try again."""
-    for _ in range(attempts):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
+    creating files in it: rmtree can find a folder that is not empty, and a late write can create
+    the folder again after it was gone. Done once it has stayed gone for ``quiet`` seconds (or
+    after ``limit`` seconds)."""
+    start = gone_since = time.monotonic()
+    while time.monotonic() - start < limit:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet:
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def _params_checkpointer() -> ocp.Checkpointer:
@@ -218,17 +224,24 @@ def _is_orbax_noise(unraisable) -> bool:
     return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
 
 
+def _drop_unretrieved_tasks(record: logging.LogRecord) -> bool:
+    """asyncio logs "Task exception was never retrieved" (with the task's traceback) when a failed
+    orbax writer task is garbage-collected, often after the save has returned or at exit."""
+    return "exception was never retrieved" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
     """Keep orbax's failure noise off stderr while saving: its absl ERROR logs (each with a writer
-    thread's traceback) and the "Event loop is closed" errors its writer threads raise into
-    callbacks after a failed write (~100 tracebacks for one full disk). The exception the save
-    raises says what went wrong. After a failure the filter for those thread errors stays
-    installed: they keep arriving from orbax's threads after the save has returned."""
-    absl = logging.getLogger("absl")
+    thread's traceback), the "Event loop is closed" errors its writer threads raise into
+    callbacks after a failed write (~100 tracebacks for one full disk) and asyncio's logs of its
+    failed writer tasks. The exception the save raises says what went wrong. After a failure the
+    filters stay installed: that noise keeps arriving after the save has returned."""
+    absl, tasks = logging.getLogger("absl"), logging.getLogger("asyncio")
     level, hook = absl.level, sys.unraisablehook
     absl.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda u: None if _is_orbax_noise(u) else hook(u)
+    tasks.addFilter(_drop_unretrieved_tasks)
     failed = True
     try:
         yield
@@ -237,6 +250,7 @@ def quiet_orbax() -> Iterator[None]:
         absl.setLevel(level)
         if not failed:
             sys.unraisablehook = hook
+            tasks.removeFilter(_drop_unretrieved_tasks)
 
 
 def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
