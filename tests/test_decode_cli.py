@@ -134,6 +134,13 @@ def test_scan_names_and_layouts(tmp_path):
     assert [s.rel for s in sources] == ["a.npy", "b.npy", "big.npy", "c.npz"]
     _, errors = inputs.discover([str(tmp_path / "nothing"), str(tmp_path / "in" / "*.png")], inputs.LATENT_SUFFIXES)
     assert len(errors) == 2 and "no such file" in errors[0] and "matches no" in errors[1]
+    # plain file names first (as decode.py a.npy b.npy), and a missing one between two files
+    sources, errors = inputs.discover([str(tmp_path / "in" / "a.npy"), str(tmp_path / "in" / "b.npy")],
+                                      inputs.LATENT_SUFFIXES)
+    assert [s.rel for s in sources] == ["a.npy", "b.npy"] and errors == []
+    sources, errors = inputs.discover([str(tmp_path / "in" / "a.npy"), str(tmp_path / "gone.npy"),
+                                       str(tmp_path / "in" / "b.npy")], inputs.LATENT_SUFFIXES)
+    assert [s.rel for s in sources] == ["a.npy", "b.npy"] and len(errors) == 1 and "gone.npy" in errors[0], errors
 
 
 def test_noise_identity_is_stable():

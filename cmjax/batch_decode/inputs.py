@@ -118,6 +118,7 @@ def discover(inputs: Sequence[str], suffixes: Sequence[str]) -> tuple[list[Sourc
                 errors.append(f"{display(arg)}: folder holds no {'/'.join(suffixes)} files")
             found += [Source(f, _rel(f, Path(arg))) for f in files]
         elif os.path.isfile(arg):
+            special = []
             if arg.lower().endswith(suffixes):
                 found.append(Source(Path(arg), Path(arg).name))
             else:
