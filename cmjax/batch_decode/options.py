@@ -33,7 +33,8 @@ class DecodeOptions:
 
     output: Path | None = flag(None, "folder for the PNGs, created if missing (required)", required=True, type=Path)
     timesteps: tuple[int, ...] = schedule.DEFAULT_TIMESTEPS
-    batch_size: int = flag(8, "global batch, rounded up to a multiple of the devices", type=int)
+    batch_size: int = flag(8, "global batch, rounded up to a multiple of devices x --micro-batch (never more "
+                              "than the largest group of same-size inputs needs)", type=int)
     micro_batch: int = flag(1, "images each device decodes at once: more can be faster on small images; "
                                "pixels depend on this, never on --batch-size or the device/host count", type=int)
     seed: int = flag(0, "noise seed; same seed + same input = same image", type=int)
