@@ -157,11 +157,14 @@ def breakdown(work: Path, cold: bool) -> None:
 
 
 def _phases(work: Path) -> list[tuple[str, float]]:
+    """decode.py's steps (cmjax.cli.decode.main -> cmjax.batch_decode.run), one at a time."""
     import jax
     import numpy as np
 
-    from cmjax import cache, data, parallel
-    from cmjax.decoding.batch import outputs, program
+    from cmjax import cache, images, parallel, tuning
+    from cmjax.batch_decode import outputs, program
+    from cmjax.batch_decode.options import DecodeOptions
+    from cmjax.decoding.decoder import prepared_params
     from cmjax.weights import checkpoint, hub
 
     phases, clock = [], [time.perf_counter()]
@@ -177,14 +180,16 @@ def _phases(work: Path) -> list[tuple[str, float]]:
     lap("compile cache setup, mesh")
     path = hub.resolve_checkpoint(str(work / "weights"), report=print)
     lap("resolve the checkpoint (conversion on first use)")
-    decoder = checkpoint.load_decoder(path, sharding=parallel.replicated(mesh), verify=False)
+    decoder = checkpoint.read_decoder(path, sharding=parallel.replicated(mesh), verify=False)
     jax.block_until_ready(decoder.params)
     lap("read the checkpoint (orbax restore)")
     checkpoint.params_digest(decoder.params)
     lap("params digest (SHA-256 of 2.5 GB)")
-    params = jax.block_until_ready(decoder.prepared_params((1, 4, 6, 4)))  # as decode.py: micro-batch 1
-    lap("conv lowerings chosen (measured on a new machine) + kernels prepared, once per shape")
-    step = program.make_decode_fn(decoder.config, mesh, seed=0, timesteps=(1008, 512))
+    lowering, why = tuning.default_plan()
+    options = DecodeOptions(output=work / "out", lowering=lowering)  # decode.py's defaults: micro-batch 1
+    params = jax.block_until_ready(prepared_params(decoder, (1, 4, 6, 4), np.float32, lowering))
+    lap(f"kernels prepared for the plan, once per shape ({why})")
+    step = program.make_decode_fn(decoder.config, mesh, options)
     rows = jax.ShapeDtypeStruct((2, 4, 6, 4), np.float32, sharding=parallel.data_sharding(mesh))
     keys = jax.ShapeDtypeStruct((2, 2), np.uint32, sharding=parallel.data_sharding(mesh))
     lowered = step.lower(params, rows, keys)
@@ -200,7 +205,7 @@ def _phases(work: Path) -> list[tuple[str, float]]:
     lap("second run of the same program (the first's extra: above minus this)")
     tmp = Path(tempfile.mkdtemp())
     for i, image in enumerate(parallel.local_rows(out)):
-        outputs.write_png(tmp / f"{i}.png", data.to_uint8(image))
+        outputs.write_png(tmp / f"{i}.png", images.to_uint8(image))
     shutil.rmtree(tmp)
     lap("write 2 PNGs")
     return phases

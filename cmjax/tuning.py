@@ -63,7 +63,9 @@ PRUNE = 2.0  # after each round, lowerings slower than PRUNE x the best so far a
 # decode; ``layers.with_prepared_kernels``), so a lowering is charged its preparation / 2.
 EVALS_PER_PREPARE = 2
 CACHE_VERSION = 2  # entries of an older version are measured again (1 timed Winograd transforming its kernel per call)
-MAX_FLOPS = 1e11  # per call: the full-size decoder's convs up to 16x16 latents (128x128 px) are measured
+# Per call (about 1.5 s at 300 GFLOP/s): every conv of the full-size decoder up to 32x32 latents
+# (256x256 px) is measured; the largest there, 640->640 channels at 256x256 px, is 483 GFLOP.
+MAX_FLOPS = 5e11
 BUDGET_S = 600.0  # one tune's measuring time; what is left is measured by the next
 
 

@@ -18,9 +18,11 @@ tests of the plan itself (tests/test_tuning.py, test_decoder.py's default-settin
 Subprocesses started by tests inherit the setting (the decode.py tests set im2col for theirs:
 see ``env`` below).
 
-One persistent JAX compilation cache serves the whole session, this process and every subprocess
-(through JAX_COMPILATION_CACHE_DIR): a program compiled once, by any test, is loaded by the next
-that needs it. It lives in a temporary folder removed when the session ends.
+The tests run in parallel, one worker process per CPU (pytest-xdist, ``-n auto`` in pytest.ini;
+``-n 0`` runs them in this process). One persistent JAX compilation cache serves the whole session,
+every worker and every subprocess (through JAX_COMPILATION_CACHE_DIR): a program compiled once, by
+any test, is loaded by the next that needs it. It lives in a temporary folder that the process
+which made it (pytest's main process) removes when the session ends.
 """
 import os
 import shutil
@@ -36,7 +38,11 @@ import cmjax  # noqa: E402
 from tests.random_decoder import random_decoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-COMPILE_CACHE = tempfile.mkdtemp(prefix="cmjax-tests-jax-cache-")
+_SHARED_CACHE = "CMJAX_TESTS_COMPILE_CACHE"  # set by the main process; xdist workers inherit it
+_MADE_CACHE = not os.environ.get(_SHARED_CACHE)
+if _MADE_CACHE:
+    os.environ[_SHARED_CACHE] = tempfile.mkdtemp(prefix="cmjax-tests-jax-cache-")
+COMPILE_CACHE = os.environ[_SHARED_CACHE]
 MIN_COMPILE_SECONDS = "0.2"  # tiny models compile fast; most programs are still worth keeping
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = MIN_COMPILE_SECONDS
@@ -45,7 +51,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", float(MIN_COMPIL
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
+    if _MADE_CACHE:
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -149,6 +149,17 @@ def test_oversized_shapes_fall_back_without_allocating(tmp_path):
     assert calls == [SHAPE] and entry["skipped"] == ["im2col"] and "im2col" not in entry["seconds"]
 
 
+def test_the_flop_bound_measures_every_conv_of_the_full_size_decoder_up_to_32x32_latents():
+    """MAX_FLOPS bounds the measuring time of huge shapes; it must not leave the benchmark's cases
+    (bench_decoder.py: 4x6 and 16x16 latents) or 256 px images with XLA's convolution: with 1e11 the
+    two 640->640 convs at 128x128 px went unmeasured and a 16x16 decode was 6% slower."""
+    for hw in (6, 16, 32):
+        shapes = program.program_conv_shapes(DecoderConfig(), (hw, hw), DecodeOptions(timesteps=(1008, 512)))
+        assert len(shapes) == 23 and max(tuning.conv_flops(s) for s in shapes) <= tuning.MAX_FLOPS, hw
+    largest = program.program_conv_shapes(DecoderConfig(), (40, 40), DecodeOptions(timesteps=(1008, 512)))
+    assert max(tuning.conv_flops(s) for s in largest) > tuning.MAX_FLOPS  # the bound does bound
+
+
 def test_a_failing_measurement_keeps_xla_and_goes_on(tmp_path):
     path = tmp_path / "conv_lowering.json"
     other = dataclasses.replace(SHAPE, height=8)
