@@ -54,7 +54,8 @@ class ImageFolderSource:
     palette and RGBA images are converted to RGB (alpha composited onto white).
 
     A file that cannot be decoded is not skipped: `__getitem__` raises an `OSError` naming it,
-    so a corrupt dataset fails the run loudly instead of silently changing the epoch.
+    so a corrupt dataset fails the run loudly instead of silently changing the epoch; an image
+    name that is not a regular file (a FIFO, a device, a dangling link) is a ValueError here.
     """
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
@@ -62,7 +63,7 @@ class ImageFolderSource:
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        rel_paths = []
+        rel_paths, special = [], []
         # Symlinked folders are followed, but each real folder is walked once: a link to a
         # parent (l1 -> .) would otherwise make the walk run until memory is gone.
         visited = set()
@@ -75,9 +76,13 @@ class ImageFolderSource:
             dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited]
             for fname in filenames:
                 path = os.path.join(dirpath, fname)
-                # Regular files only: opening a FIFO named x.png would block the loader.
-                if fname.lower().endswith(exts) and os.path.isfile(path):
-                    rel_paths.append(os.path.relpath(path, self.root))
+                if fname.lower().endswith(exts):
+                    # Regular files only: opening a FIFO named x.png would block the loader.
+                    (rel_paths if os.path.isfile(path) else special).append(os.path.relpath(path, self.root))
+        if special:  # loud, like an unreadable image: skipping them would change the data silently
+            raise ValueError(f"{os.path.join(self.root, sorted(special)[0])}: not a regular file (a FIFO, device or "
+                             f"dangling link){f', and {len(special) - 1} more like it' if len(special) > 1 else ''} "
+                             f"in the image folder; remove {'them' if len(special) > 1 else 'it'}")
         if not rel_paths:
             raise ValueError(f"no image files ({', '.join(exts)}) found under {self.root!r}")
         # Sort on '/'-separated relative paths so the order does not depend on the OS or os.walk.

@@ -101,6 +101,17 @@ def test_image_folder_empty_raises_naming_the_folder(tmp_path):
         data.ImageFolderSource(tmp_path / "missing_dir")
 
 
+def test_image_folder_refuses_names_that_are_not_regular_files(tmp_path):
+    """A FIFO (opening it would block the loader) or a dangling link named like an image: one
+    line naming the first, counting the rest, before any image is read."""
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "c.jpg")
+    with pytest.raises(ValueError, match=r"b\.png: not a regular file .*and 1 more like it in the image folder") as e:
+        data.ImageFolderSource(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_corrupt_image_fails_naming_the_file(tmp_path):
     _save(tmp_path / "good.png", np.full((8, 8, 3), 7, np.uint8))
     (tmp_path / "garbage.png").write_bytes(b"this is not a png")

@@ -8,6 +8,7 @@ post_quant_conv, and a shift_factor (SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159).
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -306,6 +307,28 @@ def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
         families.newspace_decoder_config(c, base)
     (tmp_path / "s.json").write_text("{}")
     with pytest.raises(ValueError, match=r"s\.json: not a latent-stats JSON"):
+        families.newspace_decoder_config(c, base)
+    # hostile files: one line naming the file, nothing read past the size bound, no FIFO opened
+    bad = {"duplicate key": '{"latent_std": [1], "latent_std": [2]}',
+           "wrong length": json.dumps({**stats, "latent_mean": [0.0] * 4}),
+           "NaN": json.dumps({**stats, "latent_std": [float("nan")] * 16}),
+           "zero std": json.dumps({**stats, "latent_std": [0.0] * 16}),
+           "strings": json.dumps({**stats, "latent_mean": ["0"] * 16}),
+           "not an object": "[1, 2]", "bad UTF-8": b"\xff\xfe"}
+    for what, text in bad.items():
+        (tmp_path / "s.json").unlink()
+        (tmp_path / "s.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=r"s\.json: .*(not a latent-stats JSON|invalid JSON)") as e:
+            families.newspace_decoder_config(c, base)
+        assert "\n" not in str(e.value), what
+    (tmp_path / "s.json").unlink()
+    with open(tmp_path / "s.json", "wb") as f:  # sparse: 2 GiB declared, nothing allocated or read
+        f.truncate(2 ** 31)
+    with pytest.raises(ValueError, match=r"s\.json: not a latent-stats JSON \(2147483648 bytes"):
+        families.newspace_decoder_config(c, base)
+    (tmp_path / "s.json").unlink()
+    os.mkfifo(tmp_path / "s.json")  # opening it would block forever
+    with pytest.raises(ValueError, match=r"s\.json: not a latent-stats JSON \(not a regular file"):
         families.newspace_decoder_config(c, base)
 
 

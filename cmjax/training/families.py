@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 from typing import Any, Callable, Optional
 
 import jax
@@ -56,6 +58,7 @@ from cmjax.models.layers import compute_dtype, upsample_nearest
 from cmjax.models.vae import encode_latents
 from cmjax.weights import hub
 from cmjax.weights.checkpoint import read_config, read_vae_config, save_decoder
+from cmjax.weights.errors import parse_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,25 +238,52 @@ def retarget_decoder_params(params: Any, base: DecoderConfig, new: DecoderConfig
 def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
     """``retarget_decoder_config`` for ``data.vae_checkpoint`` and the statistics in ``model.latent_stats``
     (a JSON written by ``python -m cmjax.eval latent-stats`` with that VAE; empty: mean 0, std 1)."""
-    import json
-
-
     vae_config, _ = read_vae_config(hub.resolve_checkpoint(config.data.vae_checkpoint, kind="vae"))
     mean = std = None
-    path = config.model.latent_stats
-    if path:
-        try:
-            with open(path) as f:
-                stats = json.load(f)
-            mean, std = stats["latent_mean"], stats["latent_std"]
-            measured = (stats["latent_channels"], stats["scaling_factor"], stats["shift_factor"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a latent-stats JSON ({type(e).__name__}: {e})") from None
-        wanted = (vae_config.latent_channels, vae_config.scaling_factor, vae_config.shift_factor)
-        if tuple(measured) != wanted:
-            raise ValueError(f"{path}: measured with (channels, scaling, shift) = {tuple(measured)}, but "
-                             f"{config.data.vae_checkpoint} has {wanted}; rerun latent-stats with this VAE")
+    if config.model.latent_stats:
+        mean, std = read_latent_stats(config.model.latent_stats, vae_config, config.data.vae_checkpoint)
     return retarget_decoder_config(base, vae_config, mean, std)
+
+
+MAX_LATENT_STATS_BYTES = 1 << 20  # what latent-stats writes is a few hundred bytes
+
+
+def read_latent_stats(path: str, vae_config, vae_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per latent channel from a ``python -m cmjax.eval latent-stats`` JSON measured
+    with the VAE ``vae_config``; ValueError naming ``path`` for anything else (not a regular file,
+    too large, bad JSON, other fields, another VAE's space, non-finite values, std <= 0)."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path}: not a latent-stats JSON ({problem})")
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise bad("not a regular file")
+        if st.st_size > MAX_LATENT_STATS_BYTES:
+            raise bad(f"{st.st_size} bytes; a latent-stats JSON is under {MAX_LATENT_STATS_BYTES} bytes")
+        with open(path, "rb") as f:
+            text = f.read(MAX_LATENT_STATS_BYTES + 1)
+    except OSError as e:
+        raise bad(f"cannot read it: {e.strerror or e}") from None
+    stats = parse_json(text, path, error=ValueError)
+    keys = ("latent_mean", "latent_std", "latent_channels", "scaling_factor", "shift_factor")
+    if not isinstance(stats, dict) or any(k not in stats for k in keys):
+        raise bad(f"needs the fields {', '.join(keys)}")
+    measured = tuple(stats[k] for k in keys[2:])
+    wanted = (vae_config.latent_channels, vae_config.scaling_factor, vae_config.shift_factor)
+    if measured != wanted:
+        raise ValueError(f"{path}: measured with (channels, scaling, shift) = {measured}, but "
+                         f"{vae_name} has {wanted}; rerun latent-stats with this VAE")
+    out = []
+    for name in keys[:2]:
+        values = stats[name]
+        if (not isinstance(values, list) or len(values) != wanted[0]
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise bad(f"{name} must be {wanted[0]} finite numbers")
+        out.append(tuple(float(v) for v in values))
+    if min(out[1]) <= 0:
+        raise bad("latent_std must be positive")
+    return out[0], out[1]
 
 
 def decoder_init_params(config, dcfg: DecoderConfig) -> Any:
