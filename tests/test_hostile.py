@@ -493,6 +493,8 @@ def test_image_folder_walk_survives_symlink_loops(tmp_path):
         Image.new("RGB", (4, 4)).save(p)
     os.symlink(".", root / "l1")  # a loop to itself
     os.symlink("../..", root / "a" / "b" / "up")  # a loop back to the root
-    os.mkfifo(root / "fifo.png")  # never opened
     source = data.ImageFolderSource(root)
     assert sorted(os.path.relpath(p, root) for p in source.paths) == ["a/b/z.png", "a/y.png", "x.png"]
+    os.mkfifo(root / "fifo.png")  # never opened: refused by name (tests/test_data.py)
+    with pytest.raises(ValueError, match=r"fifo\.png: not a regular file"):
+        data.ImageFolderSource(root)

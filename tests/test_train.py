@@ -614,7 +614,7 @@ def test_eight_devices_give_the_one_device_loss():
                 mesh = parallel.make_mesh(devices)
                 state, sh = state_lib.create_train_state(fam.init_params, tx, c, mesh, keeps_target=False)  # ict
                 batch = to_global_batch(host_batch, parallel.data_sharding(mesh))
-                fn = jax.jit(step_lib.make_train_step(fam, c, tx, sched),
+                fn = jax.jit(step_lib.make_train_step(fam, c, tx, sched, param_shardings=sh.params if fsdp else None),
                              out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))
                 s1, m1 = fn(state, batch, jax.device_put(frozen, parallel.replicated(mesh)))
                 s2, m2 = fn(s1, batch, jax.device_put(frozen, parallel.replicated(mesh)))

@@ -242,7 +242,8 @@ def _export(config, family: Family, state, workdir: str, step: int, first_step: 
 def jit_train_step(family: Family, config, tx, schedule, mesh, shardings, frozen_shardings):
     """The jitted train step as the loop runs it: state in ``shardings`` (donated), batch split over
     the mesh's data axis, metrics replicated (also what benchmarks/plan_tpu.py compiles for TPUs)."""
-    return jax.jit(make_train_step(family, config, tx, schedule),
+    step = make_train_step(family, config, tx, schedule, param_shardings=shardings.params if config.fsdp else None)
+    return jax.jit(step,
                    in_shardings=(shardings, parallel.data_sharding(mesh), frozen_shardings),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmjax.training import algorithms
 from cmjax.training.families import Family
@@ -31,14 +33,23 @@ def _ema(ema, new, decay, apply):
     return jax.tree.map(one, ema, new)
 
 
-def make_train_step(family: Family, config, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
-    """The pure train step for ``config.algorithm``; jit it with the state donated."""
+def make_train_step(family: Family, config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    param_shardings: Any = None) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
+    """The pure train step for ``config.algorithm``; jit it with the state donated.
+
+    ``param_shardings`` (FSDP: the params' NamedShardings, split over the mesh) makes the step say
+    where the params are used whole: the loss sees them replicated (XLA all-gathers each where it is
+    needed) and the gradients go back to the params' shards (a reduce-scatter). Without it XLA's
+    partitioner is free to keep a kernel split and move the batch instead: on TPU the full-size
+    decoder's FSDP step came out with 216 all-to-alls, 1453 collective-permutes, gradients
+    all-reduced and no reduce-scatter. None (data parallelism): no constraint.
+    """
     algo = algorithms.get(config.algorithm)
     loss_fn = algo.loss(family, config)
     accum = int(config.optim.grad_accum_steps)
     ema_decay = float(config.ema_decay)
     impl = prng_impl(config)
+    whole = None if param_shardings is None else jax.tree.map(lambda s: NamedSharding(s.mesh, P()), param_shardings)
 
     def train_step(state: TrainState, batch, frozen):
         k = state.step // accum
@@ -47,9 +58,13 @@ def make_train_step(family: Family, config, tx: optax.GradientTransformation,
         x, cond = family.prepare(batch, frozen)
 
         def objective(params):
+            if param_shardings is not None:
+                params = jax.lax.with_sharding_constraint(params, whole)
             return loss_fn(params, state, x, cond, frozen, loss_key, dropout_key, k)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        if param_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         updated = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else jnp.bool_(True)
