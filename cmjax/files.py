@@ -14,6 +14,8 @@ recognises as its own (host and pid in the name) for the next run to remove.
     before np.load allocates them)
     printable(text): a file name (or a message holding one) on one line: newlines, tabs, terminal
     escapes and the bytes of a non-UTF-8 name escaped as in a Python literal (``\\n``, ``\\xff``)
+    read_small(path): the bytes of a small regular file (a JSON of settings), or ValueError for a
+    FIFO / device (opening it could block or never end) or a file over the bound (never read)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 TMP_MARK = ".tmp-"
+MAX_SMALL_FILE = 16 << 20  # cmjax.json, config.json, a latent-stats JSON: kilobytes
 _NAME_PART = 40  # characters of the target's name kept in its temporary's (the rest is ours: < 100)
 
 
@@ -153,3 +157,15 @@ def array_headers(path: str | os.PathLike) -> list[tuple[str | None, tuple[int, 
         return [(None, shape, dtype)]
     except (zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"not a readable .npz archive ({e})") from None
+
+
+def read_small(path: str | os.PathLike, limit: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; ValueError naming it
+    otherwise (checked before reading: a FIFO is never opened, a huge file never read)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"{path}: {st.st_size} bytes, more than such a file holds ({limit} at most)")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)

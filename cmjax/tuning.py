@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from cmjax.cache import cache_dir
+from cmjax.files import read_small
 from cmjax.models.conv_lowering import DEFAULT, LOWERINGS, SUBPIXEL, XLA, ConvShape, LoweringPlan, candidates
 
 OVERRIDE_ENV = "CMJAX_CONV_LOWERING"
@@ -122,7 +123,7 @@ def cache_path() -> Path:
 def read_cache(path: Path) -> dict:
     """{machine key: {shape key: {"choice": name, "seconds": {name: s}, ...}}}; {} if missing or unreadable."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small(path))
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}

@@ -498,3 +498,24 @@ def test_image_folder_walk_survives_symlink_loops(tmp_path):
     os.mkfifo(root / "fifo.png")  # never opened: refused by name (tests/test_data.py)
     with pytest.raises(ValueError, match=r"fifo\.png: not a regular file"):
         data.ImageFolderSource(root)
+
+
+def test_small_json_files_are_read_within_a_bound(tmp_path):
+    """cmjax.json, a diffusers config.json and the conv-lowering cache are read only when they are
+    regular files of at most files.MAX_SMALL_FILE bytes: a sparse 4 GiB cmjax.json is refused in
+    one line without being read, a FIFO named config.json is never opened."""
+    from cmjax import files, tuning
+    from cmjax.weights import diffusers
+
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_decoder(random_decoder(0), ckpt)
+    with open(ckpt / checkpoint.CONFIG_FILE, "r+b") as f:
+        f.truncate(2 ** 32)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cmjax\.json: 4294967296 bytes, more than such a file holds"):
+        checkpoint.read_config(ckpt)
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"config\.json: not a regular file"):
+        diffusers.read_config_json(tmp_path / "config.json")
+    assert tuning.read_cache(tmp_path / "config.json") == {}  # unreadable cache: measured again, never blocks
+    with pytest.raises(ValueError, match="not a regular file"):
+        files.read_small("/dev/zero")

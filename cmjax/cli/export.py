@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cmjax import cache
 from cmjax.cli import HelpFormatter, error_status
+from cmjax.files import read_small
 from cmjax.weights import checkpoint, to_diffusers
 from cmjax.weights.mapping import ConversionError
 
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 def _hint_encoder(ckpt: Path) -> None:
     """If the checkpoint was converted from a ConsistencyDecoderVAE folder still on disk, say so."""
     try:
-        source = Path(json.loads((ckpt / checkpoint.CONFIG_FILE).read_text()).get("source", ""))
+        source = Path(json.loads(read_small(ckpt / checkpoint.CONFIG_FILE)).get("source", ""))
         folder = source if source.is_dir() else source.parent
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads(read_small(folder / "config.json"))
     except (OSError, ValueError, TypeError):
         return
     if cfg.get("_class_name") == "ConsistencyDecoderVAE":

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import stat
 from typing import Any, Callable, Optional
 
 import jax
@@ -50,6 +48,7 @@ import numpy as np
 from cmjax import consistency as C
 from cmjax.decoding import schedule
 from cmjax.decoding.decoder import decode_latents, denoise, normalize_latents
+from cmjax.files import read_small
 from cmjax.models import decoder_config
 from cmjax.models.decoder_config import Decoder, DecoderConfig
 from cmjax.models.decoder_unet import UNetConfig
@@ -245,9 +244,6 @@ def newspace_decoder_config(config, base: DecoderConfig) -> DecoderConfig:
     return retarget_decoder_config(base, vae_config, mean, std)
 
 
-MAX_LATENT_STATS_BYTES = 1 << 20  # what latent-stats writes is a few hundred bytes
-
-
 def read_latent_stats(path: str, vae_config, vae_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per latent channel from a ``python -m cmjax.eval latent-stats`` JSON measured
     with the VAE ``vae_config``; ValueError naming ``path`` for anything else (not a regular file,
@@ -256,15 +252,11 @@ def read_latent_stats(path: str, vae_config, vae_name: str) -> tuple[tuple[float
         return ValueError(f"{path}: not a latent-stats JSON ({problem})")
 
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise bad("not a regular file")
-        if st.st_size > MAX_LATENT_STATS_BYTES:
-            raise bad(f"{st.st_size} bytes; a latent-stats JSON is under {MAX_LATENT_STATS_BYTES} bytes")
-        with open(path, "rb") as f:
-            text = f.read(MAX_LATENT_STATS_BYTES + 1)
+        text = read_small(path)
     except OSError as e:
         raise bad(f"cannot read it: {e.strerror or e}") from None
+    except ValueError as e:
+        raise bad(str(e).removeprefix(f"{path}: ")) from None
     stats = parse_json(text, path, error=ValueError)
     keys = ("latent_mean", "latent_std", "latent_channels", "scaling_factor", "shift_factor")
     if not isinstance(stats, dict) or any(k not in stats for k in keys):

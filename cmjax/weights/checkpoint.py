@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmjax.files import read_small
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import Decoder, DecoderConfig, abstract_params
 from cmjax.weights.errors import CheckpointError, parse_json
@@ -285,7 +286,11 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a cmjax {what} checkpoint (no {CONFIG_FILE}); "
                               "convert PyTorch weights first with `python -m cmjax.convert SRC DST`")
-    meta = parse_json(meta_path.read_bytes(), str(meta_path))
+    try:
+        text = read_small(meta_path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    meta = parse_json(text, str(meta_path))
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != fmt:

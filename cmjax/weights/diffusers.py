@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cmjax.files import read_small
 from cmjax.models.decoder_config import DECODER_FIELDS, UNET_FIELDS, Decoder, DecoderConfig, Field, abstract_params
 from cmjax.models.decoder_unet import UNetConfig
 from cmjax.weights.errors import parse_json
@@ -140,7 +141,11 @@ def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.n
 
 def read_config_json(path: Path) -> Any:
     """The content of a config.json; ConversionError naming the file if it is not JSON."""
-    return parse_json(Path(path).read_bytes(), str(path), ConversionError)
+    try:
+        text = read_small(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    return parse_json(text, str(path), ConversionError)
 
 
 def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
