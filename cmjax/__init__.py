@@ -7,6 +7,11 @@
     latents = cmjax.encode_images(vae, images)       # raw posterior mean (B,H/8,W/8,C), C = 4 or 16
     gan = cmjax.decode_gan(vae, latents)             # the VAE's own decoder
 """
+# ruff: noqa: E402  (the imports below come after xla_cpu.apply())
+from cmjax import xla_cpu
+
+xla_cpu.apply()  # before JAX starts a backend: XLA:CPU convolutions without YNNPACK (see cmjax/xla_cpu.py)
+
 from cmjax.decoding.decoder import decode, decode_latents
 from cmjax.models.decoder_config import Decoder, DecoderConfig
 from cmjax.models.decoder_unet import ConsistencyUNet, UNetConfig

@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from cmjax import xla_cpu
 from cmjax.cache import cache_dir
 from cmjax.files import read_small
 from cmjax.models.conv_lowering import DEFAULT, LOWERINGS, SUBPIXEL, XLA, ConvShape, LoweringPlan, candidates
@@ -63,7 +64,9 @@ PRUNE = 2.0  # after each round, lowerings slower than PRUNE x the best so far a
 # A decode prepares each kernel once for all its network evaluations (two in the default 2-step
 # decode; ``layers.with_prepared_kernels``), so a lowering is charged its preparation / 2.
 EVALS_PER_PREPARE = 2
-CACHE_VERSION = 2  # entries of an older version are measured again (1 timed Winograd transforming its kernel per call)
+# Entries of an older version are measured again (1 timed Winograd transforming its kernel per call;
+# 2 timed XLA's convolution on YNNPACK, before cmjax.xla_cpu).
+CACHE_VERSION = 3
 # Per call (about 1.5 s at 300 GFLOP/s): every conv of the full-size decoder up to 32x32 latents
 # (256x256 px) is measured; the largest there, 640->640 channels at 256x256 px, is 483 GFLOP.
 MAX_FLOPS = 5e11
@@ -110,10 +113,13 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def machine_key() -> str:
-    """What a measurement is valid for: backend, device (CPU model on CPU), jax version."""
+    """What a measurement is valid for: backend, device (CPU model on CPU), jax version, and on CPU
+    whether XLA's convolution runs without YNNPACK (``cmjax.xla_cpu``; XLA_FLAGS is read once per process)."""
     device = jax.devices()[0]
-    kind = cpu_model() if device.platform == "cpu" else device.device_kind
-    return f"{device.platform} | {kind} | jax {jax.__version__}"
+    if device.platform != "cpu":
+        return f"{device.platform} | {device.device_kind} | jax {jax.__version__}"
+    convs = "xla convs" if xla_cpu.FLAG in os.environ.get("XLA_FLAGS", "") else "ynnpack convs"
+    return f"cpu | {cpu_model()} | jax {jax.__version__} | {convs}"
 
 
 def cache_path() -> Path:
