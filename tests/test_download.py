@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 import cmjax  # noqa: E402
 from cmjax.cli.convert import main as convert_main  # noqa: E402
 from cmjax.weights.from_pytorch import convert  # noqa: E402
-from cmjax.weights.hub import DownloadError, resolve_checkpoint  # noqa: E402
+from cmjax.weights.hub import DownloadError, resolve_checkpoint, start_loading_decoder  # noqa: E402
 from tests import openai_peer  # noqa: E402
 from tests.torch_peers import save_vae, tiny_consistency_vae  # noqa: E402
 
@@ -247,6 +247,20 @@ def test_paths_and_unknown_names(decoder_pt, cache, tmp_path):
     assert resolve_checkpoint(tmp_path / "empty") == tmp_path / "empty"
     with pytest.raises(FileNotFoundError, match="'openai', 'openai/consistency-decoder'"):
         resolve_checkpoint("openai/other-model")
+
+
+def test_first_use_decodes_from_what_it_converted(decoder_pt, cache):
+    """load_decoder of a PyTorch file converts it into the cache and uses the converted params from
+    memory (not read back); later loads read the cache. Same params, same structure, both ways."""
+    path, _ = decoder_pt
+    first = start_loading_decoder(path)
+    assert first._decoder is not None  # done: nothing read back from the cache in the background
+    again = start_loading_decoder(path)
+    assert again._decoder is None  # read from the cache, in the background
+    assert jax.tree.structure(first.abstract) == jax.tree.structure(again.abstract)
+    assert_same_params(first.decoder(), again.decoder())
+    again.check()  # the recorded digest matches
+    assert_same_params(cmjax.load_decoder(path), first.decoder())
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cmjax.models.decoder_unet import UNetConfig
 from cmjax.weights import checkpoint
 from cmjax.weights.mapping import flax_to_torch
 from tests import hostile_files as hf
+from tests.decode_runs import run_main
 from tests.random_decoder import random_decoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -436,7 +437,7 @@ def _data_files(path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_damaged_params_are_refused(saved, tmp_path, damage):
+def test_damaged_params_are_refused(saved, tmp_path, damage, capsys):
     path = tmp_path / "ckpt"
     shutil.copytree(saved, path)
     target = _data_files(path)[-1]
@@ -456,6 +457,14 @@ def test_damaged_params_are_refused(saved, tmp_path, damage):
         assert "do not match the digest" in str(e.value)
         loaded = checkpoint.read_decoder(path, verify=False)  # the escape hatch reads it as it is
         assert loaded.config == MICRO
+    # decode.py reads the params in the background while it compiles, and checks them before it writes:
+    # the same one line, exit 2, no output folder
+    np.save(tmp_path / "z.npy", np.zeros((1, 3, 4, 4), np.float32))
+    status, err = run_main(capsys, "--checkpoint", path, "--output", tmp_path / "out", tmp_path / "z.npy")
+    assert status == 2 and not (tmp_path / "out").exists(), err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: {path / 'params'}: ") and str(e.value).split(" (")[0] in errors[0]
 
 
 def test_digest_is_recorded_and_verifies(saved):

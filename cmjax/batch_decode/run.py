@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -32,8 +33,9 @@ from cmjax.batch_decode.inputs import Item
 from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding.decoder import prepared_params
 from cmjax.files import printable
-from cmjax.models.decoder_config import DecoderConfig
+from cmjax.models.decoder_config import Decoder, DecoderConfig
 from cmjax.models.layers import compute_dtype
+from cmjax.weights.checkpoint import Loading
 
 # ------------------------------------------------------------------------------------------------
 # Results
@@ -146,17 +148,24 @@ def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[st
 
 class _Programs:
     """One compiled program per input shape, compiled on first use; shapes whose memory estimate
-    does not fit on a device are refused (the same answer on every host). ``prepare(shape)`` gives
-    the params a shape's program runs with (the decoder's with its conv kernels prepared for that
-    shape, made once per run rather than in every call), or None for the params as they are."""
+    does not fit on a device are refused (the same answer on every host). ``params()`` gives the
+    params (waiting for them while they are still being read: programs compile from ``abstract``,
+    their shapes and shardings, meanwhile); ``prepare(shape)``, when given, the params a shape's
+    program runs with (the decoder's with its conv kernels prepared for that shape, made once per
+    run rather than in every call; those programs compile from the prepared params)."""
 
-    def __init__(self, step: Callable, params: Any, mesh, options: DecodeOptions, latent_channels: int, say,
-                 prepare: Callable[[tuple[int, int]], Any] | None = None):
-        self.step, self.params, self.mesh, self.options = step, params, mesh, options
+    def __init__(self, step: Callable, params: Callable[[], Any], abstract: Any, mesh, options: DecodeOptions,
+                 latent_channels: int, say, prepare: Callable[[tuple[int, int]], Any] | None = None):
+        self.step, self.params, self.abstract, self.mesh, self.options = step, params, abstract, mesh, options
         self.channels, self.say, self.prepare = latent_channels, say, prepare
         self.compiled: dict[tuple[int, int], Any] = {}
         self.refused: dict[tuple[int, int], str] = {}
         self.shape_params: tuple[tuple[int, int], Any] | None = None  # the last shape's, one at a time
+
+    def _params_for(self, shape: tuple[int, int]) -> Any:
+        if self.shape_params is None or self.shape_params[0] != shape:
+            self.shape_params = (shape, self.params() if self.prepare is None else self.prepare(shape))
+        return self.shape_params[1]
 
     def get(self, shape: tuple[int, int], rows: int) -> tuple[Any, Any, str | None]:
         """(compiled program or None, the params to call it with, why it was refused or None)."""
@@ -164,34 +173,33 @@ class _Programs:
             return None, None, self.refused[shape]
         h, w = shape
         what = f"{h}x{w} pixel images" if self.options.images else f"{h}x{w} latents"
-        if shape not in self.compiled:
-            self.say(f"compiling the decoder for {what} (once per input shape)")
+        if shape in self.compiled:
+            return self.compiled[shape], self._params_for(shape), None
+        self.say(f"compiling the decoder for {what} (once per input shape)")
         start = time.perf_counter()
-        if self.shape_params is None or self.shape_params[0] != shape:
-            self.shape_params = (shape, self.params if self.prepare is None else self.prepare(shape))
-        params = self.shape_params[1]
-        if shape not in self.compiled:
-            per_row = (h, w, 3) if self.options.images else (h, w, self.channels)
-            try:
-                compiled, loaded = program.compile_program(self.step, params, (rows, *per_row), self.mesh)
-                self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
-                         f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
-                need, free = program.bytes_needed(compiled, params), program.bytes_free(self.mesh)
-                too_big, why = need is not None and free is not None and need > free, None
-            except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM itself
-                if "RESOURCE_EXHAUSTED" not in str(e):
-                    raise
-                compiled, too_big, why, need, free = None, True, str(e).strip().splitlines()[0][:300], None, None
-            if _host_sum([too_big])[0] > 0:  # every host takes the same branch
-                hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
-                        else "--tile 64 (or smaller) to decode it in tiles")
-                size = (f"needs about {_gib(need)} per device" if why is None
-                        else f"does not fit in a device's memory ({why})")
-                self.refused[shape] = (f"decoding {what} {size} (--micro-batch {self.options.micro_batch})"
-                                       f"{f' and {_gib(free)} is free' if why is None else ''}; try {hint}")
-                return None, None, self.refused[shape]
-            self.compiled[shape] = compiled
-        return self.compiled[shape], params, None
+        per_row = (h, w, 3) if self.options.images else (h, w, self.channels)
+        try:
+            args = self.abstract if self.prepare is None else self._params_for(shape)
+            compiled, loaded = program.compile_program(self.step, args, (rows, *per_row), self.mesh)
+            self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
+                     f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
+            params = self._params_for(shape)  # resident before the free memory is read
+            need, free = program.bytes_needed(compiled, params), program.bytes_free(self.mesh)
+            too_big, why = need is not None and free is not None and need > free, None
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds HBM itself
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, too_big, why, need, free = None, True, str(e).strip().splitlines()[0][:300], None, None
+        if _host_sum([too_big])[0] > 0:  # every host takes the same branch
+            hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
+                    else "--tile 64 (or smaller) to decode it in tiles")
+            size = (f"needs about {_gib(need)} per device" if why is None
+                    else f"does not fit in a device's memory ({why})")
+            self.refused[shape] = (f"decoding {what} {size} (--micro-batch {self.options.micro_batch})"
+                                   f"{f' and {_gib(free)} is free' if why is None else ''}; try {hint}")
+            return None, None, self.refused[shape]
+        self.compiled[shape] = compiled
+        return compiled, self._params_for(shape), None
 
 
 def _kept_for_next_time(loaded: bool) -> str:
@@ -201,21 +209,22 @@ def _kept_for_next_time(loaded: bool) -> str:
     return f" (kept in the compile cache {inputs.display(Path(where))} for the next run)"
 
 
-def _kernel_preparer(decoder, options: DecodeOptions, mesh) -> Callable[[tuple[int, int]], Any] | None:
+def _kernel_preparer(decoder: Callable[[], Decoder], options: DecodeOptions, mesh
+                     ) -> Callable[[tuple[int, int]], Any] | None:
     """shape -> the decoder's params with its conv kernels prepared for one micro-batch of that shape
     (``decoding.decoder.prepared_params`` for ``options.lowering``: Winograd's and the subpixel
     kernels, made once per run and shape instead of in every program call), replicated over
     ``mesh``. A tiled decode (its convs see tile shapes) prepares inside the program, as before;
-    None for --images (params of two models)."""
-    if options.images:
+    None when the plan prepares nothing, and for --images (params of two models)."""
+    if options.images or not options.lowering.prepares:
         return None
     dtype = compute_dtype(options.dtype)
 
     def prepare(shape: tuple[int, int]) -> Any:
         if options.tile is not None and options.tile < max(shape):
-            return _replicated(decoder.params, mesh)
-        latents = (options.micro_batch, *shape, decoder.config.latent_channels)
-        return _replicated(prepared_params(decoder, latents, dtype, options.lowering), mesh)
+            return _replicated(decoder().params, mesh)
+        latents = (options.micro_batch, *shape, decoder().config.latent_channels)
+        return _replicated(prepared_params(decoder(), latents, dtype, options.lowering), mesh)
 
     return prepare
 
@@ -224,14 +233,19 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2 ** 30:.1f} GiB"
 
 
-def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None, vae=None,
+def run(decoder: Decoder | Loading, input_args: Sequence[str], options: DecodeOptions, *, mesh=None, vae=None,
         log: Callable[[str], None] | None = None) -> Summary:
     """Decode every input into ``options.output``; returns the Summary (counts over all hosts).
 
-    ``decoder``: a cmjax Decoder (params anywhere; they are replicated over ``mesh``). ``vae``: the
+    ``decoder``: a cmjax Decoder (params anywhere; they are replicated over ``mesh``), or a
+    checkpoint being read (``weights.checkpoint.Loading``, from ``hub.start_loading_decoder``): the
+    programs compile while its params are read, and its digest check passes before the first
+    output is written (else its CheckpointError is raised, and nothing is written). ``vae``: the
     SD VAE, needed for ``options.images``. ``mesh``: default a 1-D mesh over all devices.
     """
     start = time.perf_counter()
+    loading = decoder if isinstance(decoder, Loading) else Loading.done(decoder)
+    config = loading.config
     mesh = parallel.make_mesh() if mesh is None else mesh
     if options.images and vae is None:
         raise ValueError("--images needs the SD VAE (--vae)")
@@ -244,7 +258,7 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
         local_fail.append(msg)
         (log or (lambda m: tqdm.write(m, file=sys.stderr)))(f"error: {printable(msg)}")
 
-    items, scan_errors = _find_items(input_args, options, decoder.config)
+    items, scan_errors = _find_items(input_args, options, config)
     if lead:  # every host saw the same scan errors: report (and count) them once
         for msg in scan_errors:
             fail(msg)
@@ -260,17 +274,17 @@ def run(decoder, input_args: Sequence[str], options: DecodeOptions, *, mesh=None
     global_batch = -(-min(max(options.batch_size, 1), largest) // unit) * unit
     batches = plan_batches(items, global_batch, parallel.process_rows(mesh, global_batch))
     if options.tune:
-        options = _tuned(options, batches, decoder.config, lead)
-    params, step = _program(decoder, vae, mesh, options)
+        options = _tuned(options, batches, config, lead)
+    params, abstract, step = _program(loading, vae, mesh, options)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
-    programs = _Programs(step, params, mesh, options, decoder.config.latent_channels, note,
-                         _kernel_preparer(decoder, options, mesh))
+    programs = _Programs(step, params, abstract, mesh, options, config.latent_channels, note,
+                         _kernel_preparer(loading.decoder, options, mesh))
     summary = Summary(skipped=skipped)
     bar = tqdm(total=len(items), unit="img", disable=not (lead and options.progress), file=sys.stderr,
                dynamic_ncols=True)
-    decoded = _decode_batches(batches, programs, global_batch, decoder.config, summary, bar, fail)
+    decoded = _decode_batches(batches, programs, global_batch, config, summary, bar, fail, loading.check)
     bar.close()
-    decoder.release_prepared()
+    loading.decoder().release_prepared()
 
     summary.programs = len(programs.compiled)
     n_decoded, n_failed = _host_sum([decoded, len(local_fail)])
@@ -314,23 +328,28 @@ def _tuned(options: DecodeOptions, batches: Sequence[_Batch], config: DecoderCon
     return dataclasses.replace(options, lowering=tuning.tune(shapes, report=say))
 
 
-def _program(decoder, vae, mesh, options: DecodeOptions) -> tuple[Any, Callable]:
-    """(params replicated over ``mesh``, the jitted step): latents -> images, or with --images
-    images -> (consistency, gan, images)."""
-    params = _replicated(decoder.params, mesh)
+def _program(loading: Loading, vae, mesh, options: DecodeOptions) -> tuple[Callable[[], Any], Any, Callable]:
+    """(the params replicated over ``mesh``, made on first call; their shapes and shardings; the jitted
+    step): latents -> images, or with --images images -> (consistency, gan, images)."""
     if not options.images:
-        return params, program.make_decode_fn(decoder.config, mesh, options)
-    params = {"decoder": params, "vae": _replicated(vae.params, mesh)}
-    return params, program.make_images_fn(decoder, vae, mesh, options)
+        rep = parallel.replicated(mesh)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), loading.abstract)
+        params = functools.cache(lambda: _replicated(loading.decoder().params, mesh))
+        return params, abstract, program.make_decode_fn(loading.config, mesh, options)
+    decoder = loading.decoder()
+    both = {"decoder": _replicated(decoder.params, mesh), "vae": _replicated(vae.params, mesh)}
+    return lambda: both, both, program.make_images_fn(decoder, vae, mesh, options)
 
 
 def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch: int, config: DecoderConfig,
-                    summary: Summary, bar: tqdm, fail: Callable[[str], None]) -> int:
+                    summary: Summary, bar: tqdm, fail: Callable[[str], None], check: Callable[[], None]) -> int:
     """Each batch through its shape's program, writing the previous batch's outputs while this one
-    computes. Returns how many items this host wrote."""
+    computes; ``check()`` (the params' digest) before the first write. Returns how many items this
+    host wrote."""
     reader, pending, decoded = inputs.Reader(), None, 0
 
     def write(batch: _Batch, ok: list[bool], out: Any) -> int:
+        check()
         written = outputs.write_batch(batch.items, ok, out, programs.options, summary.psnr, fail)
         bar.update(batch.count)
         return written

@@ -21,6 +21,7 @@ from cmjax.batch_decode.run import run
 from cmjax.cli import HelpFormatter, print_error, timesteps_from_flags
 from cmjax.decoding import schedule
 from cmjax.weights import hub
+from cmjax.weights.errors import CheckpointError
 
 DESCRIPTION = """Decode SD latents (or images, via the SD VAE) into PNGs with the consistency decoder.
 
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lead = jax.process_index() == 0
     try:
         rep = parallel.replicated(mesh)
-        decoder = hub.load_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report)
+        # The params are read (and their digest checked) in the background while the program compiles.
+        decoder = hub.start_loading_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report)
         num_train_timesteps = decoder.config.unet.num_train_timesteps
         try:
             timesteps = timesteps_from_flags(args.timesteps, args.steps, num_train_timesteps)
@@ -123,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{options.timesteps}; {options.dtype}", file=sys.stderr)
         if not options.tune:
             print(why, file=sys.stderr)
-    summary = run(decoder, args.inputs, options, mesh=mesh, vae=vae)
+    try:
+        summary = run(decoder, args.inputs, options, mesh=mesh, vae=vae)
+    except CheckpointError as e:  # the params, read in the background, were unreadable or modified
+        print_error(e)
+        return 2
     if lead:
         if summary.psnr:
             means = {k: float(np.mean(v)) for k, v in summary.psnr.items()}

@@ -29,6 +29,7 @@ import stat
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -308,26 +309,81 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
     return meta
 
 
+def _sharded(target: Any, sharding: Any) -> Any:
+    if sharding is None:
+        return target
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+
+
 def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -> Any:
     """Restore the params laid out like ``target``; check them against the recorded digest."""
-    if sharding is not None:
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (the checkpoint has no params)")
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            params = ckptr.restore(params_dir, target)
+            params = ckptr.restore(params_dir, _sharded(target, sharding))
         except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
             raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
                                   f"matching the recorded config ({_first_line(e)})") from e
-    expected = meta.get(DIGEST_KEY)
-    if verify and expected is not None:
-        got = params_digest(params)
-        if got is not None and got != expected:
-            raise CheckpointError(f"{params_dir}: params do not match the digest recorded in {CONFIG_FILE} "
-                                  "(data files modified or corrupted); load with verify=False to skip the check")
+    if verify:
+        _check_digest(params_dir, params, meta.get(DIGEST_KEY))
     return params
+
+
+def _check_digest(params_dir: Path, params: Any, expected: str | None) -> None:
+    got = params_digest(params) if expected is not None else None
+    if got is not None and got != expected:
+        raise CheckpointError(f"{params_dir}: params do not match the digest recorded in {CONFIG_FILE} "
+                              "(data files modified or corrupted); load with verify=False to skip the check")
+
+
+class Loading:
+    """A decoder checkpoint being read in a background thread, so that a program can be compiled
+    (from ``config`` and ``abstract``: the params' shapes, dtypes and sharding) meanwhile.
+
+    ``decoder()`` waits for the params (raising what :func:`read_decoder` would); ``check()`` waits
+    for their digest check as well (hashing 2.5 GB takes seconds: a decode can run meanwhile, and
+    must call it before it writes anything). ``Loading.done(decoder)``: one already in memory.
+    """
+
+    def __init__(self, config: DecoderConfig, abstract: Any, params: Future, checked: Future):
+        self.config, self.abstract = config, abstract
+        self._params, self._checked, self._decoder = params, checked, None
+
+    @classmethod
+    def start(cls, path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> "Loading":
+        path = Path(path).absolute()
+        meta = _read_meta(path, FORMAT, "decoder")
+        config = read_config(path)
+        target = abstract_params(config)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cmjax-read")
+        params = pool.submit(_restore, path, target, sharding, meta, False)
+        expected = meta.get(DIGEST_KEY) if verify else None
+        checked = pool.submit(lambda: _check_digest(path / PARAMS_DIR, params.result(), expected))  # after it
+        pool.shutdown(wait=False)
+        return cls(config, _sharded(target, sharding), params, checked)
+
+    @classmethod
+    def done(cls, decoder: Decoder) -> "Loading":
+        params, checked = Future(), Future()
+        params.set_result(decoder.params)
+        checked.set_result(None)
+        loading = cls(decoder.config, jax.tree.map(_shape_of, decoder.params), params, checked)
+        loading._decoder = decoder
+        return loading
+
+    def decoder(self) -> Decoder:
+        if self._decoder is None:
+            self._decoder = Decoder(self.config, self._params.result())
+        return self._decoder
+
+    def check(self) -> None:
+        self._checked.result()
+
+
+def _shape_of(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", overwrite: bool = False,

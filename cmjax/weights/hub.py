@@ -39,7 +39,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import jax
 
 from cmjax import parallel
 from cmjax.cache import cache_dir, slug
@@ -169,19 +171,20 @@ class _SilentTqdm:
         return cls._cls
 
 
-def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None) -> Path:
-    """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there."""
+def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None) -> tuple[Path, Any]:
+    """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there.
+    Returns (its path, the Decoder/VAE converted now, or None when it was there)."""
     dst = cache_dir() / "checkpoints" / name
     if (dst / CONFIG_FILE).is_file():
-        return dst
+        return dst, None
     if report:
         report(f"converting {src} into {dst} (first use)")
     try:
-        convert(src, dst, kind=kind, report=report)
+        return dst, convert(src, dst, kind=kind, report=report)
     except FileExistsError:
         if not (dst / CONFIG_FILE).is_file():  # a half-made directory that is not ours: refuse to guess
             raise
-    return dst
+    return dst, None
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder", progress: bool = True,
@@ -200,6 +203,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     Raises FileNotFoundError for a path that does not exist and is no known name;
     DownloadError / ConversionError on a failed download or conversion.
     """
+    return _resolve(name_or_path, kind, progress, report)[0]
+
+
+def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
+    """resolve_checkpoint's (path, and the model converted now if it was: None otherwise)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     text = os.fspath(name_or_path)
@@ -207,7 +215,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     suffix = "" if kind == "decoder" else f"-{kind}"
     if path.exists():
         if path.is_dir() and ((path / CONFIG_FILE).is_file() or not is_pytorch_folder(path)):
-            return path
+            return path, None
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         name = slug(path.name, sep="--", fallback="checkpoint")
@@ -218,7 +226,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     if text == HUB_REPO:
         dst = cache_dir() / "checkpoints" / f"hf-{slug(HUB_REPO, sep='--')}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
-            return dst
+            return dst, None
         folder = fetch_named(HUB_REPO, progress=progress, report=report)
         return _convert_into_cache(folder, dst.name, kind, report=report)
     names = NAMES if kind == "decoder" else (HUB_REPO,)
@@ -241,17 +249,31 @@ def convert_checkpoint(name_or_path: str | os.PathLike, dst: str | os.PathLike, 
     return convert(src, dst, kind=kind, keep_dtype=keep_dtype, overwrite=overwrite, report=report)
 
 
-def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> Path:
-    return parallel.lead_first(lambda lead: resolve_checkpoint(
-        name_or_path, kind=kind, progress=progress and lead, report=report if lead else None))
+def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
+    """(path, the model converted now or None); process 0 first. A model converted now is used as it is
+    (not read back from what was just written) only in a single-process run."""
+    path, model = parallel.lead_first(lambda lead: _resolve(
+        name_or_path, kind, progress and lead, report if lead else None))
+    return path, model if jax.process_count() == 1 else None
 
 
 def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
                  report: Report | None = None) -> Decoder:
     """``cmjax.load_decoder``: a Decoder from any name or path :func:`resolve_checkpoint` takes
     (downloaded and converted on first use; on several hosts, process 0 first)."""
-    path = _resolve_on_every_host(name_or_path, "decoder", progress, report)
-    return checkpoint.read_decoder(path, sharding=sharding, verify=verify)
+    return start_loading_decoder(name_or_path, sharding=sharding, verify=verify, progress=progress,
+                                 report=report).decoder()
+
+
+def start_loading_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True,
+                          progress: bool = True, report: Report | None = None) -> checkpoint.Loading:
+    """load_decoder, with the params read in the background (``checkpoint.Loading``): the config and
+    the params' shapes at once, the Decoder from ``.decoder()``, the digest check from ``.check()``.
+    A checkpoint converted now, in this process, is used from memory (no digest to check)."""
+    path, model = _resolve_on_every_host(name_or_path, "decoder", progress, report)
+    if model is not None:
+        return checkpoint.Loading.done(Decoder(model.config, jax.device_put(model.params, sharding)))
+    return checkpoint.Loading.start(path, sharding=sharding, verify=verify)
 
 
 def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
@@ -260,10 +282,12 @@ def load_vae(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = T
     :func:`resolve_checkpoint` takes: a cmjax VAE checkpoint, a diffusers AutoencoderKL or
     ConsistencyDecoderVAE folder, an LDM/single-file checkpoint, or "openai/consistency-decoder"
     (its bundled SD encoder only)."""
-    path = _resolve_on_every_host(name_or_path, "vae", progress, report)
+    path, model = _resolve_on_every_host(name_or_path, "vae", progress, report)
+    if model is not None:
+        return VAE(model.config, jax.device_put(model.params, sharding))
     return checkpoint.read_vae(path, sharding=sharding, verify=verify)
 
 
 __all__ = ["DownloadError", "HUB_REPO", "NAMES", "OFFLINE_HELP", "OPENAI", "OPENAI_DECODER_URL", "cache_dir",
            "convert_checkpoint", "download_verified", "expected_sha256", "fetch_hub_decoder", "fetch_named",
-           "fetch_openai_decoder", "load_decoder", "load_vae", "offline", "resolve_checkpoint"]
+           "fetch_openai_decoder", "load_decoder", "load_vae", "offline", "resolve_checkpoint", "start_loading_decoder"]
