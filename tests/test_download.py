@@ -257,7 +257,7 @@ def test_first_use_decodes_from_what_it_converted(decoder_pt, cache):
     assert first._decoder is not None  # done: nothing read back from the cache in the background
     again = start_loading_decoder(path)
     assert again._decoder is None  # read from the cache, in the background
-    assert jax.tree.structure(first.abstract) == jax.tree.structure(again.abstract)
+    assert jax.tree.structure(first.abstract()) == jax.tree.structure(again.abstract())
     assert_same_params(first.decoder(), again.decoder())
     again.check()  # the recorded digest matches
     assert_same_params(cmjax.load_decoder(path), first.decoder())

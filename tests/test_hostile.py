@@ -431,6 +431,22 @@ def test_duplicate_json_keys_are_refused_in_every_json_input(saved, tmp_path):
     assert parse_json(b'{"a": {"a": 1}}', "f.json") == {"a": {"a": 1}}  # the same key at two depths is fine
 
 
+def test_a_config_that_does_not_fit_the_params_is_refused(saved, tmp_path, capsys):
+    """A valid config whose network has other shapes than the stored params: read_decoder refuses
+    it, and so does decode.py (which reads the params as stored, in the background, and checks
+    them against the config before it writes): one line, exit 2, no output folder."""
+    path = _tampered(saved, tmp_path, _set(["config", "unet", "block_out_channels"], [8, 12]))
+    with pytest.raises(checkpoint.CheckpointError, match="recorded config") as e:
+        checkpoint.read_decoder(path)
+    assert str(path / "params") in str(e.value) and "\n" not in str(e.value)
+    np.save(tmp_path / "z.npy", np.zeros((1, 3, 4, 4), np.float32))
+    status, err = run_main(capsys, "--checkpoint", path, "--output", tmp_path / "out", tmp_path / "z.npy")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and not (tmp_path / "out").exists() and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path / 'params'}: the params do not match the "
+                                                     "recorded config"), err
+
+
 def _data_files(path: Path) -> list[Path]:
     return sorted((p for p in (path / "params").rglob("*") if p.is_file() and "/d/" in str(p)),
                   key=lambda p: p.stat().st_size)

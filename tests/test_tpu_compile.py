@@ -160,7 +160,7 @@ def test_a_program_the_compiler_refuses_is_a_refused_shape_and_a_row(monkeypatch
 
     monkeypatch.setattr(program, "compile_program", refuse)
     said = []
-    programs = run._Programs(None, lambda: {}, {}, None, DecodeOptions(output=tmp_path), 4, said.append)
+    programs = run._Programs(None, lambda: {}, lambda: {}, None, DecodeOptions(output=tmp_path), 4, said.append)
     compiled, _, why = programs.get((128, 128), 4)
     assert compiled is None
     assert "128x128 latents does not fit in a device's memory" in why and "--tile 64" in why

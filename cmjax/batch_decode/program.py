@@ -14,10 +14,15 @@ not fit in the free memory of a device.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import resource
+import stat
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -29,6 +34,7 @@ from cmjax import parallel
 from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding import tiling
 from cmjax.decoding.decoder import decode_latents
+from cmjax.files import atomic_write
 from cmjax.models import vae as vae_lib
 from cmjax.models.conv_lowering import XLA, ConvShape, LoweringPlan
 from cmjax.models.decoder_config import DecoderConfig, abstract_params
@@ -157,16 +163,99 @@ def _count_cache_hits(event: str, **_) -> None:
 jax.monitoring.register_event_listener(_count_cache_hits)
 
 
-def compile_program(step: Callable, params: Any, rows_shape: tuple[int, ...], mesh) -> tuple[Any, bool]:
+def compile_program(step: Callable, params: Any, rows_shape: tuple[int, ...], mesh,
+                    key: str | None = None) -> tuple[Any, bool]:
     """``step`` compiled for global rows of ``rows_shape`` (float32, split over the data axis) and
     (rows, 2) uint32 keys; nothing is allocated. Returns (the program, called like ``step``; whether
-    it was loaded from the persistent compilation cache rather than compiled)."""
+    it was loaded from the persistent compilation cache rather than compiled).
+
+    ``params``: the params or their shapes, or a callable giving them (called only when the program
+    must be traced). ``key`` (``program_key``): keep the traced program beside JAX's compilation
+    cache (``traced_path``), so that the next run with the same key loads it instead of tracing the
+    network again (about 2 s of Python for the full-size decoder) before the cache lookup.
+    """
     data = parallel.data_sharding(mesh)
     rows = jax.ShapeDtypeStruct(rows_shape, jnp.float32, sharding=data)
     keys = jax.ShapeDtypeStruct((rows_shape[0], 2), jnp.uint32, sharding=data)
     hits = _cache_hits[0]
-    compiled = step.lower(params, rows, keys).compile()
+    path = traced_path(key)
+    exported = _read_traced(path) if path is not None else None
+    if exported is None:
+        params = params() if callable(params) else params
+        if path is None:
+            return step.lower(params, rows, keys).compile(), _cache_hits[0] > hits
+        exported = jax.export.export(step)(params, rows, keys)
+        _write_traced(path, exported)
+    rep = parallel.replicated(mesh)
+    (params, _, _), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params)
+    compiled = jax.jit(exported.call).lower(params, rows, keys).compile()
     return compiled, _cache_hits[0] > hits
+
+
+TRACED_DIR = "cmjax-traced"  # under JAX's compilation cache directory
+_MAX_TRACED_BYTES = 1 << 30
+
+
+def program_key(config: DecoderConfig, options: DecodeOptions, rows_shape: tuple[int, ...], mesh) -> str:
+    """A hex digest of everything a decode program is traced from: cmjax's own source (every .py
+    file of the package), the jax / jaxlib / flax versions, XLA_FLAGS, the mesh's devices, the
+    decoder's config, the options that reach the program and the rows' shape."""
+    import flax
+    import jaxlib
+
+    program_options = {f.name: repr(getattr(options, f.name)) for f in dataclasses.fields(options)
+                       if f.name not in _OPTIONS_OUTSIDE_THE_PROGRAM}
+    parts = {"cmjax": _source_digest(), "versions": [jax.__version__, jaxlib.__version__, flax.__version__],
+             "xla_flags": os.environ.get("XLA_FLAGS", ""), "processes": jax.process_count(),
+             "mesh": [list(mesh.axis_names), list(mesh.devices.shape),
+                      [(d.platform, d.device_kind, d.id) for d in mesh.devices.flat]],
+             "config": config.to_dict(), "options": program_options, "rows": list(rows_shape)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+# Flags that change what is read or written, not the program (a new --output must not miss the cache).
+_OPTIONS_OUTSIDE_THE_PROGRAM = frozenset({"output", "batch_size", "layout", "save_npy", "skip_existing",
+                                          "progress", "tune"})
+
+
+@functools.cache
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root)}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def traced_path(key: str | None) -> Path | None:
+    """Where the traced program of ``key`` is kept: ``<JAX's compilation cache>/cmjax-traced/<key>.jaxexport``;
+    None without a key, without a local compilation cache (CMJAX_COMPILE_CACHE=0) or with several processes."""
+    where = jax.config.jax_compilation_cache_dir
+    if key is None or not where or not os.path.isdir(where) or jax.process_count() > 1:
+        return None
+    return Path(where) / TRACED_DIR / f"{key}.jaxexport"
+
+
+def _read_traced(path: Path) -> Any:
+    """The Exported kept at ``path``, or None when there is none or it cannot be read (then it is
+    traced and written again)."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_TRACED_BYTES:
+            return None
+        return jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception:  # noqa: BLE001 - missing, cut short, another jax's format: trace it again
+        return None
+
+
+def _write_traced(path: Path, exported: Any) -> None:
+    try:
+        data = exported.serialize()
+        atomic_write(path, lambda f: f.write(data))
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written costs the next run a trace
+        print(f"warning: cannot keep the traced program in {path.parent} ({e})", file=sys.stderr)
 
 
 def bytes_needed(compiled: Any, params: Any) -> int | None:

@@ -149,14 +149,18 @@ def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[st
 class _Programs:
     """One compiled program per input shape, compiled on first use; shapes whose memory estimate
     does not fit on a device are refused (the same answer on every host). ``params()`` gives the
-    params (waiting for them while they are still being read: programs compile from ``abstract``,
+    params (waiting for them while they are still being read: programs compile from ``abstract()``,
     their shapes and shardings, meanwhile); ``prepare(shape)``, when given, the params a shape's
     program runs with (the decoder's with its conv kernels prepared for that shape, made once per
-    run rather than in every call; those programs compile from the prepared params)."""
+    run rather than in every call; those programs compile from the prepared params). ``key(shape,
+    rows)``: the program's ``program.program_key``, to keep its trace for the next run (None: not)."""
 
-    def __init__(self, step: Callable, params: Callable[[], Any], abstract: Any, mesh, options: DecodeOptions,
-                 latent_channels: int, say, prepare: Callable[[tuple[int, int]], Any] | None = None):
+    def __init__(self, step: Callable, params: Callable[[], Any], abstract: Callable[[], Any], mesh,
+                 options: DecodeOptions, latent_channels: int, say,
+                 prepare: Callable[[tuple[int, int]], Any] | None = None,
+                 key: Callable[[tuple[int, int], int], str | None] = lambda shape, rows: None):
         self.step, self.params, self.abstract, self.mesh, self.options = step, params, abstract, mesh, options
+        self.key = key
         self.channels, self.say, self.prepare = latent_channels, say, prepare
         self.compiled: dict[tuple[int, int], Any] = {}
         self.refused: dict[tuple[int, int], str] = {}
@@ -179,8 +183,11 @@ class _Programs:
         start = time.perf_counter()
         per_row = (h, w, 3) if self.options.images else (h, w, self.channels)
         try:
-            args = self.abstract if self.prepare is None else self._params_for(shape)
-            compiled, loaded = program.compile_program(self.step, args, (rows, *per_row), self.mesh)
+            if self.prepare is None:  # the params' shapes, needed only when the program is traced
+                args, key = self.abstract, self.key(shape, rows)
+            else:
+                args, key = self._params_for(shape), None
+            compiled, loaded = program.compile_program(self.step, args, (rows, *per_row), self.mesh, key)
             self.say(f"  {'loaded from the compile cache' if loaded else 'compiled'} in "
                      f"{time.perf_counter() - start:.1f} s{_kept_for_next_time(loaded)}")
             params = self._params_for(shape)  # resident before the free memory is read
@@ -278,7 +285,7 @@ def run(decoder: Decoder | Loading, input_args: Sequence[str], options: DecodeOp
     params, abstract, step = _program(loading, vae, mesh, options)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
     programs = _Programs(step, params, abstract, mesh, options, config.latent_channels, note,
-                         _kernel_preparer(loading.decoder, options, mesh))
+                         _kernel_preparer(loading.decoder, options, mesh), _program_key(config, options, mesh))
     summary = Summary(skipped=skipped)
     bar = tqdm(total=len(items), unit="img", disable=not (lead and options.progress), file=sys.stderr,
                dynamic_ncols=True)
@@ -328,17 +335,29 @@ def _tuned(options: DecodeOptions, batches: Sequence[_Batch], config: DecoderCon
     return dataclasses.replace(options, lowering=tuning.tune(shapes, report=say))
 
 
-def _program(loading: Loading, vae, mesh, options: DecodeOptions) -> tuple[Callable[[], Any], Any, Callable]:
-    """(the params replicated over ``mesh``, made on first call; their shapes and shardings; the jitted
-    step): latents -> images, or with --images images -> (consistency, gan, images)."""
+def _program(loading: Loading, vae, mesh, options: DecodeOptions
+             ) -> tuple[Callable[[], Any], Callable[[], Any], Callable]:
+    """(the params replicated over ``mesh``; their shapes and shardings (both made on first call); the
+    jitted step): latents -> images, or with --images images -> (consistency, gan, images)."""
     if not options.images:
         rep = parallel.replicated(mesh)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), loading.abstract)
+        abstract = functools.cache(lambda: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), loading.abstract()))
         params = functools.cache(lambda: _replicated(loading.decoder().params, mesh))
         return params, abstract, program.make_decode_fn(loading.config, mesh, options)
     decoder = loading.decoder()
     both = {"decoder": _replicated(decoder.params, mesh), "vae": _replicated(vae.params, mesh)}
-    return lambda: both, both, program.make_images_fn(decoder, vae, mesh, options)
+    return lambda: both, lambda: both, program.make_images_fn(decoder, vae, mesh, options)
+
+
+def _program_key(config: DecoderConfig, options: DecodeOptions, mesh) -> Callable[[tuple[int, int], int], str | None]:
+    """(shape, rows) -> the key its traced program is kept under (``program.program_key``); None for --images."""
+    def key(shape: tuple[int, int], rows: int) -> str | None:
+        if options.images:
+            return None
+        return program.program_key(config, options, (rows, *shape, config.latent_channels), mesh)
+
+    return key
 
 
 def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch: int, config: DecoderConfig,
@@ -367,7 +386,11 @@ def _decode_batches(batches: Sequence[_Batch], programs: _Programs, global_batch
         key_data = np.stack([program.identity_key_data(i.identity_bytes) if i is not None
                              else np.zeros(2, np.uint32) for i in batch.items])
         mesh = programs.mesh
-        out = compiled(params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
+        try:
+            out = compiled(params, parallel.global_batch(arrays, mesh), parallel.global_batch(key_data, mesh))
+        except (TypeError, ValueError):  # params the program does not take: the checkpoint's own error first
+            check()
+            raise
         if pending is not None:
             decoded += write(*pending)
         pending = (batch, ok, out)

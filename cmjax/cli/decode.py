@@ -92,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lead = jax.process_index() == 0
     try:
         rep = parallel.replicated(mesh)
-        # The params are read (and their digest checked) in the background while the program compiles.
-        decoder = hub.start_loading_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report)
+        # The params are read (and their digest checked) in the background while the program compiles; a
+        # checkpoint converted on first use is decoded from memory while its copy is written to the cache.
+        decoder = hub.start_loading_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report,
+                                            save_in_background=True)
         num_train_timesteps = decoder.config.unet.num_train_timesteps
         try:
             timesteps = timesteps_from_flags(args.timesteps, args.steps, num_train_timesteps)

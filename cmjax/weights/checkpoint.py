@@ -28,6 +28,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -339,39 +340,50 @@ def _check_digest(params_dir: Path, params: Any, expected: str | None) -> None:
 
 
 class Loading:
-    """A decoder checkpoint being read in a background thread, so that a program can be compiled
-    (from ``config`` and ``abstract``: the params' shapes, dtypes and sharding) meanwhile.
+    """A decoder checkpoint being read in a background thread, so that a program can be loaded or
+    compiled meanwhile (from ``config`` and ``abstract()``: the params' shapes and dtypes).
 
-    ``decoder()`` waits for the params (raising what :func:`read_decoder` would); ``check()`` waits
-    for their digest check as well (hashing 2.5 GB takes seconds: a decode can run meanwhile, and
-    must call it before it writes anything). ``Loading.done(decoder)``: one already in memory.
+    The read starts at once, laid out as orbax's own metadata says (no trace of the network
+    needed); the params are checked against the config's shapes and the recorded digest after
+    it, while the caller decodes. ``decoder()`` waits for the params (raising what
+    :func:`read_decoder` would for unreadable data); ``check()`` waits for the checks (hashing
+    2.5 GB takes seconds): call it before writing anything computed from the params.
+    ``Loading.done(decoder)``: one already in memory.
     """
 
-    def __init__(self, config: DecoderConfig, abstract: Any, params: Future, checked: Future):
-        self.config, self.abstract = config, abstract
+    def __init__(self, config: DecoderConfig, params: Future, checked: Future, abstract: Any = None):
+        self.config = config
         self._params, self._checked, self._decoder = params, checked, None
+        self._abstract, self._lock = abstract, threading.Lock()
 
     @classmethod
     def start(cls, path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> "Loading":
         path = Path(path).absolute()
         meta = _read_meta(path, FORMAT, "decoder")
         config = read_config(path)
-        target = abstract_params(config)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="cmjax-read")
-        params = pool.submit(_restore, path, target, sharding, meta, False)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cmjax-read")  # one thread: these run in order
+        params = pool.submit(lambda: _restore(path, _stored_layout(path / PARAMS_DIR), sharding, meta, False))
+        loading = cls(config, params, Future())
         expected = meta.get(DIGEST_KEY) if verify else None
-        checked = pool.submit(lambda: _check_digest(path / PARAMS_DIR, params.result(), expected))  # after it
+        loading._checked = pool.submit(loading._check, path / PARAMS_DIR, expected)
         pool.shutdown(wait=False)
-        return cls(config, _sharded(target, sharding), params, checked)
+        return loading
 
     @classmethod
     def done(cls, decoder: Decoder) -> "Loading":
         params, checked = Future(), Future()
         params.set_result(decoder.params)
         checked.set_result(None)
-        loading = cls(decoder.config, jax.tree.map(_shape_of, decoder.params), params, checked)
+        loading = cls(decoder.config, params, checked, jax.tree.map(_shape_of, decoder.params))
         loading._decoder = decoder
         return loading
+
+    def abstract(self) -> Any:
+        """The params' shapes and dtypes as the config says (``jax.ShapeDtypeStruct`` leaves; made once)."""
+        with self._lock:
+            if self._abstract is None:
+                self._abstract = abstract_params(self.config)
+            return self._abstract
 
     def decoder(self) -> Decoder:
         if self._decoder is None:
@@ -380,6 +392,29 @@ class Loading:
 
     def check(self) -> None:
         self._checked.result()
+
+    def _check(self, params_dir: Path, expected: str | None) -> None:
+        params = self._params.result()
+        want = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(self.abstract())]
+        got = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(params)]
+        if want != got:
+            diff = sorted(set(want) ^ set(got))[:3]
+            raise CheckpointError(f"{params_dir}: the params do not match the recorded config ({len(got)} arrays "
+                                  f"where the config makes {len(want)}; differing: {diff})")
+        _check_digest(params_dir, params, expected)
+
+
+def _stored_layout(params_dir: Path) -> Any:
+    """The params' tree, shapes and dtypes as orbax recorded them (floats as float32, as the params are
+    read); CheckpointError when there is no readable metadata."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(params_dir)
+    except Exception as e:  # noqa: BLE001 - missing or damaged metadata files
+        raise CheckpointError(f"{params_dir}: cannot read the params' metadata ({_first_line(e)})") from e
+    stored = getattr(stored, "item_metadata", stored)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), stored)
 
 
 def _shape_of(x: Any) -> jax.ShapeDtypeStruct:

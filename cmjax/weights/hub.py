@@ -31,6 +31,7 @@ for ~30 s and log every retry. decoder.pt is fetched by :func:`cmjax.weights.dow
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -171,16 +172,18 @@ class _SilentTqdm:
         return cls._cls
 
 
-def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None) -> tuple[Path, Any]:
+def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None,
+                        in_background: bool = False) -> tuple[Path, Any]:
     """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there.
-    Returns (its path, the Decoder/VAE converted now, or None when it was there)."""
+    Returns (its path, the Decoder/VAE converted now, or None when it was there); ``in_background``:
+    the copy is written in the background (``from_pytorch.convert``)."""
     dst = cache_dir() / "checkpoints" / name
     if (dst / CONFIG_FILE).is_file():
         return dst, None
     if report:
         report(f"converting {src} into {dst} (first use)")
     try:
-        return dst, convert(src, dst, kind=kind, report=report)
+        return dst, convert(src, dst, kind=kind, report=report, in_background=in_background)
     except FileExistsError:
         if not (dst / CONFIG_FILE).is_file():  # a half-made directory that is not ours: refuse to guess
             raise
@@ -206,8 +209,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     return _resolve(name_or_path, kind, progress, report)[0]
 
 
-def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
-    """resolve_checkpoint's (path, and the model converted now if it was: None otherwise)."""
+def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report: Report | None,
+             in_background: bool = False) -> tuple[Path, Any]:
+    """resolve_checkpoint's (path, and the model converted now if it was: None otherwise);
+    ``in_background``: a conversion's copy is written in the background."""
+    convert_into_cache = functools.partial(_convert_into_cache, report=report, in_background=in_background)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     text = os.fspath(name_or_path)
@@ -219,16 +225,16 @@ def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report:
         stat = path.stat()
         key = hashlib.sha256(f"{path.absolute()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         name = slug(path.name, sep="--", fallback="checkpoint")
-        return _convert_into_cache(path, f"local-{name}-{key}{suffix}", kind, report=report)
+        return convert_into_cache(path, f"local-{name}-{key}{suffix}", kind)
     if text == OPENAI and kind == "decoder":
         pt = fetch_named(OPENAI, progress=progress, report=report)
-        return _convert_into_cache(pt, f"openai-{expected_sha256(openai_url())[:16]}", kind, report=report)
+        return convert_into_cache(pt, f"openai-{expected_sha256(openai_url())[:16]}", kind)
     if text == HUB_REPO:
         dst = cache_dir() / "checkpoints" / f"hf-{slug(HUB_REPO, sep='--')}{suffix}"
         if (dst / CONFIG_FILE).is_file():  # converted before: no need to ask the Hub
             return dst, None
         folder = fetch_named(HUB_REPO, progress=progress, report=report)
-        return _convert_into_cache(folder, dst.name, kind, report=report)
+        return convert_into_cache(folder, dst.name, kind)
     names = NAMES if kind == "decoder" else (HUB_REPO,)
     raise FileNotFoundError(f"{text}: no such checkpoint directory or file, and not a known {kind} checkpoint name "
                             f"({', '.join(repr(n) for n in names)})")
@@ -249,12 +255,15 @@ def convert_checkpoint(name_or_path: str | os.PathLike, dst: str | os.PathLike, 
     return convert(src, dst, kind=kind, keep_dtype=keep_dtype, overwrite=overwrite, report=report)
 
 
-def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
+def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None,
+                           in_background: bool = False) -> tuple[Path, Any]:
     """(path, the model converted now or None); process 0 first. A model converted now is used as it is
-    (not read back from what was just written) only in a single-process run."""
+    (not read back from what was just written), and its copy written in the background when asked,
+    only in a single-process run (the other processes read the copy)."""
+    single = jax.process_count() == 1
     path, model = parallel.lead_first(lambda lead: _resolve(
-        name_or_path, kind, progress and lead, report if lead else None))
-    return path, model if jax.process_count() == 1 else None
+        name_or_path, kind, progress and lead, report if lead else None, in_background and single))
+    return path, model if single else None
 
 
 def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
@@ -266,11 +275,14 @@ def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool
 
 
 def start_loading_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True,
-                          progress: bool = True, report: Report | None = None) -> checkpoint.Loading:
+                          progress: bool = True, report: Report | None = None,
+                          save_in_background: bool = False) -> checkpoint.Loading:
     """load_decoder, with the params read in the background (``checkpoint.Loading``): the config and
     the params' shapes at once, the Decoder from ``.decoder()``, the digest check from ``.check()``.
-    A checkpoint converted now, in this process, is used from memory (no digest to check)."""
-    path, model = _resolve_on_every_host(name_or_path, "decoder", progress, report)
+    A checkpoint converted now, in this process, is used from memory (no digest to check);
+    ``save_in_background``: its copy in the cache is written in the background meanwhile
+    (decode.py: the first image does not wait for it; the process does, before it exits)."""
+    path, model = _resolve_on_every_host(name_or_path, "decoder", progress, report, save_in_background)
     if model is not None:
         return checkpoint.Loading.done(Decoder(model.config, jax.device_put(model.params, sharding)))
     return checkpoint.Loading.start(path, sharding=sharding, verify=verify)
