@@ -72,24 +72,3 @@ def test_the_program_key_follows_what_reaches_the_program():
     keys = {key(o) for o in other} | {key(rows=(1, 4, 4, 4)), key(cfg=dataclasses.replace(config, sigma_data=0.6)), key()}
     assert len(keys) == len(other) + 3
 
-
-def test_first_use_decodes_from_memory_while_the_copy_is_written(tmp_path, monkeypatch):
-    """decode.py on a PyTorch checkpoint never seen: the params converted in memory are decoded at
-    once, the cache's copy is written in the background (complete before the process exits), and
-    the next run reads that copy: the same params."""
-    from cmjax.weights import checkpoint, from_pytorch
-    from tests import openai_peer
-
-    monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
-    pt = openai_peer.save_torchscript(openai_peer.make(seed=3), tmp_path / "decoder.pt")
-    said = []
-    first = hub.start_loading_decoder(pt, save_in_background=True, report=said.append)
-    assert first._decoder is not None  # from memory
-    from_pytorch._SAVER.submit(lambda: None).result()  # the writer's queue is done: the copy is complete
-    assert any(line.startswith("saved the checkpoint ") for line in said)
-    again = hub.start_loading_decoder(pt)
-    assert again._decoder is None  # read from the cache
-    again.check()
-    for x, y in zip(jax.tree.leaves(first.decoder().params), jax.tree.leaves(again.decoder().params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert checkpoint.read_config(next((tmp_path / "cache" / "checkpoints").iterdir())) == first.config

@@ -93,9 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rep = parallel.replicated(mesh)
         # The params are read (and their digest checked) in the background while the program compiles; a
-        # checkpoint converted on first use is decoded from memory while its copy is written to the cache.
-        decoder = hub.start_loading_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report,
-                                            save_in_background=True)
+        # checkpoint converted on first use is decoded from memory.
+        decoder = hub.start_loading_decoder(args.checkpoint, sharding=rep, progress=options.progress, report=_report)
         num_train_timesteps = decoder.config.unet.num_train_timesteps
         try:
             timesteps = timesteps_from_flags(args.timesteps, args.steps, num_train_timesteps)

@@ -258,18 +258,19 @@ def quiet_orbax() -> Iterator[None]:
 
 def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
     check_destination(dst, overwrite=overwrite, protect=protect)  # before hashing gigabytes
-    digest = params_digest(params)
-    if digest is not None:
-        meta = {**meta, DIGEST_KEY: digest}
-    with atomic_directory(dst, overwrite, protect=protect) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            with quiet_orbax(), _params_checkpointer() as ckptr:
-                ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-        except Exception as e:  # orbax/TensorStore raise ValueError, OSError, ... for a full disk
-            # TensorStore's text names temporary files; what the user needs is its tail ("No space left ...")
-            reason = _first_line(e, tail='": ')
-            raise CheckpointError(f"{dst}: cannot write the checkpoint, nothing was written ({reason})") from e
+    with ThreadPoolExecutor(1, thread_name_prefix="cmjax-digest") as pool:
+        digest = pool.submit(params_digest, params)  # hashed while orbax writes (both release the GIL)
+        with atomic_directory(dst, overwrite, protect=protect) as tmp:
+            try:
+                with quiet_orbax(), _params_checkpointer() as ckptr:
+                    ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+            except Exception as e:  # orbax/TensorStore raise ValueError, OSError, ... for a full disk
+                # TensorStore's text names temporary files; what the user needs is its tail ("No space left ...")
+                reason = _first_line(e, tail='": ')
+                raise CheckpointError(f"{dst}: cannot write the checkpoint, nothing was written ({reason})") from e
+            if digest.result() is not None:
+                meta = {**meta, DIGEST_KEY: digest.result()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(dst)
 
 
@@ -378,6 +379,21 @@ class Loading:
         loading._decoder = decoder
         return loading
 
+    @classmethod
+    def converted(cls, decoder: Decoder, *, sharding: Any = None) -> "Loading":
+        """A decoder just converted, its params (NumPy) still in memory: put on the devices (with
+        ``sharding``) by ``decoder()``, which drops the NumPy copy."""
+        held = [decoder.params]
+
+        def put() -> Any:
+            return jax.device_put(held.pop(), sharding)
+
+        params, checked = Future(), Future()
+        checked.set_result(None)
+        loading = cls(decoder.config, params, checked, jax.tree.map(_shape_of, decoder.params))
+        loading._put = put
+        return loading
+
     def abstract(self) -> Any:
         """The params' shapes and dtypes as the config says (``jax.ShapeDtypeStruct`` leaves; made once)."""
         with self._lock:
@@ -387,7 +403,8 @@ class Loading:
 
     def decoder(self) -> Decoder:
         if self._decoder is None:
-            self._decoder = Decoder(self.config, self._params.result())
+            put = getattr(self, "_put", None)
+            self._decoder = Decoder(self.config, self._params.result() if put is None else put())
         return self._decoder
 
     def check(self) -> None:

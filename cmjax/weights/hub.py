@@ -172,18 +172,16 @@ class _SilentTqdm:
         return cls._cls
 
 
-def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None,
-                        in_background: bool = False) -> tuple[Path, Any]:
+def _convert_into_cache(src: Path, name: str, kind: str, *, report: Report | None) -> tuple[Path, Any]:
     """Convert ``src`` to checkpoints/<name> in the cache, unless a converted copy is there.
-    Returns (its path, the Decoder/VAE converted now, or None when it was there); ``in_background``:
-    the copy is written in the background (``from_pytorch.convert``)."""
+    Returns (its path, the Decoder/VAE converted now, or None when it was there)."""
     dst = cache_dir() / "checkpoints" / name
     if (dst / CONFIG_FILE).is_file():
         return dst, None
     if report:
         report(f"converting {src} into {dst} (first use)")
     try:
-        return dst, convert(src, dst, kind=kind, report=report, in_background=in_background)
+        return dst, convert(src, dst, kind=kind, report=report)
     except FileExistsError:
         if not (dst / CONFIG_FILE).is_file():  # a half-made directory that is not ours: refuse to guess
             raise
@@ -209,11 +207,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "decoder"
     return _resolve(name_or_path, kind, progress, report)[0]
 
 
-def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report: Report | None,
-             in_background: bool = False) -> tuple[Path, Any]:
-    """resolve_checkpoint's (path, and the model converted now if it was: None otherwise);
-    ``in_background``: a conversion's copy is written in the background."""
-    convert_into_cache = functools.partial(_convert_into_cache, report=report, in_background=in_background)
+def _resolve(name_or_path: str | os.PathLike, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
+    """resolve_checkpoint's (path, and the model converted now if it was: None otherwise)."""
+    convert_into_cache = functools.partial(_convert_into_cache, report=report)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     text = os.fspath(name_or_path)
@@ -255,15 +251,12 @@ def convert_checkpoint(name_or_path: str | os.PathLike, dst: str | os.PathLike, 
     return convert(src, dst, kind=kind, keep_dtype=keep_dtype, overwrite=overwrite, report=report)
 
 
-def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None,
-                           in_background: bool = False) -> tuple[Path, Any]:
+def _resolve_on_every_host(name_or_path, kind: str, progress: bool, report: Report | None) -> tuple[Path, Any]:
     """(path, the model converted now or None); process 0 first. A model converted now is used as it is
-    (not read back from what was just written), and its copy written in the background when asked,
-    only in a single-process run (the other processes read the copy)."""
-    single = jax.process_count() == 1
+    (not read back from what was just written) only in a single-process run."""
     path, model = parallel.lead_first(lambda lead: _resolve(
-        name_or_path, kind, progress and lead, report if lead else None, in_background and single))
-    return path, model if single else None
+        name_or_path, kind, progress and lead, report if lead else None))
+    return path, model if jax.process_count() == 1 else None
 
 
 def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True, progress: bool = True,
@@ -275,16 +268,13 @@ def load_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool
 
 
 def start_loading_decoder(name_or_path: str | os.PathLike, *, sharding=None, verify: bool = True,
-                          progress: bool = True, report: Report | None = None,
-                          save_in_background: bool = False) -> checkpoint.Loading:
+                          progress: bool = True, report: Report | None = None) -> checkpoint.Loading:
     """load_decoder, with the params read in the background (``checkpoint.Loading``): the config and
     the params' shapes at once, the Decoder from ``.decoder()``, the digest check from ``.check()``.
-    A checkpoint converted now, in this process, is used from memory (no digest to check);
-    ``save_in_background``: its copy in the cache is written in the background meanwhile
-    (decode.py: the first image does not wait for it; the process does, before it exits)."""
-    path, model = _resolve_on_every_host(name_or_path, "decoder", progress, report, save_in_background)
+    A checkpoint converted now, in this process, is used from memory (no digest to check)."""
+    path, model = _resolve_on_every_host(name_or_path, "decoder", progress, report)
     if model is not None:
-        return checkpoint.Loading.done(Decoder(model.config, jax.device_put(model.params, sharding)))
+        return checkpoint.Loading.converted(model, sharding=sharding)
     return checkpoint.Loading.start(path, sharding=sharding, verify=verify)
 
 
