@@ -211,8 +211,8 @@ def default_plan(path: Path | None = None) -> tuple[LoweringPlan, str]:
     plan = cached_plan(path)
     if plan.choices:
         return plan, f"conv lowering: the plan measured on this CPU ({len(plan.choices)} conv shapes not XLA's)"
-    return plan, ("conv lowering: XLA's convolution (nothing measured on this CPU; --tune measures the convs "
-                  "once, which made CPU decodes 1.7-2.8x faster on the CPUs measured)")
+    return plan, ("conv lowering: XLA's convolution (nothing measured on this CPU; --tune measures each conv's "
+                  "lowerings once and keeps the fastest: see benchmarks/README.md for when it pays)")
 
 
 # ------------------------------------------------------------------------------------------------
