@@ -8,6 +8,8 @@
     conv_lowering.json               measured convolution lowerings (cmjax.tuning)
     xla/                             compiled programs: JAX's persistent compilation cache
                                      (``enable_compile_cache``; off with CMJAX_COMPILE_CACHE=0)
+    xla/cmjax-traced/                decode.py's traced programs (``jax.export``), so that a second
+                                     run skips the trace (cmjax.batch_decode.program)
 
 Like any JAX compilation cache, ``xla/`` is trusted: whoever can write there can make cmjax run
 their code, so it lives with the user's own files. It is not size-limited (a full-size decode
