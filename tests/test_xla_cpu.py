@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cmjax import xla_cpu
 from tests.conftest import REPO
@@ -49,6 +50,7 @@ def test_the_test_process_runs_what_users_run():
     assert "convolution" in text and "ynn_fusion" not in text
 
 
+@pytest.mark.cli  # fresh processes (XLA reads XLA_FLAGS once per process)
 def test_import_moves_convolutions_off_ynnpack_and_changes_only_rounding():
     on = _probe({})
     off = _probe({xla_cpu.OFF_ENV: "0"})
@@ -57,6 +59,7 @@ def test_import_moves_convolutions_off_ynnpack_and_changes_only_rounding():
     np.testing.assert_allclose(on["out"], off["out"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cli
 def test_a_users_flags_are_kept():
     mine = "--xla_force_host_platform_device_count=2"
     kept = _probe({"XLA_FLAGS": mine})
@@ -65,6 +68,7 @@ def test_a_users_flags_are_kept():
     assert _probe({"XLA_FLAGS": own})["flags"] == own
 
 
+@pytest.mark.cli
 def test_nothing_is_changed_once_jax_has_started():
     late = _probe({}, mode="jax-first")
     assert late["flags"] == "" and late["ynn"]
