@@ -203,6 +203,7 @@ def test_default_decode_reads_no_plan_it_was_not_given_and_measures_nothing(peer
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow  # every lowering in one decode; each is checked against torch in test_layers.py
 def test_decode_with_a_tuned_plan_matches_diffusers(peer, tmp_path, monkeypatch):
     """A plan made by ``tuning.tune`` (here from timings that make every conv pick another lowering:
     Winograd, im2col, im2row, subpixel) is what a later default decode reads, and decodes to diffusers' image."""

@@ -149,6 +149,7 @@ def test_oversized_shapes_fall_back_without_allocating(tmp_path):
     assert calls == [SHAPE] and entry["skipped"] == ["im2col"] and "im2col" not in entry["seconds"]
 
 
+@pytest.mark.slow  # the full-size decoder's conv shapes at three sizes
 def test_the_flop_bound_measures_every_conv_of_the_full_size_decoder_up_to_32x32_latents():
     """MAX_FLOPS bounds the measuring time of huge shapes; it must not leave the benchmark's cases
     (bench_decoder.py: 4x6 and 16x16 latents) or 256 px images with XLA's convolution: with 1e11 the
@@ -258,7 +259,7 @@ def test_cpu_model_tells_generations_apart(tmp_path):
     assert tuning.cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
 
 
-@pytest.mark.parametrize("tune", [False, True])
+@pytest.mark.parametrize("tune", [False, pytest.param(True, marks=pytest.mark.slow)])  # default settings first
 def test_a_huge_latent_beside_a_good_one(tmp_path, monkeypatch, tune):
     """Issue 24's folder (a good latent and a 4x4096x4096 one), default settings and --tune: the
     good one is decoded; the huge one is never measured (nor allocated) and fails with one line."""
