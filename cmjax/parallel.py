@@ -60,6 +60,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def shapes_with(tree: Any, sharding: Any) -> Any:
+    """``tree``'s leaves as ``jax.ShapeDtypeStruct``s laid out with ``sharding`` (None: no layout):
+    what to compile for, or restore into, without allocating."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Place a host pytree (e.g. params) fully replicated on ``mesh``; works on every host."""
     sharding = replicated(mesh)

@@ -18,6 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -445,6 +446,19 @@ def test_a_config_that_does_not_fit_the_params_is_refused(saved, tmp_path, capsy
     assert status == 2 and not (tmp_path / "out").exists() and "Traceback" not in err, err
     assert len(errors) == 1 and errors[0].startswith(f"error: {path / 'params'}: the params do not match the "
                                                      "recorded config"), err
+
+
+def test_metadata_declaring_more_than_the_data_holds_is_refused_before_reading(saved):
+    """decode.py reads the params laid out as orbax's metadata declares: a forged shape would be
+    allocated before the config check. The declared size is bounded by the data files' bytes."""
+    params_dir = saved / "params"
+    layout = checkpoint._stored_layout(params_dir)  # what a real checkpoint declares passes
+    assert jax.tree.structure(layout) == jax.tree.structure(random_decoder(config=MICRO).params)
+    forged = {**layout, "conv_in": {**layout["conv_in"],
+                                    "kernel": jax.ShapeDtypeStruct((3, 3, 100_000, 100_000), np.float32)}}
+    with pytest.raises(checkpoint.CheckpointError, match="declares 335.3 GiB of params") as e:
+        checkpoint._check_declared_size(params_dir, forged)
+    assert str(params_dir) in str(e.value) and "\n" not in str(e.value)
 
 
 def _data_files(path: Path) -> list[Path]:

@@ -186,9 +186,8 @@ def compile_program(step: Callable, params: Any, rows_shape: tuple[int, ...], me
             return step.lower(params, rows, keys).compile(), _cache_hits[0] > hits
         exported = jax.export.export(step)(params, rows, keys)
         _write_traced(path, exported)
-    rep = parallel.replicated(mesh)
     (params, _, _), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params)
+    params = parallel.shapes_with(params, parallel.replicated(mesh))
     compiled = jax.jit(exported.call).lower(params, rows, keys).compile()
     return compiled, _cache_hits[0] > hits
 

@@ -340,9 +340,7 @@ def _program(loading: Loading, vae, mesh, options: DecodeOptions
     """(the params replicated over ``mesh``; their shapes and shardings (both made on first call); the
     jitted step): latents -> images, or with --images images -> (consistency, gan, images)."""
     if not options.images:
-        rep = parallel.replicated(mesh)
-        abstract = functools.cache(lambda: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), loading.abstract()))
+        abstract = functools.cache(lambda: parallel.shapes_with(loading.abstract(), parallel.replicated(mesh)))
         params = functools.cache(lambda: _replicated(loading.decoder().params, mesh))
         return params, abstract, program.make_decode_fn(loading.config, mesh, options)
     decoder = loading.decoder()

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -32,13 +33,14 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmjax import parallel
 from cmjax.files import read_small
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import Decoder, DecoderConfig, abstract_params
@@ -311,12 +313,6 @@ def _read_meta(path: str | os.PathLike, fmt: str, what: str) -> dict:
     return meta
 
 
-def _sharded(target: Any, sharding: Any) -> Any:
-    if sharding is None:
-        return target
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
-
-
 def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -> Any:
     """Restore the params laid out like ``target``; check them against the recorded digest."""
     params_dir = path / PARAMS_DIR
@@ -324,7 +320,7 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
         raise CheckpointError(f"{params_dir}: missing (the checkpoint has no params)")
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            params = ckptr.restore(params_dir, _sharded(target, sharding))
+            params = ckptr.restore(params_dir, parallel.shapes_with(target, sharding))
         except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
             raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
                                   f"matching the recorded config ({_first_line(e)})") from e
@@ -356,6 +352,7 @@ class Loading:
         self.config = config
         self._params, self._checked, self._decoder = params, checked, None
         self._abstract, self._lock = abstract, threading.Lock()
+        self._put: Callable[[], Any] | None = None  # converted(): puts the in-memory params on the devices
 
     @classmethod
     def start(cls, path: str | os.PathLike, *, sharding: Any = None, verify: bool = True) -> "Loading":
@@ -403,8 +400,7 @@ class Loading:
 
     def decoder(self) -> Decoder:
         if self._decoder is None:
-            put = getattr(self, "_put", None)
-            self._decoder = Decoder(self.config, self._params.result() if put is None else put())
+            self._decoder = Decoder(self.config, self._params.result() if self._put is None else self._put())
         return self._decoder
 
     def check(self) -> None:
@@ -430,8 +426,23 @@ def _stored_layout(params_dir: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - missing or damaged metadata files
         raise CheckpointError(f"{params_dir}: cannot read the params' metadata ({_first_line(e)})") from e
     stored = getattr(stored, "item_metadata", stored)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+    stored = getattr(stored, "tree", stored)  # orbax's TreeMetadata wraps the plain nested dicts
+    layout = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
         a.shape, jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), stored)
+    _check_declared_size(params_dir, layout)
+    return layout
+
+
+def _check_declared_size(params_dir: Path, layout: Any) -> None:
+    """Refuse metadata that declares far more params than the data files hold (nothing allocated):
+    read as declared, a forged shape would make the restore allocate it before the config check.
+    The bound, 4x the files' bytes + 64 MiB, leaves room for float16 stored and float32 read, and
+    for compression."""
+    declared = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(layout))
+    held = sum(p.stat().st_size for p in params_dir.rglob("*") if p.is_file() and not p.is_symlink())
+    if declared > 4 * held + (64 << 20):
+        raise CheckpointError(f"{params_dir}: the metadata declares {declared / 2 ** 30:.1f} GiB of params, "
+                              f"the data files hold {held / 2 ** 30:.2f} GiB: not reading it")
 
 
 def _shape_of(x: Any) -> jax.ShapeDtypeStruct:
