@@ -10,6 +10,9 @@
                                      (``enable_compile_cache``; off with CMJAX_COMPILE_CACHE=0)
     xla/cmjax-traced/                decode.py's traced programs (``jax.export``), so that a second
                                      run skips the trace (cmjax.batch_decode.program)
+    verified/                        checkpoints whose params matched their digest, with their files'
+                                     sizes and times, so that unchanged files are not hashed again
+                                     (cmjax.weights.checkpoint)
 
 Like any JAX compilation cache, ``xla/`` is trusted: whoever can write there can make cmjax run
 their code, so it lives with the user's own files. It is not size-limited (a full-size decode
@@ -17,6 +20,8 @@ program is a few MB per input shape); delete it, or part of it, at any time.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import sys
@@ -35,6 +40,18 @@ MIN_COMPILE_SECONDS = 0.5
 def cache_dir() -> Path:
     """The cache root: $CMJAX_CACHE, else ~/.cache/cmjax."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cmjax").expanduser()
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 of cmjax's own source (every .py file of the package, with its path): what a kept
+    result made by this code (a traced program, a checked checkpoint's shapes) is valid for."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root)}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def slug(text: str, *, sep: str = "_", max_len: int | None = None, fallback: str = "entry") -> str:

@@ -22,7 +22,8 @@ The tests run in parallel, one worker process per CPU (pytest-xdist, ``-n auto``
 ``-n 0`` runs them in this process). One persistent JAX compilation cache serves the whole session,
 every worker and every subprocess (through JAX_COMPILATION_CACHE_DIR): a program compiled once, by
 any test, is loaded by the next that needs it. It lives in a temporary folder that the process
-which made it (pytest's main process) removes when the session ends.
+which made it (pytest's main process) removes when the session ends; $CMJAX_CACHE points into it
+too (tests that look at the cache set their own).
 """
 import os
 import shutil
@@ -43,6 +44,8 @@ _MADE_CACHE = not os.environ.get(_SHARED_CACHE)
 if _MADE_CACHE:
     os.environ[_SHARED_CACHE] = tempfile.mkdtemp(prefix="cmjax-tests-jax-cache-")
 COMPILE_CACHE = os.environ[_SHARED_CACHE]
+# cmjax's own cache (checked checkpoints, ...) in the session's folder too, never the developer's ~/.cache
+os.environ["CMJAX_CACHE"] = os.path.join(COMPILE_CACHE, "cmjax-cache")
 MIN_COMPILE_SECONDS = "0.2"  # tiny models compile fast; most programs are still worth keeping
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = MIN_COMPILE_SECONDS

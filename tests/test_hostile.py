@@ -504,6 +504,53 @@ def test_digest_is_recorded_and_verifies(saved):
     assert meta["params_sha256"] == checkpoint.params_digest(random_decoder(config=MICRO).params)
 
 
+def test_unchanged_checked_files_are_not_hashed_again(tmp_path, monkeypatch):
+    """A checkpoint cmjax wrote, or one that passed the digest check, is noted in $CMJAX_CACHE/verified
+    with its files' sizes, times and inodes: reading the same untouched files again (read_decoder,
+    or decode.py's background Loading) hashes nothing. Any change to a data file (even one that puts
+    its modification time back), to cmjax.json, or CMJAX_REHASH=1 makes the next read hash again."""
+    monkeypatch.setenv("CMJAX_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    digest = checkpoint.params_digest
+    monkeypatch.setattr(checkpoint, "params_digest", lambda params: hashed.append(1) or digest(params))
+
+    def reads() -> int:
+        hashed.clear()
+        checkpoint.read_decoder(path)
+        loading = checkpoint.Loading.start(path)
+        loading.check()
+        assert loading.decoder().config == MICRO
+        return len(hashed)
+
+    path = tmp_path / "written"
+    checkpoint.save_decoder(random_decoder(config=MICRO), path)  # hashed once, while it is written
+    assert len(list((tmp_path / "cache" / checkpoint.VERIFIED_DIR).iterdir())) == 1
+    assert reads() == 0
+    monkeypatch.setenv(checkpoint.REHASH_ENV, "1")
+    assert reads() == 2
+    monkeypatch.delenv(checkpoint.REHASH_ENV)
+
+    copy = tmp_path / "copy"  # not written by cmjax here: checked on its first read, then remembered
+    shutil.copytree(path, copy)
+    path = copy
+    assert reads() == 1 and reads() == 0
+
+    meta = json.loads((path / "cmjax.json").read_text())
+    (path / "cmjax.json").write_text(json.dumps({**meta, "source": "elsewhere"}))
+    assert reads() == 1 and reads() == 0
+
+    target = _data_files(path)[-1]
+    before = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A  # same size, and the modification time put back: the change time still moves
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(checkpoint.CheckpointError, match="do not match the digest"):
+        checkpoint.read_decoder(path)
+    with pytest.raises(checkpoint.CheckpointError, match="do not match the digest"):
+        checkpoint.Loading.start(path).check()
+
+
 # --------------------------------------------------------------------------------------------
 # Config bounds are checked before anything is built; the table is what h5 et al. extend.
 

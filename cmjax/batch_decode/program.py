@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from cmjax import parallel
+from cmjax import cache, parallel
 from cmjax.batch_decode.options import DecodeOptions
 from cmjax.decoding import tiling
 from cmjax.decoding.decoder import decode_latents
@@ -205,7 +205,7 @@ def program_key(config: DecoderConfig, options: DecodeOptions, rows_shape: tuple
 
     program_options = {f.name: repr(getattr(options, f.name)) for f in dataclasses.fields(options)
                        if f.name not in _OPTIONS_OUTSIDE_THE_PROGRAM}
-    parts = {"cmjax": _source_digest(), "versions": [jax.__version__, jaxlib.__version__, flax.__version__],
+    parts = {"cmjax": cache.source_digest(), "versions": [jax.__version__, jaxlib.__version__, flax.__version__],
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "processes": jax.process_count(),
              "mesh": [list(mesh.axis_names), list(mesh.devices.shape),
                       [(d.platform, d.device_kind, d.id) for d in mesh.devices.flat]],
@@ -216,16 +216,6 @@ def program_key(config: DecoderConfig, options: DecodeOptions, rows_shape: tuple
 # Flags that change what is read or written, not the program (a new --output must not miss the cache).
 _OPTIONS_OUTSIDE_THE_PROGRAM = frozenset({"output", "batch_size", "layout", "save_npy", "skip_existing",
                                           "progress", "tune"})
-
-
-@functools.cache
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(f"{path.relative_to(root)}\0".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def traced_path(key: str | None) -> Path | None:

@@ -7,6 +7,12 @@
 ``params_sha256`` is a digest of the params (names, dtypes, shapes, bytes) taken when the checkpoint
 is written and checked when it is loaded, so flipped bytes in a data file are refused instead of
 decoding to wrong pixels (``verify=False`` skips it; checkpoints written before it have none).
+A checkpoint that passed the check (or that cmjax just wrote) is noted in the cache
+(``cmjax.cache``: ``verified/``) with each data file's size, modification and change times and
+inode; a later read of the same files, none of them touched since (any write or ``touch``, even
+one that puts the old modification time back, changes the change time), by the same cmjax, skips
+the hashing (seconds for the 2.5 GB decoder). What that cannot see is a byte changed without the
+file system knowing (a failing disk); ``CMJAX_REHASH=1`` hashes every time.
 
 The SD VAE uses the same layout with format "cmjax-vae" and one more field, "parts": the halves
 present (["encoder", "decoder"], or ["encoder"] for the encoder bundled with a consistency decoder).
@@ -40,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmjax import parallel
-from cmjax.files import read_small
+from cmjax import cache, parallel
+from cmjax.files import atomic_write, read_small
 from cmjax.models import vae as vae_lib
 from cmjax.models.decoder_config import Decoder, DecoderConfig, abstract_params
 from cmjax.weights.errors import CheckpointError, parse_json
@@ -258,6 +264,57 @@ def quiet_orbax() -> Iterator[None]:
             tasks.removeFilter(_drop_unretrieved_tasks)
 
 
+# ------------------------------------------------------------------------------------------------
+# Checked before: the digest is not taken again for files nobody has touched since
+
+VERIFIED_DIR = "verified"  # under cmjax.cache.cache_dir(): one small JSON file per checkpoint
+REHASH_ENV = "CMJAX_REHASH"  # "1": hash the params on every read
+_MAX_SEEN_FILES = 10_000  # a params folder with more entries is hashed every time, not recorded
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """A checkpoint's files as they were before its params were read: the SHA-256 of its cmjax.json
+    (the config and the expected digest) and, for every entry under params/, (name, type, size,
+    modification and change times in ns, device, inode), with the cmjax source that checks them.
+    ``checked()``: these very files were checked (digest and shapes) before; ``remember()``: they
+    now have been (a note in the cache; nothing when it cannot be written)."""
+
+    stamp: Path
+    record: dict
+
+    @classmethod
+    def now(cls, path: Path) -> "_Seen | None":
+        """None when the files cannot be listed, are too many, or CMJAX_REHASH=1."""
+        if os.environ.get(REHASH_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            return None
+        try:
+            entries = []
+            for i, p in enumerate(sorted((path / PARAMS_DIR).rglob("*"))):
+                if i >= _MAX_SEEN_FILES:
+                    return None
+                st = p.lstat()
+                entries.append([str(p.relative_to(path)), stat.S_IFMT(st.st_mode), st.st_size,
+                                st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino])
+            meta = hashlib.sha256(read_small(path / CONFIG_FILE)).hexdigest()
+        except (OSError, ValueError):
+            return None
+        record = {"checkpoint": str(path), "cmjax": cache.source_digest(), "meta": meta, "files": entries}
+        name = hashlib.sha256(str(path).encode(errors="surrogateescape")).hexdigest()[:32]
+        return cls(cache.cache_dir() / VERIFIED_DIR / f"{name}.json", record)
+
+    def checked(self) -> bool:
+        try:
+            return json.loads(read_small(self.stamp)) == self.record
+        except (OSError, ValueError):
+            return False
+
+    def remember(self) -> None:
+        data = json.dumps(self.record).encode()
+        with contextlib.suppress(OSError):
+            atomic_write(self.stamp, lambda f: f.write(data))
+
+
 def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
     check_destination(dst, overwrite=overwrite, protect=protect)  # before hashing gigabytes
     with ThreadPoolExecutor(1, thread_name_prefix="cmjax-digest") as pool:
@@ -273,6 +330,8 @@ def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, prot
             if digest.result() is not None:
                 meta = {**meta, DIGEST_KEY: digest.result()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if DIGEST_KEY in meta and (seen := _Seen.now(Path(dst).absolute())) is not None:
+        seen.remember()  # written from these very params: the next read need not hash them
     return Path(dst)
 
 
@@ -318,22 +377,27 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (the checkpoint has no params)")
+    seen = _Seen.now(path) if verify else None  # before reading: what was read is at most this new
     with ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(params_dir, parallel.shapes_with(target, sharding))
         except Exception as e:  # orbax/TensorStore raise many types for missing or cut data files
             raise CheckpointError(f"{params_dir}: cannot read the params: missing, truncated or not "
                                   f"matching the recorded config ({_first_line(e)})") from e
-    if verify:
-        _check_digest(params_dir, params, meta.get(DIGEST_KEY))
+    if verify and not (seen is not None and seen.checked()):
+        _check_digest(params_dir, params, meta.get(DIGEST_KEY), seen)
     return params
 
 
-def _check_digest(params_dir: Path, params: Any, expected: str | None) -> None:
+def _check_digest(params_dir: Path, params: Any, expected: str | None, seen: _Seen | None) -> None:
+    """Hash ``params`` and compare with ``expected`` (nothing to compare: None); ``seen``, when
+    given, is remembered as checked once they match."""
     got = params_digest(params) if expected is not None else None
     if got is not None and got != expected:
         raise CheckpointError(f"{params_dir}: params do not match the digest recorded in {CONFIG_FILE} "
                               "(data files modified or corrupted); load with verify=False to skip the check")
+    if got is not None and seen is not None:
+        seen.remember()
 
 
 class Loading:
@@ -360,10 +424,11 @@ class Loading:
         meta = _read_meta(path, FORMAT, "decoder")
         config = read_config(path)
         pool = ThreadPoolExecutor(1, thread_name_prefix="cmjax-read")  # one thread: these run in order
+        seen = pool.submit(lambda: _Seen.now(path) if verify else None)  # before reading
         params = pool.submit(lambda: _restore(path, _stored_layout(path / PARAMS_DIR), sharding, meta, False))
         loading = cls(config, params, Future())
         expected = meta.get(DIGEST_KEY) if verify else None
-        loading._checked = pool.submit(loading._check, path / PARAMS_DIR, expected)
+        loading._checked = pool.submit(loading._check, path / PARAMS_DIR, expected, seen)
         pool.shutdown(wait=False)
         return loading
 
@@ -406,15 +471,17 @@ class Loading:
     def check(self) -> None:
         self._checked.result()
 
-    def _check(self, params_dir: Path, expected: str | None) -> None:
+    def _check(self, params_dir: Path, expected: str | None, seen: Future) -> None:
         params = self._params.result()
+        if seen.result() is not None and seen.result().checked():  # these files passed both checks before
+            return
         want = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(self.abstract())]
         got = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(params)]
         if want != got:
             diff = sorted(set(want) ^ set(got))[:3]
             raise CheckpointError(f"{params_dir}: the params do not match the recorded config ({len(got)} arrays "
                                   f"where the config makes {len(want)}; differing: {diff})")
-        _check_digest(params_dir, params, expected)
+        _check_digest(params_dir, params, expected, seen.result())
 
 
 def _stored_layout(params_dir: Path) -> Any:
