@@ -94,16 +94,17 @@ def test_unet_parity(peer, t):
     with torch.no_grad():
         ref = nhwc(vae.decoder_unet(nchw(x), torch.tensor(t)).sample)
         truth = nhwc(copy.deepcopy(vae.decoder_unet).double()(nchw(x).double(), torch.tensor(t)).sample)
-    got = np.asarray(dec.network().apply({"params": dec.params}, jnp.asarray(x), jnp.full((2,), t)))
+    got = np.asarray(jax.jit(dec.network().apply)({"params": dec.params}, jnp.asarray(x), jnp.full((2,), t)))
     assert got.shape == ref.shape == (2, 16, 24, 6)
     np.testing.assert_allclose(got, ref, atol=ATOL * max(1.0, np.abs(ref).max()), rtol=0)
     assert np.abs(got - truth).max() <= 2 * np.abs(ref - truth).max() + 1e-6
 
 
-# OpenAI's default (2 steps, clipped) and diffusers' (unclipped) with 3 steps run by default; the rest are slow.
+# OpenAI's default (2 steps, clipped) runs by default (diffusers' unclipped sampling: test_matches_diffusers_
+# decode_with_its_own_noise); the rest are slow.
 @pytest.mark.parametrize("timesteps, clip", [
-    ((1008, 512), True), ((1008, 688, 352), False),
-    *(pytest.param(t, c, marks=pytest.mark.slow) for t, c in [((1008,), True), ((1008,), False),
+    ((1008, 512), True),
+    *(pytest.param(t, c, marks=pytest.mark.slow) for t, c in [((1008, 688, 352), False), ((1008,), True), ((1008,), False),
                                                              ((1008, 512), False), ((1008, 688, 352), True)])])
 def test_decode_parity(peer, timesteps, clip):
     vae, _, dec = peer
@@ -270,6 +271,7 @@ def test_key_noise_is_deterministic_and_one_program(peer):
     np.testing.assert_array_equal(np.asarray(cmjax.decode(dec, latents, noise=noise)), np.asarray(a))
 
 
+@pytest.mark.slow  # the quick tier computes in bf16 in tests/test_vae.py::test_bf16_compute
 def test_bf16_compute_close_to_fp32(peer):
     _, _, dec = peer
     rng = np.random.default_rng(5)

@@ -71,6 +71,7 @@ def test_one_tile_is_the_untiled_decode(params):
     assert str(tiled(params, latents, noise)) == str(untiled(params, latents, noise))
 
 
+@pytest.mark.slow  # two 256x256 compiles; the quick tier decodes tiled in test_batch_decode_uses_tiles
 def test_tiled_decode_matches_untiled(params):
     """32x32 latents (256x256 px) in 2x2 tiles of 24 latents overlapping by 16, 2 steps.
 

@@ -259,7 +259,8 @@ def test_cpu_model_tells_generations_apart(tmp_path):
     assert tuning.cpu_model(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
 
 
-@pytest.mark.parametrize("tune", [False, pytest.param(True, marks=pytest.mark.slow)])  # default settings first
+@pytest.mark.slow  # two compiles; the quick tier's default-settings hostile inputs: tests/test_decode_hostile.py
+@pytest.mark.parametrize("tune", [False, True])
 def test_a_huge_latent_beside_a_good_one(tmp_path, monkeypatch, tune):
     """Issue 24's folder (a good latent and a 4x4096x4096 one), default settings and --tune: the
     good one is decoded; the huge one is never measured (nor allocated) and fails with one line."""

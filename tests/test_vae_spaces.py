@@ -23,6 +23,7 @@ from cmjax.models import decoder_config
 from cmjax.models import vae as vae_lib
 from cmjax.weights import checkpoint
 from cmjax.weights.sd_vae import load_pytorch_vae
+from tests.random_decoder import random_decoder, random_params
 from tests.torch_peers import nchw, nhwc
 from tests.vae_peers import assert_close, assert_same_params, images, state_of, tiny_autoencoder, to_ldm, write_safetensors
 
@@ -142,7 +143,7 @@ def test_load_vae_checkpoint_and_pytorch_folder(space, tmp_path):
 def test_old_vae_checkpoint_without_new_fields_loads(tmp_path):
     """A cmjax.json written before shift_factor/use_quant_conv existed reads as an SD 1.x-style VAE."""
     cfg = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
-    params = vae_lib.init_params(cfg, jax.random.key(0))
+    params = random_params(vae_lib.abstract_params(cfg, vae_lib.PARTS))
     checkpoint.save_vae(vae_lib.VAE(cfg, params), tmp_path / "v")
     meta_path = tmp_path / "v" / "cmjax.json"
     meta = json.loads(meta_path.read_text())
@@ -179,11 +180,11 @@ def test_decoder_config_round_trip_and_old_files(tmp_path):
     """The latent fields are stored in cmjax.json; a file without shift_factor (older cmjax) loads
     with shift 0 and decodes exactly as before."""
     cfg = sixteen_channel_config()
-    dec = decoder_config.Decoder(cfg, decoder_config.init_params(cfg, jax.random.key(1)))
+    dec = random_decoder(1, cfg)
     checkpoint.save_decoder(dec, tmp_path / "d16")
     assert cmjax.load_decoder(tmp_path / "d16").config == cfg
     sd1 = decoder_config.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4))
-    checkpoint.save_decoder(decoder_config.Decoder(sd1, decoder_config.init_params(sd1, jax.random.key(2))), tmp_path / "d4")
+    checkpoint.save_decoder(random_decoder(2, sd1), tmp_path / "d4")
     meta_path = tmp_path / "d4" / "cmjax.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["shift_factor"]
@@ -193,7 +194,7 @@ def test_decoder_config_round_trip_and_old_files(tmp_path):
 
 def test_decode_names_a_channel_mismatch():
     cfg = sixteen_channel_config()
-    dec = decoder_config.Decoder(cfg, decoder_config.init_params(cfg, jax.random.key(1)))
+    dec = random_decoder(1, cfg)
     out = cmjax.decode(dec, np.zeros((1, 2, 2, 16), np.float32), timesteps=(1008,))
     assert out.shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="16-channel latents of the VAE it was trained for"):
@@ -215,7 +216,7 @@ def test_latent_stats_command_matches_numpy(tmp_path, capsys):
     from cmjax.cli import eval as eval_lib
 
     cfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, **SPACES["flux"])
-    vae = vae_lib.VAE(cfg, vae_lib.init_params(cfg, jax.random.key(3)))
+    vae = vae_lib.VAE(cfg, random_params(vae_lib.abstract_params(cfg, vae_lib.PARTS), 3))
     checkpoint.save_vae(vae, tmp_path / "vae")
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"
@@ -259,7 +260,7 @@ def test_retarget_params_copies_all_but_the_latent_inputs():
 
     base = decoder_config.DecoderConfig(unet=cmjax.UNetConfig(block_out_channels=(8,), layers_per_block=1,
                                                               norm_num_groups=4))
-    params = jax.device_get(decoder_config.init_params(base, jax.random.key(0)))
+    params = random_decoder(0, base).params
     vcfg = vae_lib.VAEConfig(**SPACES["sd3"])
     new = families.retarget_decoder_config(base, vcfg)
     assert (new.latent_channels, new.unet.in_channels, new.scaling_factor, new.shift_factor) == (16, 19, 1.5305, 0.0609)
@@ -290,8 +291,7 @@ def test_newspace_config_reads_the_vae_and_its_stats(tmp_path):
     from configs import decoder_newspace
 
     vcfg = vae_lib.VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, **SPACES["sd3"])
-    checkpoint.save_vae(vae_lib.VAE(vcfg, vae_lib.init_params(vcfg, jax.random.key(0), parts=("encoder",))),
-                        tmp_path / "vae")
+    checkpoint.save_vae(vae_lib.VAE(vcfg, random_params(vae_lib.abstract_params(vcfg, ("encoder",)))), tmp_path / "vae")
     c = decoder_newspace.get_config()
     c.data.vae_checkpoint = str(tmp_path / "vae")
     base = decoder_config.DecoderConfig()

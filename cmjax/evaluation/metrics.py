@@ -17,6 +17,8 @@ command of ``python -m cmjax.eval`` does.
 """
 from __future__ import annotations
 
+import functools
+
 import dm_pix
 import jax
 import jax.numpy as jnp
@@ -64,11 +66,13 @@ def mean_psnr(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: boo
     return float(jnp.mean(psnr(a, b, value_range=value_range, clip=clip)))
 
 
+@functools.partial(jax.jit, static_argnames=("value_range", "clip", "filter_size", "filter_sigma"))
 def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0), clip: bool = True,
          filter_size: int = 11, filter_sigma: float = 1.5) -> jax.Array:
     """Structural similarity, one value per image: ``(B,)`` (or a scalar), 1.0 for identical images.
 
-    ``filter_size`` shrinks to the largest odd size <= min(H, W) for small images.
+    ``filter_size`` shrinks to the largest odd size <= min(H, W) for small images. Compiled once
+    per shape (op by op, its Gaussian filtering compiled a program per operation: 1.3 s at 16x16).
     """
     a, b = _check_pair(a, b)
     size = min(filter_size, a.shape[-3], a.shape[-2])
