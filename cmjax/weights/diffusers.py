@@ -8,7 +8,9 @@ safetensors' NumPy interface: no torch.
 from __future__ import annotations
 
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -107,22 +109,36 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as NumPy arrays (bf16 as ml_dtypes.bfloat16).
 
     Reads each tensor straight into its own array (no memory map: a mapped file would sit in the
-    process's memory beside the copies, doubling the peak for multi-GB checkpoints).
+    process's memory beside the copies, doubling the peak for multi-GB checkpoints), several at a
+    time (``_READERS`` threads: the 2.5 GB decoder took 3.8 s read one tensor after another from a
+    file not in the page cache, 2.0 s this way).
     """
     path = Path(path)
     header, start = read_safetensors_header(path)
-    out: dict[str, np.ndarray] = {}
+
+    def read(fd: int, name: str, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int) -> np.ndarray:
+        buf = np.empty(end - begin, np.uint8)
+        view, done = memoryview(buf), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], start + begin + done)
+            if n == 0:
+                raise ConversionError(f"{path}: not a readable safetensors file (truncated in {name!r})")
+            done += n
+        return buf.view(dtype).reshape(shape)
+
     try:
-        with open(path, "rb") as f:
-            for name, (dtype, shape, begin, end) in header.items():
-                buf = np.empty(end - begin, np.uint8)
-                f.seek(start + begin)
-                if f.readinto(memoryview(buf)) != end - begin:
-                    raise ConversionError(f"{path}: not a readable safetensors file (truncated in {name!r})")
-                out[name] = buf.view(dtype).reshape(shape)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(_READERS, thread_name_prefix="cmjax-safetensors") as pool:
+                arrays = [pool.submit(read, fd, name, *entry) for name, entry in header.items()]
+                return {name: a.result() for name, a in zip(header, arrays)}
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
-    return out
+
+
+_READERS = 4
 
 
 def unet_state(tensors: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
