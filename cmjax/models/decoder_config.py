@@ -222,5 +222,12 @@ def init_params(config: DecoderConfig, key: jax.Array, param_dtype=jnp.float32) 
 
 
 def abstract_params(config: DecoderConfig, param_dtype=jnp.float32) -> Any:
-    """The params' shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), nothing allocated."""
+    """The params' shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), nothing allocated. Traced
+    once per config and dtype in a process (about 1 s for the full-size decoder); each call gets a
+    tree of its own."""
+    return jax.tree.map(lambda a: a, _traced_params(config, jnp.dtype(param_dtype)))
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_params(config: DecoderConfig, param_dtype: jnp.dtype) -> Any:
     return jax.eval_shape(functools.partial(init_params, config, param_dtype=param_dtype), jax.random.key(0))

@@ -315,7 +315,15 @@ class _Seen:
             atomic_write(self.stamp, lambda f: f.write(data))
 
 
-def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence) -> Path:
+def _shapes(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    return [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, protect: Sequence,
+          remember: bool = True) -> Path:
+    """Write the checkpoint; ``remember``: note it as checked (``_Seen``): its params are what its
+    config makes (a decoder's are compared with the config's shapes first; a VAE is read with its
+    config's shapes as the target, which checks them on every read)."""
     check_destination(dst, overwrite=overwrite, protect=protect)  # before hashing gigabytes
     with ThreadPoolExecutor(1, thread_name_prefix="cmjax-digest") as pool:
         digest = pool.submit(params_digest, params)  # hashed while orbax writes (both release the GIL)
@@ -330,7 +338,7 @@ def _save(meta: dict, params: Any, dst: str | os.PathLike, overwrite: bool, prot
             if digest.result() is not None:
                 meta = {**meta, DIGEST_KEY: digest.result()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if DIGEST_KEY in meta and (seen := _Seen.now(Path(dst).absolute())) is not None:
+    if remember and DIGEST_KEY in meta and (seen := _Seen.now(Path(dst).absolute())) is not None:
         seen.remember()  # written from these very params: the next read need not hash them
     return Path(dst)
 
@@ -475,8 +483,7 @@ class Loading:
         params = self._params.result()
         if seen.result() is not None and seen.result().checked():  # these files passed both checks before
             return
-        want = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(self.abstract())]
-        got = [(jax.tree_util.keystr(k), tuple(v.shape)) for k, v in jax.tree_util.tree_leaves_with_path(params)]
+        want, got = _shapes(self.abstract()), _shapes(params)
         if want != got:
             diff = sorted(set(want) ^ set(got))[:3]
             raise CheckpointError(f"{params_dir}: the params do not match the recorded config ({len(got)} arrays "
@@ -523,7 +530,8 @@ def save_decoder(decoder: Decoder, dst: str | os.PathLike, *, source: str = "", 
     ``overwrite``: replace an existing ``dst`` that is a cmjax checkpoint, never one of the inputs
     ``protect`` or a folder holding one (see :func:`check_destination`)."""
     meta = {"format": FORMAT, "version": VERSION, "config": decoder.config.to_dict(), "source": source}
-    return _save(meta, decoder.params, dst, overwrite, protect)
+    fits = _shapes(decoder.params) == _shapes(abstract_params(decoder.config))
+    return _save(meta, decoder.params, dst, overwrite, protect, remember=fits)
 
 
 def read_config(path: str | os.PathLike) -> DecoderConfig:
