@@ -36,7 +36,10 @@ SPACES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(SPACES))
+# FLUX's space (16 channels, a shift, no quant convs) in the quick tier; SDXL's (SD's architecture,
+# another scale) and SD3's (FLUX's layout, other constants) are slow.
+@pytest.fixture(scope="module", params=[n if n == "flux" else pytest.param(n, marks=pytest.mark.slow)
+                                        for n in sorted(SPACES)])
 def space(request, tmp_path_factory):
     """(name, torch AutoencoderKL, its diffusers folder, the cmjax VAE converted from the folder)."""
     name = request.param
