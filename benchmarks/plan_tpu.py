@@ -343,7 +343,7 @@ def compile_train(target: Target, config, name: str = "") -> tuple[Any, float, d
         frozen_sh["encoder"] = jax.tree.map(lambda _: rep, enc)
     step = loop.jit_train_step(family, config, tx, sched, mesh, shardings, frozen_sh)
     compiled = compile_or_refused(lambda: step.lower(state, batch, frozen).compile())
-    facts = {"config": name, "batch": config.batch_size, "fsdp": bool(config.fsdp),
+    facts = {"config": name, "batch": config.batch_size, "fsdp": bool(config.fsdp), "remat": bool(config.remat),
              "dtype": config.compute_dtype, "image": h,
              "params_m": round(sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)) / 1e6, 1)}
     return compiled, flops_of(compiled) * mesh.size / config.batch_size, facts
@@ -360,6 +360,7 @@ def format_row(r: dict[str, Any]) -> str:
         what += f" tile {r['tile']} ({r['tiles']} tiles)"
     if "config" in r:
         what += f" {r['config']} b{r['batch']} {r['dtype']} fsdp={'on' if r['fsdp'] else 'off'}"
+        what += " remat" if r.get("remat") else ""
     coll = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
     if "refused" in r:
         coll = "n/a: the compiler refused it (RESOURCE_EXHAUSTED)"
@@ -400,6 +401,7 @@ def parse(argv) -> argparse.Namespace:
     t.add_argument("--config", default="decoder_newspace", help="a module of configs/")
     t.add_argument("--fsdp", type=int, choices=(0, 1), default=None, help="override config.fsdp")
     t.add_argument("--batch", type=int, default=None, help="override config.batch_size (global, per step)")
+    t.add_argument("--remat", type=int, choices=(0, 1), default=None, help="override config.remat")
     t.add_argument("--tiny", action="store_true", help="decoder family: the tiny UNet")
     t.add_argument("--vae", choices=tuple(VAE_CONFIGS), default=None,
                    help="decoder family's SD VAE (default: sd3 for decoder_newspace, else sd1)")
@@ -438,6 +440,8 @@ def main(argv=None) -> int:
                               vae_checkpoint_dir(Path(tmp), VAE_CONFIGS[vae]), tiny=args.tiny)
         if args.batch:
             config.batch_size = args.batch
+        if args.remat is not None:
+            config.remat = bool(args.remat)
         t0 = time.perf_counter()
         compiled, flops, facts = compile_train(target, config, args.config)
         seconds = time.perf_counter() - t0

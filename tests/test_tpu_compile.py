@@ -147,6 +147,27 @@ def test_train_step_memory_and_collectives(v5e, fsdp):
         assert "all-gather" not in kinds and "reduce-scatter" not in kinds, kinds
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_remat_shrinks_the_backward_pass_on_tpu(v5e):
+    """The gradient of the 128/256-channel UNet at 128x128, bf16, one image per chip, with and
+    without config.remat: remat keeps each residual block's input (at least the skip activations,
+    in bf16) instead of its norms and activations; the TPU compiler assigned 236 MiB of
+    temporaries without it and 92 MiB with it (2026-12-03)."""
+    config = DecoderConfig(unet=UNET)
+    rep, data = plan_tpu.parallel.replicated(v5e.mesh), plan_tpu.parallel.data_sharding(v5e.mesh)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract_params(config))
+    x = jax.ShapeDtypeStruct((4, 128, 128, 3), jnp.float32, sharding=data)
+    z = jax.ShapeDtypeStruct((4, 128, 128, config.latent_channels), jnp.float32, sharding=data)
+
+    def temporaries(remat: bool) -> int:
+        grad = jax.jit(jax.grad(lambda p, x, z: jnp.sum(denoise(p, x, z, 500, config, jnp.bfloat16, remat=remat) ** 2)))
+        return grad.lower(params, x, z).compile().memory_analysis().temp_size_in_bytes
+
+    plain, remat = temporaries(False), temporaries(True)
+    assert 2 * skip_elements(UNET, 128, 128) <= remat < 0.5 * plain
+
+
 HBM_REFUSAL = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(60.81G) exceeds available HBM (15.75G).")
 

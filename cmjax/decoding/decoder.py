@@ -56,11 +56,12 @@ def normalize_latents(latents: jax.Array, config: DecoderConfig) -> jax.Array:
 
 
 def denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t: int, config: DecoderConfig,
-            dtype=jnp.float32, lowering: LoweringPlan = XLA) -> jax.Array:
+            dtype=jnp.float32, lowering: LoweringPlan = XLA, remat: bool = False) -> jax.Array:
     """The consistency function x0_hat = c_out[t] * F(concat[c_in[t] x_t, z_up], t)[..., :3] + c_skip[t] x_t.
 
     x_t: (B, H, W, 3) float32, z_up: (B, H, W, latent_channels) normalised latents; t a grid timestep
-    (Python int or traced int scalar/(B,) array). ``lowering``: the network's conv lowering plan.
+    (Python int or traced int scalar/(B,) array). ``lowering``: the network's conv lowering plan;
+    ``remat``: its residual blocks recompute their activations when differentiated (training).
     Returns float32 (B, H, W, 3), not clipped.
     """
     tables = schedule.decoder_schedule(config.unet.num_train_timesteps, config.sigma_data)
@@ -68,7 +69,7 @@ def denoise(params: Any, x_t: jax.Array, z_up: jax.Array, t: int, config: Decode
     c_in, c_out, c_skip = (_per_example(c, x_t) for c in (c_in, c_out, c_skip))
     net_in = jnp.concatenate([c_in * x_t, z_up], axis=-1)
     t_batch = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_t.shape[0],))
-    out = make_network(config, dtype, lowering=lowering).apply({"params": params}, net_in, t_batch)
+    out = make_network(config, dtype, lowering=lowering, remat=remat).apply({"params": params}, net_in, t_batch)
     return c_out * out[..., :IMAGE_CHANNELS].astype(jnp.float32) + c_skip * x_t
 
 

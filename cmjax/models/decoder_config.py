@@ -209,8 +209,8 @@ class Decoder:
 
 
 def make_network(config: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32,
-                 lowering: LoweringPlan = XLA) -> ConsistencyUNet:
-    return ConsistencyUNet(config.unet, dtype=dtype, param_dtype=param_dtype, lowering=lowering)
+                 lowering: LoweringPlan = XLA, remat: bool = False) -> ConsistencyUNet:
+    return ConsistencyUNet(config.unet, dtype=dtype, param_dtype=param_dtype, lowering=lowering, remat=remat)
 
 
 def init_params(config: DecoderConfig, key: jax.Array, param_dtype=jnp.float32) -> Any:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cmjax.models.conv_lowering import XLA, LoweringPlan
-from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense
+from cmjax.models.layers import GroupNorm, conv, dense, resnet_block
 
 Dtype = Any
 
@@ -59,17 +59,20 @@ class ConsistencyUNet(nn.Module):
     """F(x, t): x (B, H, W, in_channels), t int (B,) in [0, num_train_timesteps) -> (B, H, W, out_channels).
 
     H and W must be multiples of ``config.downsample_factor``. ``lowering``: how each conv is
-    computed (``cmjax.models.conv_lowering.LoweringPlan``; default XLA's convolution).
+    computed (``cmjax.models.conv_lowering.LoweringPlan``; default XLA's convolution). ``remat``:
+    each residual block recomputes its activations in the backward pass (training memory).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lowering: LoweringPlan = XLA
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         cfg = self.config
+        block_cls = resnet_block(self.remat)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, time_scale_shift=True,
                      lowering=self.lowering, **kw)
@@ -84,21 +87,21 @@ class ConsistencyUNet(nn.Module):
         skips = [h]
         for i, ch in enumerate(cfg.block_out_channels):
             for j in range(cfg.layers_per_block):
-                h = ResnetBlock(ch, name=f"down_blocks.{i}.resnets.{j}", **block)(h, temb)
+                h = block_cls(ch, name=f"down_blocks.{i}.resnets.{j}", **block)(h, temb, True)
                 skips.append(h)
             if i < levels - 1:
-                h = ResnetBlock(ch, resample="down", name=f"down_blocks.{i}.downsamplers.0", **block)(h, temb)
+                h = block_cls(ch, resample="down", name=f"down_blocks.{i}.downsamplers.0", **block)(h, temb, True)
                 skips.append(h)
 
         for k in range(2):
-            h = ResnetBlock(cfg.block_out_channels[-1], name=f"mid_block.resnets.{k}", **block)(h, temb)
+            h = block_cls(cfg.block_out_channels[-1], name=f"mid_block.resnets.{k}", **block)(h, temb, True)
 
         for i, ch in enumerate(reversed(cfg.block_out_channels)):
             for j in range(cfg.layers_per_block + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResnetBlock(ch, name=f"up_blocks.{i}.resnets.{j}", **block)(h, temb)
+                h = block_cls(ch, name=f"up_blocks.{i}.resnets.{j}", **block)(h, temb, True)
             if i < levels - 1:
-                h = ResnetBlock(ch, resample="up", name=f"up_blocks.{i}.upsamplers.0", **block)(h, temb)
+                h = block_cls(ch, resample="up", name=f"up_blocks.{i}.upsamplers.0", **block)(h, temb, True)
 
         h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
         h = conv(cfg.out_channels, 3, "conv_out", lowering=self.lowering, **kw)(nn.silu(h))

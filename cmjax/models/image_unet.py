@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models.layers import GroupNorm, ResnetBlock, conv, dense, spatial_attention
+from cmjax.models.layers import GroupNorm, conv, dense, resnet_block, spatial_attention
 
 Dtype = Any
 
@@ -108,11 +108,13 @@ class AttentionBlock(nn.Module):
 
 
 class ImageUNet(nn.Module):
-    """F(x_scaled (B,H,W,in_channels), c_noise (B,)) -> (B,H,W,out_channels) in ``dtype``."""
+    """F(x_scaled (B,H,W,in_channels), c_noise (B,)) -> (B,H,W,out_channels) in ``dtype``.
+    ``remat``: each residual block recomputes its activations in the backward pass (training memory)."""
 
     config: ImageUNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, c_noise: jax.Array, train: bool = False) -> jax.Array:
@@ -140,8 +142,10 @@ class ImageUNet(nn.Module):
         temb = dense(temb_dim, "temb_1", **kw)(feats.astype(self.dtype))
         temb = dense(temb_dim, "temb_2", **kw)(nn.silu(temb))
 
+        block_cls = resnet_block(self.remat)
+
         def res(h, ch, name, resample=None):
-            return ResnetBlock(ch, resample=resample, name=name, **block)(h, temb, deterministic=not train)
+            return block_cls(ch, resample=resample, name=name, **block)(h, temb, not train)
 
         def maybe_attn(h, name):
             if h.shape[1] in cfg.attn_resolutions:

@@ -251,6 +251,14 @@ class ResnetBlock(nn.Module):
         return x.astype(self.dtype) + h
 
 
+def resnet_block(remat: bool = False) -> type[ResnetBlock]:
+    """``ResnetBlock``, or with ``remat`` the same block under ``nn.remat``: its backward pass
+    recomputes the block's activations from its input instead of keeping them (the network keeps
+    one array per block; about one more forward pass of compute). Same params and names; call it
+    positionally, ``block(x, temb, deterministic)``."""
+    return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
+
+
 def spatial_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Single-head attention over positions: softmax(q k^T / sqrt(C)) v, (B, N, C) each -> (B, N, C).
 

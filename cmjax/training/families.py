@@ -141,7 +141,7 @@ def image_family(config, network=None) -> Family:
     mcfg = image_model_config(config)
     dtype = compute_dtype(config.compute_dtype)
     size, channels = config.data.image_size, config.data.channels
-    net = ImageUNet(mcfg, dtype=dtype) if network is None else network
+    net = ImageUNet(mcfg, dtype=dtype, remat=bool(config.remat)) if network is None else network
     init_net = ImageUNet(mcfg) if network is None else network
     smp = config.sampling
     sigma_min, sigma_max = C.SIGMA_MIN, float(smp.sigma_max)
@@ -379,7 +379,7 @@ def decoder_family(config) -> Family:
         # The decoder UNet has no dropout; dropout_rng is accepted for a uniform signature.
         t = grid.timestep_of(sigma)
         x_vp = sqrt_abar[t][:, None, None, None] * y.astype(jnp.float32)
-        return denoise(params, x_vp, cond, t, dcfg, dtype)
+        return denoise(params, x_vp, cond, t, dcfg, dtype, remat=bool(config.remat))
 
     def edm_sigma_sampler(key, b):
         s = config.edm.p_mean + config.edm.p_std * jax.random.normal(key, (b,), jnp.float32)

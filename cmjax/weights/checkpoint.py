@@ -385,6 +385,7 @@ def _restore(path: Path, target: Any, sharding: Any, meta: dict, verify: bool) -
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (the checkpoint has no params)")
+    verify = verify and DIGEST_KEY in meta  # nothing recorded: nothing to check, nothing to remember
     seen = _Seen.now(path) if verify else None  # before reading: what was read is at most this new
     with ocp.StandardCheckpointer() as ckptr:
         try:
@@ -432,7 +433,7 @@ class Loading:
         meta = _read_meta(path, FORMAT, "decoder")
         config = read_config(path)
         pool = ThreadPoolExecutor(1, thread_name_prefix="cmjax-read")  # one thread: these run in order
-        seen = pool.submit(lambda: _Seen.now(path) if verify else None)  # before reading
+        seen = pool.submit(lambda: _Seen.now(path) if verify and DIGEST_KEY in meta else None)  # before reading
         params = pool.submit(lambda: _restore(path, _stored_layout(path / PARAMS_DIR), sharding, meta, False))
         loading = cls(config, params, Future())
         expected = meta.get(DIGEST_KEY) if verify else None
@@ -480,15 +481,15 @@ class Loading:
         self._checked.result()
 
     def _check(self, params_dir: Path, expected: str | None, seen: Future) -> None:
-        params = self._params.result()
-        if seen.result() is not None and seen.result().checked():  # these files passed both checks before
+        params, seen = self._params.result(), seen.result()
+        if seen is not None and seen.checked():  # these files passed both checks before
             return
         want, got = _shapes(self.abstract()), _shapes(params)
         if want != got:
             diff = sorted(set(want) ^ set(got))[:3]
             raise CheckpointError(f"{params_dir}: the params do not match the recorded config ({len(got)} arrays "
                                   f"where the config makes {len(want)}; differing: {diff})")
-        _check_digest(params_dir, params, expected, seen.result())
+        _check_digest(params_dir, params, expected, seen)
 
 
 def _stored_layout(params_dir: Path) -> Any:
