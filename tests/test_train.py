@@ -636,3 +636,33 @@ def test_eight_devices_give_the_one_device_loss():
         for name in ("8", "8fsdp"):
             np.testing.assert_allclose(losses[name][:2], one[:2], rtol=2e-5, err_msg=f"{family} {name}")
         assert losses["1"][2] == 0 and losses["8"][2] == 0 and losses["8fsdp"][2] > 0
+
+
+def test_a_step_that_does_not_fit_memory_says_what_shrinks_it():
+    """XLA's RESOURCE_EXHAUSTED (the TPU compiler's refusal, or an allocation failing at run time)
+    becomes one ValueError naming the examples per device and the settings that shrink the step;
+    train.py prints it as one line. Other runtime errors pass through unchanged."""
+    from cmjax.training.loop import run_step
+
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(20.42G) exceeds available HBM (15.75G).\nmore detail")
+
+    def fails(message):
+        def step(*args):
+            raise jax.errors.JaxRuntimeError(message)
+        return step
+
+    config = digits_tiny.get_config()
+    config.batch_size = 8 * jax.device_count()
+    with pytest.raises(ValueError) as err:
+        run_step(fails(refusal), config, "state", "batch", "frozen")
+    said = str(err.value)
+    assert "\n" not in said and "at 8 examples per device" in said and "(20.42G)" in said
+    assert "--config.remat=True" in said and "--config.fsdp=True" in said and "--config.batch_size" in said
+    config.remat, config.fsdp = True, True
+    with pytest.raises(ValueError) as err:
+        run_step(fails(refusal), config)
+    assert "remat" not in str(err.value) and "fsdp" not in str(err.value)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        run_step(fails("INTERNAL: something else"), config)
+    assert run_step(lambda a, b: a + b, config, 1, 2) == 3

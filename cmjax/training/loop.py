@@ -41,6 +41,22 @@ _LAST_VALUE = ("num_scales", "lr", "target_ema")
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the run stopped before checkpointing that state."""
 
+
+def run_step(step_fn, config, *args):
+    """``step_fn(*args)``; a step that does not fit a device's memory (XLA's RESOURCE_EXHAUSTED, from
+    the TPU compiler or at run time) becomes a ValueError saying what shrinks it."""
+    try:
+        return step_fn(*args)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        per_device = config.batch_size // jax.device_count()
+        hints = ([] if config.remat else ["--config.remat=True"]) + ([] if config.fsdp else ["--config.fsdp=True"])
+        hints.append("a smaller --config.batch_size (with --config.optim.grad_accum_steps for the same update)")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "RESOURCE_EXHAUSTED"
+        raise ValueError(f"the train step at {per_device} examples per device does not fit a device's memory "
+                         f"({first}); try {', '.join(hints)}") from None
+
 def validate_config(config, family: Optional[Family] = None) -> None:
     """Fail early, with a message naming the field, on settings that cannot work."""
     if config.family not in ("image", "decoder"):
@@ -281,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             while step < total:
                 run_checkpoints.check_saves(manager)  # a failed async save stops the run now
                 meter.before_step()
-                state, metrics = step_fn(state, data_lib.to_global_batch(next(iterator), data_sh), frozen)
+                state, metrics = run_step(step_fn, config, state, data_lib.to_global_batch(next(iterator), data_sh), frozen)
                 step += 1
                 if pending is not None:
                     meter.collect(pending)
