@@ -1,4 +1,5 @@
-"""cmjax's programs compiled for a TPU slice (v5e:2x2) without a TPU: benchmarks/plan_tpu.py.
+"""cmjax's programs compiled for TPU slices (v5e:2x2; v5p:2x4x1 and v5p:2x2x2 of two hosts each)
+without a TPU: benchmarks/plan_tpu.py.
 
 The compiling tests need libtpu (``pip install -e ".[tpu]"``) and are skipped without it; each
 compiles with the TPU compiler on the host CPU: the three took 5.8 minutes of CPU (48 minutes of
@@ -146,6 +147,42 @@ def test_train_step_memory_and_collectives(v5e, fsdp):
         assert kinds.get("all-reduce", 0) >= 1, kinds
         assert "all-gather" not in kinds and "reduce-scatter" not in kinds, kinds
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_fsdp_over_two_hosts_gathers_and_reduce_scatters_and_a_3d_slice_all_reduces():
+    """The FSDP step over a slice of two hosts (v5p:2x4x1: 8 chips, a 2-D torus) communicates as on
+    one host: params gathered, gradients reduce-scattered, no activations moved; its state is split
+    eight ways. On a 3-D slice (v5p:2x2x2, also two hosts; every v5p slice of 8 chips or more is
+    3-D) the TPU compiler (libtpu 0.0.42.1) writes every reduce-scatter as an all-reduce and a
+    slice, even an explicit ``lax.psum_scatter`` over all chips: the compiler's lowering, not the
+    step's sharding, which is why benchmarks/TPU.md's 2-host v5p:2x2x2 row has no reduce-scatter."""
+    flat = plan_tpu.target_named("v5p:2x4x1")
+    cube = plan_tpu.target_named("v5p:2x2x2")
+    assert flat.hosts == cube.hosts == 2 and flat.mesh.size == cube.mesh.size == 8
+
+    config = tiny_train(True)
+    compiled, _, _ = plan_tpu.compile_train(flat, config, "decoder_tiny")
+    kinds = plan_tpu.collectives(compiled.as_text())
+    assert kinds.get("all-gather", 0) >= 1 and kinds.get("reduce-scatter", 0) >= 1, kinds
+    assert "all-to-all" not in kinds and "collective-permute" not in kinds, kinds
+    state = state_bytes_per_device(config, 8)
+    batch = config.batch_size // 8 * 16 * 16 * 3 * 4
+    mem = plan_tpu.sizes(compiled)
+    assert state + batch <= mem["arguments"] <= SLACK * (state + batch) + 2 ** 16
+
+    def psum_scatter_kinds(target):
+        mesh = target.mesh
+        axis = mesh.axis_names[0]
+        f = jax.jit(jax.shard_map(lambda x: jax.lax.psum_scatter(x, axis, scatter_dimension=0, tiled=True),
+                                  mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
+        x = jax.ShapeDtypeStruct((mesh.size * 1024, 1024), jnp.float32,
+                                 sharding=jax.sharding.NamedSharding(mesh, P(axis)))
+        return plan_tpu.collectives(f.lower(x).compile().as_text())
+
+    assert psum_scatter_kinds(flat) == {"reduce-scatter": 1}
+    assert psum_scatter_kinds(cube) == {"all-reduce": 1}
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
