@@ -329,6 +329,41 @@ def test_run_compiles_once_per_shape(ckpt, tmp_path, capsys):
         assert img.size == (8, 8)
 
 
+def test_a_shape_that_does_not_fit_is_decoded_in_tiles(tmp_path, monkeypatch, capsys):
+    """Without --tile, a shape whose untiled program needs more than a device's free memory is
+    decoded in tiles of 64 latents instead, pixel for pixel as with --tile 64, and stderr says so.
+    With --tile given, a shape that does not fit is refused (a failed input) with a smaller tile
+    as the hint. The free memory is set between the two programs' measured needs."""
+    decoder = random_decoder(0, MICRO)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.save(folder / "big.npy", np.random.default_rng(5).normal(size=(72, 80, 4)).astype(np.float32))
+    needs = []
+    real_needed = program.bytes_needed
+    monkeypatch.setattr(program, "bytes_needed", lambda *a: needs.append(real_needed(*a)) or needs[-1])
+
+    def decode(out: str, **kw) -> batch_run.Summary:
+        options = DecodeOptions(output=tmp_path / out, timesteps=(1008,), progress=False, **kw)
+        return batch_run.run(decoder, [str(folder)], options)
+
+    assert decode("tiled", tile=64).decoded == 1 and decode("untiled").decoded == 1
+    tiled_need, untiled_need = needs
+    assert tiled_need < untiled_need
+    monkeypatch.setattr(program, "bytes_free", lambda mesh: (tiled_need + untiled_need) // 2)
+    capsys.readouterr()
+    summary = decode("auto")
+    assert (summary.decoded, summary.failed, summary.programs) == (1, 0, 1)
+    err = capsys.readouterr().err
+    assert "untiled, 72x80 latents needs about" in err and "decoding them in tiles of 64 latents instead" in err
+    png = {name: (tmp_path / name / "big.png").read_bytes() for name in ("tiled", "untiled", "auto")}
+    assert png["auto"] == png["tiled"] != png["untiled"]
+
+    monkeypatch.setattr(program, "bytes_free", lambda mesh: tiled_need // 2)
+    summary = decode("refused", tile=64)
+    assert (summary.decoded, summary.failed) == (0, 1)
+    assert "a smaller --tile than 64" in summary.failures[0] and not (tmp_path / "refused" / "big.png").exists()
+
+
 @pytest.mark.slow  # Winograd forced: a long compile
 def test_run_prepares_kernels_once_per_shape(tmp_path, monkeypatch):
     """With a plan of Winograd's lowering, the kernel transforms are made once per input shape for

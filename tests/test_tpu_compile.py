@@ -184,6 +184,7 @@ def test_fsdp_over_two_hosts_gathers_and_reduce_scatters_and_a_3d_slice_all_redu
     assert psum_scatter_kinds(flat) == {"reduce-scatter": 1}
     assert psum_scatter_kinds(cube) == {"all-reduce": 1}
 
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_remat_shrinks_the_backward_pass_on_tpu(v5e):
@@ -221,9 +222,18 @@ def test_a_program_the_compiler_refuses_is_a_refused_shape_and_a_row(monkeypatch
     programs = run._Programs(None, lambda: {}, lambda: {}, None, DecodeOptions(output=tmp_path), 4, said.append)
     compiled, _, why = programs.get((128, 128), 4)
     assert compiled is None
-    assert "128x128 latents does not fit in a device's memory" in why and "--tile 64" in why
+    assert "128x128 latents does not fit in a device's memory" in why and "--tile" in why
     assert "60.81G" in why
     assert programs.get((128, 128), 4) == (None, None, why)  # remembered: not compiled again
+    # Without --tile, decode.py tries the shape in tiles of 64 latents (run._tiled_programs) first;
+    # when those are refused too, the hint is a smaller tile.
+    tiled = run._Programs(None, lambda: {}, lambda: {}, None, DecodeOptions(output=tmp_path, tile=64), 4,
+                          said.append)
+    programs = run._Programs(None, lambda: {}, lambda: {}, None, DecodeOptions(output=tmp_path), 4, said.append,
+                             tiled=lambda shape: tiled)
+    compiled, _, why = programs.get((128, 128), 4)
+    assert compiled is None and "a smaller --tile than 64" in why and "60.81G" in why
+    assert any("decoding them in tiles of 64 latents instead" in m for m in said), said
 
     refused = plan_tpu.compile_or_refused(refuse)
     assert refused.temporaries == pytest.approx(60.81 * 2 ** 30)

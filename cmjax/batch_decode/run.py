@@ -3,7 +3,8 @@ loop over batches, the summary.
 
     run: inputs.discover + scan -> drop clashes / names too long / outputs outside --output / finished items
          -> plan_batches -> per shape: program.compile_program ("compiling ... once per input
-            shape"), refused when its memory estimate does not fit -> per batch: read this host's
+            shape"); a shape whose memory estimate does not fit a device is decoded in tiles of 64
+            latents (when --tile was not given), else refused -> per batch: read this host's
             rows, run the program, write the previous batch's outputs (outputs.write_batch) while
             this one computes
 
@@ -148,7 +149,8 @@ def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[st
 
 class _Programs:
     """One compiled program per input shape, compiled on first use; shapes whose memory estimate
-    does not fit on a device are refused (the same answer on every host). ``params()`` gives the
+    does not fit on a device are decoded by ``tiled(shape)``'s programs, in tiles (when it gives
+    any), or refused (the same answer on every host). ``params()`` gives the
     params (waiting for them while they are still being read: programs compile from ``abstract()``,
     their shapes and shardings, meanwhile); ``prepare(shape)``, when given, the params a shape's
     program runs with (the decoder's with its conv kernels prepared for that shape, made once per
@@ -158,9 +160,11 @@ class _Programs:
     def __init__(self, step: Callable, params: Callable[[], Any], abstract: Callable[[], Any], mesh,
                  options: DecodeOptions, latent_channels: int, say,
                  prepare: Callable[[tuple[int, int]], Any] | None = None,
-                 key: Callable[[tuple[int, int], int], str | None] = lambda shape, rows: None):
+                 key: Callable[[tuple[int, int], int], str | None] = lambda shape, rows: None,
+                 tiled: Callable[[tuple[int, int]], _Programs | None] = lambda shape: None):
         self.step, self.params, self.abstract, self.mesh, self.options = step, params, abstract, mesh, options
-        self.key = key
+        self.key, self.tiled = key, tiled
+        self.delegated: dict[tuple[int, int], _Programs] = {}  # shapes decoded in tiles instead
         self.channels, self.say, self.prepare = latent_channels, say, prepare
         self.compiled: dict[tuple[int, int], Any] = {}
         self.refused: dict[tuple[int, int], str] = {}
@@ -175,6 +179,8 @@ class _Programs:
         """(compiled program or None, the params to call it with, why it was refused or None)."""
         if shape in self.refused:
             return None, None, self.refused[shape]
+        if shape in self.delegated:
+            return self.delegated[shape].get(shape, rows)
         h, w = shape
         what = f"{h}x{w} pixel images" if self.options.images else f"{h}x{w} latents"
         if shape in self.compiled:
@@ -199,14 +205,28 @@ class _Programs:
             compiled, too_big, why, need, free = None, True, str(e).strip().splitlines()[0][:300], None, None
         if _host_sum([too_big])[0] > 0:  # every host takes the same branch
             hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
-                    else "--tile 64 (or smaller) to decode it in tiles")
+                    else "--tile with a tile smaller than the image, to decode it in tiles")
             size = (f"needs about {_gib(need)} per device" if why is None
                     else f"does not fit in a device's memory ({why})")
+            fallback = self.tiled(shape)
+            if fallback is not None:
+                free_note = f" and {_gib(free)} is free" if why is None else ""
+                self.say(f"  untiled, {what} {size}{free_note}: decoding them in tiles of {fallback.options.tile} "
+                         f"latents instead (as --tile {fallback.options.tile}; pass --tile to choose)")
+                self.delegated[shape] = fallback
+                self.shape_params = None  # this shape's prepared kernels: not what the tiles run with
+                return fallback.get(shape, rows)
             self.refused[shape] = (f"decoding {what} {size} (--micro-batch {self.options.micro_batch})"
                                    f"{f' and {_gib(free)} is free' if why is None else ''}; try {hint}")
             return None, None, self.refused[shape]
         self.compiled[shape] = compiled
         return compiled, self._params_for(shape), None
+
+
+    def count(self) -> int:
+        """Programs compiled, in tiles or not."""
+        others = {id(p): p for p in self.delegated.values()}.values()
+        return len(self.compiled) + sum(p.count() for p in others)
 
 
 def _kept_for_next_time(loaded: bool) -> str:
@@ -285,7 +305,8 @@ def run(decoder: Decoder | Loading, input_args: Sequence[str], options: DecodeOp
     params, abstract, step = _program(loading, vae, mesh, options)
     note = (lambda m: tqdm.write(m, file=sys.stderr)) if lead else (lambda m: None)
     programs = _Programs(step, params, abstract, mesh, options, config.latent_channels, note,
-                         _kernel_preparer(loading.decoder, options, mesh), _program_key(config, options, mesh))
+                         _kernel_preparer(loading.decoder, options, mesh), _program_key(config, options, mesh),
+                         _tiled_programs(loading, vae, mesh, options, params, abstract, note))
     summary = Summary(skipped=skipped)
     bar = tqdm(total=len(items), unit="img", disable=not (lead and options.progress), file=sys.stderr,
                dynamic_ncols=True)
@@ -293,7 +314,7 @@ def run(decoder: Decoder | Loading, input_args: Sequence[str], options: DecodeOp
     bar.close()
     loading.decoder().release_prepared()
 
-    summary.programs = len(programs.compiled)
+    summary.programs = programs.count()
     n_decoded, n_failed = _host_sum([decoded, len(local_fail)])
     summary.decoded, summary.failed = int(n_decoded), int(n_failed)
     summary.failures = local_fail
@@ -342,10 +363,35 @@ def _program(loading: Loading, vae, mesh, options: DecodeOptions
     if not options.images:
         abstract = functools.cache(lambda: parallel.shapes_with(loading.abstract(), parallel.replicated(mesh)))
         params = functools.cache(lambda: _replicated(loading.decoder().params, mesh))
-        return params, abstract, program.make_decode_fn(loading.config, mesh, options)
-    decoder = loading.decoder()
-    both = {"decoder": _replicated(decoder.params, mesh), "vae": _replicated(vae.params, mesh)}
-    return lambda: both, lambda: both, program.make_images_fn(decoder, vae, mesh, options)
+        return params, abstract, _step(loading, vae, mesh, options)
+    both = {"decoder": _replicated(loading.decoder().params, mesh), "vae": _replicated(vae.params, mesh)}
+    return lambda: both, lambda: both, _step(loading, vae, mesh, options)
+
+
+def _step(loading: Loading, vae, mesh, options: DecodeOptions) -> Callable:
+    """The jitted step of ``_program`` (a new one for other options, over the same params)."""
+    if options.images:
+        return program.make_images_fn(loading.decoder(), vae, mesh, options)
+    return program.make_decode_fn(loading.config, mesh, options)
+
+
+AUTO_TILE = 64  # latents (512 pixels): the tile of a shape that does not fit a device untiled
+
+
+def _tiled_programs(loading: Loading, vae, mesh, options: DecodeOptions, params: Callable[[], Any],
+                    abstract: Callable[[], Any], note: Callable[[str], None]
+                    ) -> Callable[[tuple[int, int]], _Programs | None]:
+    """shape -> the programs that decode it in tiles of AUTO_TILE latents (the same params, made on
+    first use), for a shape larger than one tile when --tile was not given; else None. A tiled
+    decode's pixels differ from an untiled one's where the tiles overlap (cmjax.decoding.tiling)."""
+    if options.tile is not None:
+        return lambda shape: None
+    tiled_options = dataclasses.replace(options, tile=AUTO_TILE, tile_overlap=None)
+    factor = loading.config.upsample_factor if options.images else 1
+    make = functools.cache(lambda: _Programs(
+        _step(loading, vae, mesh, tiled_options), params, abstract, mesh, tiled_options,
+        loading.config.latent_channels, note, None, _program_key(loading.config, tiled_options, mesh)))
+    return lambda shape: make() if max(shape) // factor > AUTO_TILE else None
 
 
 def _program_key(config: DecoderConfig, options: DecodeOptions, mesh) -> Callable[[tuple[int, int], int], str | None]:
