@@ -148,11 +148,11 @@ def _drop_clashes(items: list[Item], options: DecodeOptions, input_paths: set[st
 
 
 class _Programs:
-    """One compiled program per input shape, compiled on first use; shapes whose memory estimate
-    does not fit on a device are decoded by ``tiled(shape)``'s programs, in tiles (when it gives
-    any), or refused (the same answer on every host). ``params()`` gives the
-    params (waiting for them while they are still being read: programs compile from ``abstract()``,
-    their shapes and shardings, meanwhile); ``prepare(shape)``, when given, the params a shape's
+    """One compiled program per input shape, compiled on first use; a shape whose memory estimate
+    does not fit on a device is handed to ``tiled(shape)``'s programs (tiled ones; when it gives
+    any) or refused (the same answer on every host). ``params()`` gives the params (waiting for
+    them while they are still being read: programs compile from ``abstract()``, their shapes and
+    shardings, meanwhile); ``prepare(shape)``, when given, the params a shape's
     program runs with (the decoder's with its conv kernels prepared for that shape, made once per
     run rather than in every call; those programs compile from the prepared params). ``key(shape,
     rows)``: the program's ``program.program_key``, to keep its trace for the next run (None: not)."""
@@ -221,7 +221,6 @@ class _Programs:
             return None, None, self.refused[shape]
         self.compiled[shape] = compiled
         return compiled, self._params_for(shape), None
-
 
     def count(self) -> int:
         """Programs compiled, in tiles or not."""
