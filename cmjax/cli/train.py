@@ -16,8 +16,10 @@ import importlib.util
 import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import ml_collections
 
@@ -282,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.enable_compile_cache()
     from absl import logging as absl_logging
 
-
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    quiet_failed_saves()
     try:
         train_and_evaluate(config, args.workdir)
     except NonFiniteLossError as err:
@@ -293,12 +295,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: error: {printable(str(err))}", file=sys.stderr)
         return 1
     except (CheckpointSaveError, CheckpointRestoreError) as err:
-        print(f"training stopped: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Exit now: after a failed save, orbax's background threads and asyncio futures print
-        # hundreds of lines of tracebacks at interpreter shutdown.
-        os._exit(1)
+        stop_now(f"training stopped: {err}")
     return 0
+
+
+def quiet_failed_saves() -> None:
+    """A save that fails (a full disk) is reported as one line (``stop_now``), not as the thousands
+    of traceback lines orbax and its I/O threads print on the way: orbax's ERROR records (each with
+    a traceback of the error the message names) are dropped, and so are the "Event loop is closed"
+    errors that tensorstore's callbacks raise into the event loop orbax has closed (Python reports
+    them as unraisable: ``sys.unraisablehook``)."""
+    import logging
+
+    import orbax.checkpoint
+
+    orbax_dir = os.path.dirname(orbax.checkpoint.__file__)
+    logging.getLogger("absl").addFilter(
+        lambda record: not (record.levelno >= logging.ERROR and record.pathname.startswith(orbax_dir)))
+    unraisable = sys.unraisablehook
+
+    def unraisablehook(args):
+        if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+            return
+        unraisable(args)
+
+    sys.unraisablehook = unraisablehook
+
+
+def stop_now(message: str) -> NoReturn:
+    """``message`` as stderr's last line, then exit 1 at once. After a failed save orbax's background
+    threads print tracebacks (and its asyncio futures hundreds of lines at interpreter shutdown):
+    from here on they print nowhere, one already being printed gets a moment to finish (a CI run
+    once showed its last line glued to the front of the message), and the message is one write of
+    its own line."""
+    sys.stdout.flush()
+    real = sys.stderr
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process ends below
+    threading.excepthook = lambda args: None
+    time.sleep(0.2)
+    real.flush()
+    os.write(real.fileno(), f"\n{message}\n".encode(errors="replace"))
+    os._exit(1)
 
 
 if __name__ == "__main__":
