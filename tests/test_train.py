@@ -421,7 +421,10 @@ def test_failed_async_save_stops_train_py_with_one_message(tmp_path):
            "--config.total_steps=6", "--config.checkpoint_every=2", "--config.sample_every=0",
            "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.num_groups=4",
            "--config.batch_size=8"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+    # Its own compilation cache: entries written under the size limit are cut short, and other
+    # tests reading them from the session's cache would warn and compile again.
+    env = _env({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")})
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600, preexec_fn=limit_file_size)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
