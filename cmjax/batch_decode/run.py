@@ -204,20 +204,19 @@ class _Programs:
                 raise
             compiled, too_big, why, need, free = None, True, str(e).strip().splitlines()[0][:300], None, None
         if _host_sum([too_big])[0] > 0:  # every host takes the same branch
-            hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
-                    else "--tile with a tile smaller than the image, to decode it in tiles")
-            size = (f"needs about {_gib(need)} per device" if why is None
+            size = (f"needs about {_gib(need)} per device and {_gib(free)} is free" if why is None
                     else f"does not fit in a device's memory ({why})")
             fallback = self.tiled(shape)
             if fallback is not None:
-                free_note = f" and {_gib(free)} is free" if why is None else ""
-                self.say(f"  untiled, {what} {size}{free_note}: decoding them in tiles of {fallback.options.tile} "
-                         f"latents instead (as --tile {fallback.options.tile}; pass --tile to choose)")
+                tile = fallback.options.tile
+                self.say(f"  untiled, {what} {size}: decoding them in tiles of {tile} latents instead "
+                         f"(as --tile {tile}; pass --tile to choose)")
                 self.delegated[shape] = fallback
                 self.shape_params = None  # this shape's prepared kernels: not what the tiles run with
                 return fallback.get(shape, rows)
-            self.refused[shape] = (f"decoding {what} {size} (--micro-batch {self.options.micro_batch})"
-                                   f"{f' and {_gib(free)} is free' if why is None else ''}; try {hint}")
+            hint = (f"a smaller --tile than {self.options.tile}" if self.options.tile is not None
+                    else "--tile with a tile smaller than the image, to decode it in tiles")
+            self.refused[shape] = f"decoding {what} {size} (--micro-batch {self.options.micro_batch}); try {hint}"
             return None, None, self.refused[shape]
         self.compiled[shape] = compiled
         return compiled, self._params_for(shape), None
